@@ -1,0 +1,75 @@
+"""The `recship` command line: a thin click layer over library functions.
+
+The root group imports each subcommand's module only when that subcommand runs, so
+`recship --help` and `recship --version` answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib import metadata
+
+import click
+
+from recship.runtime.errors import RecshipError
+
+# Subcommand name -> "module:attribute" of its click command, imported on first use.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("recship.runtime.doctor", "doctor_command"),
+    "demo": ("recship.runtime.demo", "demo_command"),
+}
+
+SHORT_HELP: dict[str, str] = {
+    "doctor": "Check that torch, torchrec, fbgemm_gpu and faiss work together here.",
+    "demo": "Run the end-to-end pipeline on built-in defaults.",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The root help lists summaries from SHORT_HELP instead of importing every command.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SHORT_HELP[name]) for name in self.list_commands(ctx)])
+
+
+def _version() -> str:
+    try:
+        return metadata.version("recship")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="recship")
+def cli() -> None:
+    """recship: two-stage recommenders from TorchRec training to a versioned gRPC service."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI and turns a `RecshipError` into one line and its exit code."""
+    try:
+        status = cli.main(args=argv, prog_name="recship", standalone_mode=False)
+    except RecshipError as error:
+        click.secho(f"error: {error}", err=True, fg="red")
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    # Without standalone mode click returns the exit code of --help / --version instead of exiting.
+    sys.exit(status if isinstance(status, int) else 0)
