@@ -43,7 +43,9 @@ def generate_protos() -> None:
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {', '.join(p.name for p in proto_files)}")
         produced = Path(out) / "recship" / "protos" / "v1"
-        (produced / "__init__.py").write_text('"""Generated from protos/recship/v1; do not edit."""\n')
+        (produced / "__init__.py").write_text(
+            '"""Generated from protos/recship/v1; do not edit."""\n'
+        )
         staged = ROOT / "protos" / f".v1-{os.getpid()}"
         shutil.move(str(produced), staged)
     if GENERATED.exists():

@@ -59,7 +59,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the CLI and turns a `RecshipError` into one line and its exit code."""
+    """Console entry point: runs the CLI; a `RecshipError` becomes one line and its exit code."""
     try:
         status = cli.main(args=argv, prog_name="recship", standalone_mode=False)
     except RecshipError as error:

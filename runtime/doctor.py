@@ -73,7 +73,7 @@ def _check_import(report: DoctorReport, module: str, component: str) -> object |
         return None
     report.rows.append((component, version or getattr(imported, "__version__", "unknown")))
     wanted = KNOWN_GOOD.get(component)
-    if wanted and version and not version.split(" ")[0].split("+")[0] == wanted:
+    if wanted and version and version.split(" ")[0].split("+")[0] != wanted:
         report.warnings.append(f"{component} {version} is not the tested {wanted}")
     return imported
 
@@ -127,8 +127,9 @@ def run_doctor() -> DoctorReport:
     fbgemm = _check_import(report, "fbgemm_gpu", "fbgemm_gpu") if torch else None
     if torch and fbgemm:
         _check_fbgemm_ops(report)
-    if torch:
         _check_import(report, "torchrec", "torchrec")
+    else:
+        report.rows.append(("torchrec", "not checked (needs torch and fbgemm_gpu)"))
     faiss = _check_import(report, "faiss", "faiss")
     if faiss:
         _check_faiss(report, faiss)
