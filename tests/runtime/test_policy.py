@@ -245,5 +245,5 @@ def test_resolve(
     if isinstance(expected, int):
         assert call() == expected
     else:
-        with pytest.raises(expected, match="movies|version|model"):
+        with pytest.raises(expected, match=r"movies|version|model"):
             call()
