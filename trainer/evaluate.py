@@ -1,0 +1,205 @@
+"""Held-out evaluation as plain functions over an unsharded model.
+
+Two-tower: recall@K and NDCG@10 by exact full ranking of every item for every evaluated user,
+with the user's training positives excluded (RecBole's definitions: recall@K = hits in the
+top K / the user's held-out items; averaged over users with at least one held-out item).
+DLRM: ROC AUC and log loss of the held-out interactions' labels.
+
+The same functions run at the end of training (on weights gathered from the shards) and on a
+checkpoint reloaded in one process, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recship.trainer.config import ModelConfig
+from recship.trainer.data.batches import entity_kjt, ranking_batches
+from recship.trainer.data.dataset import EntityTable, InteractionDataset
+from recship.trainer.models import TwoTower, dlrm_logits
+
+RECALL_KS: tuple[int, ...] = (10, 50, 100)
+NDCG_K = 10
+
+
+@torch.no_grad()
+def tower_embeddings(
+    tower: nn.Module, table: EntityTable, feature_names: Sequence[str], batch_size: int = 4096
+) -> torch.Tensor:
+    """Embeds every row of an entity table with one tower.
+
+    Returns:
+        float32 [table.num_rows, D], row r = entity id r.
+    """
+    parts = []
+    for start in range(0, table.num_rows, batch_size):
+        ids = np.arange(start, min(start + batch_size, table.num_rows), dtype=np.int64)
+        parts.append(tower(entity_kjt(table, ids, feature_names)))
+    return torch.cat(parts)
+
+
+def _positives(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Maps each user id to the sorted unique items it interacted with."""
+    order = np.lexsort((item_ids, user_ids))
+    users, items = user_ids[order], item_ids[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    return {
+        int(user_block[0]): np.unique(item_block)
+        for user_block, item_block in zip(
+            np.split(users, bounds), np.split(items, bounds), strict=True
+        )
+        if user_block.size
+    }
+
+
+def retrieval_metrics(
+    user_embeddings: torch.Tensor,
+    item_embeddings: torch.Tensor,
+    train: InteractionDataset,
+    held_out: InteractionDataset,
+    ks: Sequence[int] = RECALL_KS,
+    user_batch: int = 1024,
+) -> dict[str, float]:
+    """Recall@K and NDCG@10 by exact full ranking, training positives excluded.
+
+    Args:
+        user_embeddings: float32 [num_users, D].
+        item_embeddings: float32 [num_items, D].
+        train: the training split (its positives are masked out of each user's ranking).
+        held_out: the evaluation split (its positives are the targets).
+        ks: the K of each recall@K.
+        user_batch: users scored per matrix product.
+
+    Returns:
+        {"recall@K": ..., "ndcg@10": ..., "eval_users": n}; zeros and n = 0 when the held-out
+        split is empty.
+    """
+    targets = _positives(held_out.user_ids, held_out.item_ids)
+    seen = _positives(train.user_ids, train.item_ids)
+    users = np.array(sorted(targets), dtype=np.int64)
+    max_k = min(max(max(ks), NDCG_K), item_embeddings.shape[0])
+    hits_at = {k: 0.0 for k in ks}
+    ndcg_total = 0.0
+    discounts = 1.0 / np.log2(np.arange(2, NDCG_K + 2))
+    for start in range(0, users.size, user_batch):
+        block = users[start : start + user_batch]
+        scores = user_embeddings[torch.from_numpy(block)].double() @ item_embeddings.double().T
+        rows = [np.full(seen.get(int(u), np.empty(0)).size, i) for i, u in enumerate(block)]
+        cols = [seen.get(int(u), np.empty(0, np.int64)) for u in block]
+        if rows:
+            scores[
+                torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
+            ] = -torch.inf
+        top = torch.topk(scores, max_k, dim=1).indices.numpy()
+        for row, user in enumerate(block):
+            relevant = targets[int(user)]
+            is_hit = np.isin(top[row], relevant)
+            for k in ks:
+                hits_at[k] += is_hit[:k].sum() / relevant.size
+            ideal = discounts[: min(relevant.size, NDCG_K)].sum()
+            ndcg_total += float((is_hit[:NDCG_K] * discounts[: is_hit[:NDCG_K].size]).sum() / ideal)
+    count = max(users.size, 1)
+    metrics = {f"recall@{k}": float(hits_at[k] / count) for k in ks}
+    metrics[f"ndcg@{NDCG_K}"] = ndcg_total / count
+    metrics["eval_users"] = int(users.size)
+    return metrics
+
+
+def popularity_baseline(
+    train: InteractionDataset, held_out: InteractionDataset, ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
+    """Retrieval metrics of ranking items by training popularity (the bar a model must beat)."""
+    counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float32)
+    item_scores = torch.from_numpy(counts).unsqueeze(1)
+    user_scores = torch.ones(train.num_users, 1)
+    return retrieval_metrics(user_scores, item_scores, train, held_out, ks)
+
+
+def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """ROC AUC (ties get average ranks) and log loss of binary labels.
+
+    Args:
+        logits: float [N] raw scores (log-odds).
+        labels: {0, 1} [N].
+
+    Returns:
+        {"auc", "log_loss", "eval_examples", "positive_rate"}; AUC is NaN with one class only.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    positives = float(labels.sum())
+    negatives = float(labels.size - positives)
+    order = np.argsort(logits, kind="mergesort")
+    sorted_logits = logits[order]
+    ranks = np.empty(labels.size, dtype=np.float64)
+    # Average 1-based ranks over runs of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_logits)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [labels.size]])
+    for begin, end in zip(starts, ends, strict=True):
+        ranks[order[begin:end]] = (begin + end + 1) / 2.0
+    if positives == 0 or negatives == 0:
+        auc = float("nan")
+    else:
+        auc = float(
+            (ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+        )
+    log_loss = float(
+        F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels))
+    )
+    return {
+        "auc": auc,
+        "log_loss": log_loss,
+        "eval_examples": int(labels.size),
+        "positive_rate": positives / max(labels.size, 1),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    config: ModelConfig,
+    model: nn.Module,
+    train: InteractionDataset,
+    held_out: InteractionDataset,
+    batch_size: int = 4096,
+) -> dict[str, float]:
+    """Evaluates an unsharded model on the held-out split.
+
+    Args:
+        config: the model's config (picks the metrics).
+        model: `TwoTower` or `DLRM`, unsharded, on CPU.
+        train: the training split (two-tower: positives excluded from the ranking).
+        held_out: the evaluation split.
+        batch_size: rows per forward pass.
+
+    Returns:
+        Two-tower: recall@10/50/100, ndcg@10, eval_users. DLRM: auc, log_loss, eval_examples,
+        positive_rate. Empty dict when the held-out split is empty.
+    """
+    if len(held_out) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        if config.kind == "two-tower":
+            if not isinstance(model, TwoTower):
+                raise TypeError(f"two-tower config needs a TwoTower, got {type(model).__name__}")
+            users = tower_embeddings(
+                model.query_tower, train.users, model.query_tower.feature_names, batch_size
+            )
+            items = tower_embeddings(
+                model.candidate_tower, train.items, model.candidate_tower.feature_names, batch_size
+            )
+            return retrieval_metrics(users, items, train, held_out)
+        logits, labels = [], []
+        for batch in ranking_batches(held_out, batch_size, drop_last=False, shuffle=False):
+            logits.append(dlrm_logits(model, batch).numpy())
+            labels.append(batch.labels.numpy())
+        return binary_metrics(np.concatenate(logits), np.concatenate(labels))
+    finally:
+        model.train(was_training)

@@ -1,0 +1,706 @@
+"""Distributed training: one rank worker, two ways to start it.
+
+`run_rank(config)` is the whole of one rank's work: open the data, split it, build the model,
+shard it with `DistributedModelParallel` (planner, optional sharding override), train with a
+fused row-wise Adagrad on the tables and Adam on the MLPs through `TrainPipelineSparseDist`,
+checkpoint with `torch.distributed.checkpoint`, and evaluate. It runs unchanged
+
+- under `recship train ... --nproc N` (`launch`), which spawns N local ranks with
+  `torch.multiprocessing` and a free TCP port on 127.0.0.1, and
+- under torchrun, single or multi node, which sets RANK / WORLD_SIZE / LOCAL_RANK /
+  MASTER_ADDR / MASTER_PORT::
+
+      torchrun --standalone --nproc_per_node=2 -m recship.trainer.train two-tower \\
+          --data movielens-100k --out runs/ml100k
+
+  (multi node: `--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT` and an `--out` on
+  a shared file system).
+
+gloo on CPU, nccl on CUDA (one GPU per local rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+from torch.multiprocessing.spawn import ProcessException
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recship.runtime import errors
+from recship.runtime.errors import InvalidInput, RecshipError
+from recship.trainer.checkpoint import (
+    Progress as CheckpointProgress,
+)
+from recship.trainer.checkpoint import (
+    encode_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    sweep_incomplete,
+)
+from recship.trainer.config import (
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    ModelConfig,
+    TrainConfig,
+    merge_for_resume,
+    model_config_for,
+    read_model_config,
+    resolve_defaults,
+    write_json_atomic,
+    write_model_config,
+)
+from recship.trainer.data.batches import num_batches, ranking_batches, two_tower_batches
+from recship.trainer.data.dataset import InteractionDataset
+from recship.trainer.data.sources import open_source
+from recship.trainer.evaluate import evaluate, popularity_baseline
+from recship.trainer.models import build_model, build_train_module, item_log_frequencies
+
+_SHARDING_TYPES = {
+    "table_wise": ShardingType.TABLE_WISE.value,
+    "row_wise": ShardingType.ROW_WISE.value,
+    "column_wise": ShardingType.COLUMN_WISE.value,
+    "data_parallel": ShardingType.DATA_PARALLEL.value,
+}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this rank sits: its rank, the world, and how to reach rank 0.
+
+    Attributes:
+        rank: global rank.
+        world_size: number of ranks.
+        local_rank: rank on this host (picks the GPU).
+        local_world_size: ranks on this host.
+        init_method: `torch.distributed` rendezvous ("env://" under torchrun, or
+            "tcp://127.0.0.1:PORT").
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    init_method: str = "env://"
+
+    @classmethod
+    def from_environ(cls) -> DistEnv | None:
+        """The torchrun environment (RANK, WORLD_SIZE, ...), or None outside torchrun."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return None
+        try:
+            world_size = int(os.environ["WORLD_SIZE"])
+            return cls(
+                rank=int(os.environ["RANK"]),
+                world_size=world_size,
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+                init_method="env://",
+            )
+        except ValueError as error:
+            raise InvalidInput(f"torchrun environment: {error}") from error
+
+
+class CpuRowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder, plus row-wise and table-row-wise on CPU (they work; the stock one
+    offers them only on CUDA)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        """Sharding types the planner may choose for this device type."""
+        types = list(super().sharding_types(compute_device_type))
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuses to train into a non-empty output folder unless resuming a run there.
+
+    Raises:
+        InvalidInput: `out` is a file, or non-empty without --resume, or --resume on a folder
+            that is not a `recship train` output.
+    """
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out}: exists and is not a directory")
+    populated = out.is_dir() and any(out.iterdir())
+    if populated and not config.resume:
+        raise InvalidInput(
+            f"--out {out}: directory is not empty; pass --resume to continue the run in it "
+            "or choose another --out"
+        )
+    if populated and not (out / MODEL_CONFIG_FILE).is_file():
+        raise InvalidInput(
+            f"--out {out}: --resume needs a `recship train` output folder, but it has no "
+            f"{MODEL_CONFIG_FILE}"
+        )
+
+
+def _with_saved_config(config: TrainConfig) -> TrainConfig:
+    """When resuming a run, the saved config merged with this invocation's; else `config`."""
+    if config.resume and (config.out / MODEL_CONFIG_FILE).is_file():
+        _, payload = read_model_config(config.out)
+        return merge_for_resume(config, TrainConfig.from_dict(payload["training"]))
+    return config
+
+
+def _open_data(config: TrainConfig) -> InteractionDataset:
+    source = open_source(config.data, **config.data_options)
+    if not isinstance(source, InteractionDataset):
+        raise InvalidInput(
+            f"--data {config.data}: a Criteo TSV streams batches without users and items; "
+            "train it with the DLRM reader (not supported by this trainer yet)"
+        )
+    return source
+
+
+def _set_threads(env: DistEnv) -> None:
+    # Ranks sharing a host share its cores: oversubscribed intra-op threads slow every rank.
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(env.local_world_size, 1)))
+
+
+def _planner_constraints(
+    model_config: ModelConfig, sharding: str
+) -> dict[str, ParameterConstraints] | None:
+    if sharding == "auto":
+        return None
+    kind = _SHARDING_TYPES[sharding]
+    constraints = {}
+    for table in model_config.tables:
+        # Column-wise needs a partition smaller than the dim to split at all.
+        min_partition = max(4, table.embedding_dim // 2) if sharding == "column_wise" else None
+        constraints[table.name] = ParameterConstraints(
+            sharding_types=[kind], min_partition=min_partition
+        )
+    return constraints
+
+
+def _sharded_model(
+    model_config: ModelConfig,
+    train_module: nn.Module,
+    config: TrainConfig,
+    env: DistEnv,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, CombinedOptimizer, str]:
+    """Shards `train_module` over the world; returns (DMP, combined optimizer, plan text)."""
+    tables = [m for m in train_module.modules() if isinstance(m, EmbeddingBagCollection)]
+    apply_optimizer_in_backward(
+        RowWiseAdagrad,
+        [p for ebc in tables for p in ebc.parameters()],
+        {"lr": config.sparse_lr or 0.05},
+    )
+    sharder = CpuRowWiseEmbeddingBagCollectionSharder()
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(
+            world_size=env.world_size,
+            compute_device=device.type,
+            local_world_size=env.local_world_size,
+        ),
+        batch_size=config.batch_size or 256,
+        constraints=_planner_constraints(model_config, config.sharding),
+        debug=False,
+    )
+    plan = planner.collective_plan(train_module, [sharder], dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(
+        module=train_module, device=device, plan=plan, sharders=[sharder]
+    )
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(
+            params, lr=config.dense_lr or 1e-3, weight_decay=config.weight_decay or 0.0
+        ),
+    )
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), str(plan)
+
+
+def _gather_state(dmp: DistributedModelParallel, rank: int) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state on rank 0; {} elsewhere. Collective."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    full: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)
+            tensor = out
+        elif isinstance(value, DTensor):
+            tensor = value.full_tensor().cpu()
+        else:
+            tensor = value.detach().cpu()
+        if rank == 0 and tensor is not None:
+            full[key] = tensor
+    return full
+
+
+def _unsharded_from_state(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = build_model(model_config, torch.device("cpu"))
+    build_train_module(model_config, model).load_state_dict(state)
+    return model
+
+
+@dataclass
+class _RunState:
+    """Mutable training position of one rank."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_loss: float = math.nan
+
+
+class _Trainer:
+    """One rank's training run (constructed and driven by `run_rank`)."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, device: torch.device) -> None:
+        self.env = env
+        self.device = device
+        self.rank = env.rank
+        self.console = Console(stderr=True)
+        config = _with_saved_config(config)
+        data = _open_data(config)
+        self.config = resolve_defaults(config, data.schema.name)
+        seed, fraction = self.config.seed or 0, self.config.eval_fraction or 0.0
+        self.train_data, self.eval_data = data.split(fraction, seed)
+        self.model_config = model_config_for(self.config, data.schema)
+        self.split = {
+            "seed": seed,
+            "eval_fraction": fraction,
+            "num_train": len(self.train_data),
+            "num_eval": len(self.eval_data),
+        }
+        self.batch_size = int(self.config.batch_size or 0)
+        self.steps_per_epoch = num_batches(
+            len(self.train_data), self.batch_size, env.world_size, drop_last=True
+        )
+        if self.steps_per_epoch == 0:
+            raise InvalidInput(
+                f"--data {self.config.data}: {len(self.train_data)} training examples are fewer "
+                f"than one step ({self.batch_size} per rank x {env.world_size} ranks); "
+                "lower --batch-size"
+            )
+        self.epochs = int(self.config.epochs or 0)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if self.config.max_steps:
+            self.total_steps = min(self.total_steps, self.config.max_steps)
+        self.history: list[dict[str, Any]] = []
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _prepare_out(self) -> tuple[CheckpointProgress, dict[str, Any]] | None:
+        """Validates and initialises the output folder; loads the checkpoint to resume.
+
+        Returns:
+            (progress, loaded state) of the newest complete checkpoint when resuming, or None.
+        """
+        check_output_dir(self.config)
+        _barrier()
+        found = latest_checkpoint(self.config.out) if self.config.resume else None
+        if self.rank == 0:
+            self.config.out.mkdir(parents=True, exist_ok=True)
+            sweep_incomplete(self.config.out)
+            write_model_config(self.config.out, self.model_config, self.config, self.split)
+            if self.config.resume:
+                where = "starting fresh" if found is None else f"resuming from {found[1].name}"
+                self.console.print(f"{self.config.out}: {where}")
+        _barrier()
+        if found is None:
+            return None
+        state = self._checkpoint_state()
+        progress = load_checkpoint(found[1], state)
+        return progress, state
+
+    def _build(self) -> None:
+        torch.manual_seed(self.config.seed or 0)
+        model = build_model(self.model_config, self.device, table_device=torch.device("meta"))
+        log_q = None
+        if self.model_config.kind == "two-tower":
+            log_q = item_log_frequencies(self.train_data.item_ids, self.train_data.num_items)
+            log_q = log_q.to(self.device)
+        train_module = build_train_module(self.model_config, model, log_q)
+        self.dmp, self.optimizer, self.plan = _sharded_model(
+            self.model_config, train_module, self.config, self.env, self.device
+        )
+        # Optimizer state exists only after a first step; create it (zero update) so that a
+        # checkpoint's optimizer state has somewhere to load into.
+        self.optimizer.init_state()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def _resume(self, progress: CheckpointProgress, state: dict[str, Any]) -> _RunState:
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        restore_rng_state(progress.rng_state)
+        global_step = self.batch_size * self.env.world_size
+        batch = progress.examples_in_epoch // global_step
+        epoch = progress.epoch
+        if batch >= self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        return _RunState(step=progress.step, epoch=epoch, batch_in_epoch=batch)
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        make = two_tower_batches if self.model_config.kind == "two-tower" else ranking_batches
+        return make(
+            self.train_data,
+            self.batch_size,
+            rank=self.rank,
+            world_size=self.env.world_size,
+            epoch=epoch,
+            seed=self.config.seed or 0,
+            drop_last=True,
+            start_batch=start_batch,
+        )
+
+    def _save(self, state: _RunState) -> None:
+        progress = CheckpointProgress(
+            step=state.step,
+            epoch=state.epoch,
+            batch_in_epoch=state.batch_in_epoch,
+            examples_in_epoch=state.batch_in_epoch * self.batch_size * self.env.world_size,
+            world_size=self.env.world_size,
+            batch_size=self.batch_size,
+            rng_state=encode_rng_state(),
+        )
+        save_checkpoint(
+            self.config.out,
+            self._checkpoint_state(),
+            progress,
+            rank=self.rank,
+            keep_last=self.config.keep_checkpoints,
+        )
+
+    def _evaluate(self) -> dict[str, float]:
+        """Gathers the weights to rank 0 and evaluates there; {} on other ranks. Collective."""
+        state = _gather_state(self.dmp, self.rank)
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            model = _unsharded_from_state(self.model_config, state)
+            metrics = evaluate(self.model_config, model, self.train_data, self.eval_data)
+        _barrier()
+        return metrics
+
+    def _checkpoint_due(self, step: int, end_of_epoch: bool) -> bool:
+        every = self.config.checkpoint_every
+        if every is None:
+            return end_of_epoch
+        return every > 0 and step % every == 0
+
+    def run(self) -> dict[str, Any]:
+        """Trains (from the start or the latest checkpoint), checkpoints, evaluates."""
+        self._build()
+        loaded = self._prepare_out()
+        state = _RunState() if loaded is None else self._resume(*loaded)
+        return self._loop(state)
+
+    def _loop(self, state: _RunState) -> dict[str, Any]:
+        start_step = state.step
+        started = time.perf_counter()
+        examples_per_step = self.batch_size * self.env.world_size
+        last_saved = state.step if start_step else -1
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[rate]:,.0f} ex/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=self.rank != 0,
+        )
+        with bar:
+            task = bar.add_task(
+                f"{self.model_config.kind} x{self.env.world_size}",
+                total=self.total_steps,
+                completed=state.step,
+                loss=math.nan,
+                rate=0.0,
+            )
+            while state.epoch < self.epochs and state.step < self.total_steps:
+                remaining = min(
+                    self.steps_per_epoch - state.batch_in_epoch, self.total_steps - state.step
+                )
+                batches = itertools.islice(
+                    self._batches(state.epoch, state.batch_in_epoch), remaining
+                )
+                pipeline = self._pipeline()
+                for output in pipeline(batches):
+                    state.step += 1
+                    state.batch_in_epoch += 1
+                    loss = float(output[0])
+                    state.last_loss = loss
+                    state.loss_sum += loss
+                    state.loss_count += 1
+                    end_of_epoch = state.batch_in_epoch == self.steps_per_epoch
+                    if end_of_epoch:
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    if self._checkpoint_due(state.step, end_of_epoch):
+                        self._save(state)
+                        last_saved = state.step
+                    if self.config.eval_every and state.step % self.config.eval_every == 0:
+                        self.history.append({"step": state.step, **self._evaluate()})
+                    elapsed = time.perf_counter() - started
+                    rate = (state.step - start_step) * examples_per_step / max(elapsed, 1e-9)
+                    bar.update(task, completed=state.step, loss=loss, rate=rate)
+        elapsed = time.perf_counter() - started
+        if last_saved != state.step:
+            self._save(state)
+        final = self._evaluate()
+        return self._finish(state, start_step, elapsed, final)
+
+    def _pipeline(self) -> Any:
+        """Returns a function mapping a batch iterator to per-step model outputs."""
+        if self.config.pipeline:
+            pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device)
+
+            def run_pipelined(batches: Iterator[Any]) -> Iterator[Any]:
+                while True:
+                    try:
+                        yield pipeline.progress(batches)
+                    except StopIteration:
+                        return
+
+            return run_pipelined
+
+        def run_plain(batches: Iterator[Any]) -> Iterator[Any]:
+            for batch in batches:
+                self.optimizer.zero_grad()
+                loss, output = self.dmp(batch.to(self.device))
+                loss.backward()
+                self.optimizer.step()
+                yield output
+
+        return run_plain
+
+    def _finish(
+        self, state: _RunState, start_step: int, elapsed: float, final: dict[str, float]
+    ) -> dict[str, Any]:
+        # Mean training loss of this invocation over all ranks.
+        totals = torch.tensor([state.loss_sum, float(state.loss_count)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        steps_run = state.step - start_step
+        metrics: dict[str, Any] = {
+            "model": self.model_config.kind,
+            "data": self.config.data,
+            "dataset": self.model_config.schema.name,
+            "world_size": self.env.world_size,
+            "step": state.step,
+            "epochs": self.config.epochs,
+            "batch_size": self.batch_size,
+            "split": self.split,
+            "train": {
+                "steps_this_run": steps_run,
+                "mean_loss_this_run": float(totals[0] / totals[1]) if totals[1] else math.nan,
+                "last_loss": state.last_loss,
+                "wall_s": elapsed,
+                "examples_per_s": steps_run
+                * self.batch_size
+                * self.env.world_size
+                / max(elapsed, 1e-9),
+            },
+            "eval": final,
+            "history": self.history,
+        }
+        if self.rank == 0:
+            if self.model_config.kind == "two-tower" and len(self.eval_data):
+                metrics["baselines"] = {
+                    "popularity": popularity_baseline(self.train_data, self.eval_data)
+                }
+            write_json_atomic(self.config.out / METRICS_FILE, _json_safe(metrics))
+            _print_summary(self.console, metrics)
+        _barrier()
+        return metrics
+
+
+def _json_safe(value: Any) -> Any:
+    """Replaces NaN / inf floats (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def _print_summary(console: Console, metrics: dict[str, Any]) -> None:
+    table = Table(title=f"recship train {metrics['model']} on {metrics['dataset']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows: list[tuple[str, Any]] = [
+        ("steps", metrics["step"]),
+        ("ranks", metrics["world_size"]),
+        (
+            "train examples / eval examples",
+            f"{metrics['split']['num_train']} / {metrics['split']['num_eval']}",
+        ),
+        ("mean loss (this run)", metrics["train"]["mean_loss_this_run"]),
+        ("examples/s", metrics["train"]["examples_per_s"]),
+        ("wall s", metrics["train"]["wall_s"]),
+    ]
+    rows += [(f"eval {name}", value) for name, value in metrics["eval"].items()]
+    for baseline, values in metrics.get("baselines", {}).items():
+        rows += [(f"{baseline} {name}", value) for name, value in values.items() if "@" in name]
+    for name, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        table.add_row(name, text)
+    console.print(table)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_rank(config: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+    """Runs one rank of a training run to the end (collective with every other rank).
+
+    Args:
+        config: the run (every rank gets the same one).
+        env: this rank's place; None reads torchrun's environment, or runs a world of one.
+
+    Returns:
+        The run's metrics (rank 0 writes them to `<out>/metrics.json`).
+
+    Raises:
+        RecshipError: bad input (data, flags, output folder), on every rank alike.
+    """
+    env = env or DistEnv.from_environ()
+    if env is None:
+        env = DistEnv(init_method=f"tcp://127.0.0.1:{free_port()}")
+    _set_threads(env)
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{env.local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    # Data errors surface on every rank before any collective, so no rank waits on another.
+    trainer = _Trainer(config, env, device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=env.init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    try:
+        return trainer.run()
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (no orphaned ranks)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _spawned_rank(
+    local_rank: int, config: TrainConfig, nproc: int, port: int, failures: Any
+) -> None:
+    _die_with_parent()
+    env = DistEnv(
+        rank=local_rank,
+        world_size=nproc,
+        local_rank=local_rank,
+        local_world_size=nproc,
+        init_method=f"tcp://127.0.0.1:{port}",
+    )
+    try:
+        run_rank(config, env)
+    except RecshipError as error:
+        failures.put((type(error).__name__, str(error)))
+        raise
+
+
+def launch(config: TrainConfig) -> dict[str, Any]:
+    """Runs a training run: in this process under torchrun or with --nproc 1, else N ranks.
+
+    Returns:
+        The metrics written to `<out>/metrics.json`.
+
+    Raises:
+        RecshipError: bad input, or a rank failed (the message says which and why).
+    """
+    torchrun = DistEnv.from_environ()
+    if torchrun is not None or config.nproc == 1:
+        return run_rank(config, torchrun)
+    check_output_dir(config)
+    context = mp.get_context("spawn")
+    failures = context.SimpleQueue()
+    try:
+        mp.start_processes(
+            _spawned_rank,
+            args=(config, config.nproc, free_port(), failures),
+            nprocs=config.nproc,
+            join=True,
+            start_method="spawn",
+        )
+    except ProcessException as failure:
+        if not failures.empty():
+            name, message = failures.get()
+            error_class = getattr(errors, name, RecshipError)
+            raise error_class(message) from None
+        last_line = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
+        raise RecshipError(f"training rank {failure.error_index} failed: {last_line}") from None
+    return json.loads((config.out / METRICS_FILE).read_text())
+
+
+def main() -> None:
+    """`python -m recship.trainer.train {two-tower,dlrm} ...`: the torchrun entry point."""
+    from recship.runtime.cli import main as cli_main
+
+    cli_main(["train", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()
