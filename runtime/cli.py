@@ -18,11 +18,13 @@ from recship.runtime.errors import RecshipError
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("recship.runtime.doctor", "doctor_command"),
     "demo": ("recship.runtime.demo", "demo_command"),
+    "train": ("recship.trainer.cli", "train_command"),
 }
 
 SHORT_HELP: dict[str, str] = {
     "doctor": "Check that torch, torchrec, fbgemm_gpu and faiss work together here.",
     "demo": "Run the end-to-end pipeline on built-in defaults.",
+    "train": "Train a sharded two-tower or DLRM model (TorchRec, N ranks) with DCP checkpoints.",
 }
 
 

@@ -288,8 +288,8 @@ class TrainConfig:
         return cls(**values)
 
 
-# Per-data-set defaults, tuned on this machine (see the trainer's report in the history):
-# keys are (model, data set name); "*" matches any data set.
+# Per-model defaults (keys: (model, data set name); "*" matches any data set), tuned on ML-100K
+# with 2 ranks on this machine. Two-tower there: recall@10 0.257, NDCG@10 0.297 in ~45 s.
 _COMMON_DEFAULTS: dict[str, Any] = {"seed": 0, "eval_fraction": 0.1}
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("two-tower", "*"): {
@@ -303,11 +303,13 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "temperature": 0.05,
         "tower_layers": (128, 64),
     },
+    # ML-100K, 2 ranks: AUC by epoch peaks at 5 with these (0.784); a lower table learning rate
+    # (0.01-0.05) or wider tables (32, 64) peak lower (0.776-0.781) and overfit sooner.
     ("dlrm", "*"): {
-        "epochs": 3,
+        "epochs": 5,
         "batch_size": 256,
         "embedding_dim": 16,
-        "sparse_lr": 0.02,
+        "sparse_lr": 0.1,
         "dense_lr": 1e-3,
         "weight_decay": 0.0,
         "dense_arch_layers": (32, 16),

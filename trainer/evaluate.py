@@ -11,12 +11,14 @@ checkpoint reloaded in one process, so both give the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
 
 from recship.trainer.config import ModelConfig
 from recship.trainer.data.batches import entity_kjt, ranking_batches
@@ -196,10 +198,27 @@ def evaluate(
                 model.candidate_tower, train.items, model.candidate_tower.feature_names, batch_size
             )
             return retrieval_metrics(users, items, train, held_out)
+        return evaluate_ranking(
+            model, ranking_batches(held_out, batch_size, drop_last=False, shuffle=False)
+        )
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_ranking(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    """AUC and log loss of an unsharded DLRM over ranking batches (see `binary_metrics`)."""
+    if not isinstance(model, DLRM):
+        raise TypeError(f"ranking evaluation needs a DLRM, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
         logits, labels = [], []
-        for batch in ranking_batches(held_out, batch_size, drop_last=False, shuffle=False):
+        for batch in batches:
             logits.append(dlrm_logits(model, batch).numpy())
             labels.append(batch.labels.numpy())
+        if not logits:
+            return {}
         return binary_metrics(np.concatenate(logits), np.concatenate(labels))
     finally:
         model.train(was_training)

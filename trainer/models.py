@@ -146,11 +146,11 @@ class TwoTower(nn.Module):
 class TwoTowerTrain(nn.Module):
     """A two-tower model with its in-batch loss, in the shape `TrainPipelineSparseDist` expects.
 
-    Every other item in the batch is a negative for each (user, item) pair. "softmax" is the
-    sampled softmax over the batch with the logQ correction (each logit minus the log of the
-    item's sampling probability, so popular items are not over-penalised for appearing often
-    as negatives); "bce" scores every pair independently. In both, a batch item equal to the
-    positive is masked out rather than counted as a negative.
+    Every other item in the batch is a negative for each (user, item) pair. Both losses use the
+    logQ correction (each logit minus the log of the item's sampling probability, so popular
+    items are not over-penalised for appearing often as negatives). "softmax" is the sampled
+    softmax over the batch; "bce" scores every pair independently. In both, a batch item equal
+    to the positive is masked out rather than counted as a negative.
 
     Args:
         model: the towers.
@@ -206,14 +206,15 @@ def in_batch_loss(
     same_item = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
     eye = torch.eye(item_ids.shape[0], dtype=torch.bool, device=logits.device)
     duplicate = same_item & ~eye
+    # Popular items are in-batch negatives more often than uniform sampling would make them.
+    corrected = logits - item_log_q[item_ids].unsqueeze(0)
     if loss == "softmax":
-        corrected = logits - item_log_q[item_ids].unsqueeze(0)
         corrected = corrected.masked_fill(duplicate, torch.finfo(logits.dtype).min)
         targets = torch.arange(item_ids.shape[0], device=logits.device)
         value = F.cross_entropy(corrected, targets)
     else:
         weights = (~duplicate).to(logits.dtype)
-        value = F.binary_cross_entropy_with_logits(logits, eye.to(logits.dtype), weight=weights)
+        value = F.binary_cross_entropy_with_logits(corrected, eye.to(logits.dtype), weight=weights)
     return value, logits.diagonal()
 
 

@@ -25,12 +25,14 @@ import contextlib
 import ctypes
 import itertools
 import json
+import logging
 import math
 import os
 import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +50,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -81,9 +83,10 @@ from recship.trainer.config import (
     write_model_config,
 )
 from recship.trainer.data.batches import num_batches, ranking_batches, two_tower_batches
+from recship.trainer.data.criteo import CriteoSource
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.sources import open_source
-from recship.trainer.evaluate import evaluate, popularity_baseline
+from recship.trainer.evaluate import evaluate, evaluate_ranking, popularity_baseline
 from recship.trainer.models import build_model, build_train_module, item_log_frequencies
 
 _SHARDING_TYPES = {
@@ -182,14 +185,119 @@ def _with_saved_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def _open_data(config: TrainConfig) -> InteractionDataset:
-    source = open_source(config.data, **config.data_options)
-    if not isinstance(source, InteractionDataset):
-        raise InvalidInput(
-            f"--data {config.data}: a Criteo TSV streams batches without users and items; "
-            "train it with the DLRM reader (not supported by this trainer yet)"
+class _InteractionData:
+    """An in-memory interaction data set, split per user into train and held-out parts."""
+
+    def __init__(self, data: InteractionDataset, eval_fraction: float, seed: int) -> None:
+        self.schema = data.schema
+        self.seed = seed
+        self.train, self.held_out = data.split(eval_fraction, seed)
+        self.num_train = len(self.train)
+        self.num_eval = len(self.held_out)
+
+    def train_batches(
+        self, kind: str, batch_size: int, rank: int, world_size: int, epoch: int, start: int
+    ) -> Iterator[Any]:
+        """This rank's training batches of `epoch` from batch `start` on (shuffled per epoch)."""
+        make = two_tower_batches if kind == "two-tower" else ranking_batches
+        return make(
+            self.train,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=self.seed,
+            drop_last=True,
+            start_batch=start,
         )
-    return source
+
+    def item_log_q(self) -> torch.Tensor:
+        """Log share of training interactions per item (the in-batch sampling probability)."""
+        return item_log_frequencies(self.train.item_ids, self.train.num_items)
+
+    def evaluate(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+        """Held-out metrics of an unsharded model."""
+        return evaluate(model_config, model, self.train, self.held_out)
+
+    def baselines(self, model_config: ModelConfig) -> dict[str, dict[str, float]]:
+        """Reference scores a trained model should beat."""
+        if model_config.kind != "two-tower" or not self.num_eval:
+            return {}
+        return {"popularity": popularity_baseline(self.train, self.held_out)}
+
+
+class _CriteoData:
+    """A streamed Criteo TSV file; held-out lines are picked by a seeded hash of the line."""
+
+    def __init__(self, source: CriteoSource, eval_fraction: float, seed: int) -> None:
+        self.source = source
+        self.schema = source.schema
+        self.eval_fraction = eval_fraction
+        self.seed = seed
+        self.num_train = source.num_examples(eval_fraction=eval_fraction, seed=seed, split="train")
+        self.num_eval = (
+            source.num_examples(eval_fraction=eval_fraction, seed=seed, split="eval")
+            if eval_fraction > 0
+            else 0
+        )
+
+    def train_batches(
+        self, kind: str, batch_size: int, rank: int, world_size: int, epoch: int, start: int
+    ) -> Iterator[Any]:
+        """This rank's training batches from batch `start` on (file order in every epoch)."""
+        return self.source.batches(
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            eval_fraction=self.eval_fraction,
+            seed=self.seed,
+            split="train",
+            start_batch=start,
+        )
+
+    def item_log_q(self) -> torch.Tensor:
+        """Criteo has no items (DLRM only)."""
+        raise InvalidInput("a Criteo file has no items: train DLRM on it, not two-tower")
+
+    def evaluate(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+        """AUC and log loss of the held-out lines (every one: the batch size divides them)."""
+        if not self.num_eval:
+            return {}
+        # The stream drops an incomplete last batch: pick a batch size that divides the count.
+        batch_size = max(
+            d for d in range(1, min(self.num_eval, 1024) + 1) if self.num_eval % d == 0
+        )
+        if batch_size < 32:
+            batch_size = 1024
+        batches = self.source.batches(
+            batch_size, eval_fraction=self.eval_fraction, seed=self.seed, split="eval"
+        )
+        return evaluate_ranking(model, batches)
+
+    def baselines(self, model_config: ModelConfig) -> dict[str, dict[str, float]]:
+        """No reference scores for Criteo."""
+        return {}
+
+
+_Data = _InteractionData | _CriteoData
+
+
+def _open_data(config: TrainConfig) -> _Data:
+    source = open_source(config.data, **config.data_options)
+    fraction = 0.1 if config.eval_fraction is None else config.eval_fraction
+    seed = config.seed or 0
+    if isinstance(source, CriteoSource):
+        return _CriteoData(source, fraction, seed)
+    return _InteractionData(source, fraction, seed)
+
+
+def _quiet_libraries() -> None:
+    """Silences library chatter that says nothing to a person training a model (deprecation
+    notices of torch / torchrec internals, planner dry-run notes)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _set_threads(env: DistEnv) -> None:
@@ -220,8 +328,8 @@ def _sharded_model(
     config: TrainConfig,
     env: DistEnv,
     device: torch.device,
-) -> tuple[DistributedModelParallel, CombinedOptimizer, str]:
-    """Shards `train_module` over the world; returns (DMP, combined optimizer, plan text)."""
+) -> tuple[DistributedModelParallel, CombinedOptimizer, dict[str, dict[str, Any]]]:
+    """Shards `train_module` over the world; returns (DMP, combined optimizer, plan summary)."""
     tables = [m for m in train_module.modules() if isinstance(m, EmbeddingBagCollection)]
     apply_optimizer_in_backward(
         RowWiseAdagrad,
@@ -249,7 +357,19 @@ def _sharded_model(
             params, lr=config.dense_lr or 1e-3, weight_decay=config.weight_decay or 0.0
         ),
     )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), str(plan)
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), _plan_summary(plan)
+
+
+def _plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
+    """{table: {"sharding": type, "ranks": [...]}} of a sharding plan (goes into metrics.json)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for module_plan in plan.plan.values():
+        for table, sharding in module_plan.items():  # type: ignore[attr-defined]
+            summary[table] = {
+                "sharding": sharding.sharding_type,
+                "ranks": sorted(set(sharding.ranks or [])),
+            }
+    return dict(sorted(summary.items()))
 
 
 def _gather_state(dmp: DistributedModelParallel, rank: int) -> dict[str, torch.Tensor]:
@@ -299,24 +419,22 @@ class _Trainer:
         self.rank = env.rank
         self.console = Console(stderr=True)
         config = _with_saved_config(config)
-        data = _open_data(config)
-        self.config = resolve_defaults(config, data.schema.name)
-        seed, fraction = self.config.seed or 0, self.config.eval_fraction or 0.0
-        self.train_data, self.eval_data = data.split(fraction, seed)
-        self.model_config = model_config_for(self.config, data.schema)
+        self.data = _open_data(config)
+        self.config = resolve_defaults(config, self.data.schema.name)
+        self.model_config = model_config_for(self.config, self.data.schema)
         self.split = {
-            "seed": seed,
-            "eval_fraction": fraction,
-            "num_train": len(self.train_data),
-            "num_eval": len(self.eval_data),
+            "seed": self.config.seed,
+            "eval_fraction": self.config.eval_fraction,
+            "num_train": self.data.num_train,
+            "num_eval": self.data.num_eval,
         }
         self.batch_size = int(self.config.batch_size or 0)
         self.steps_per_epoch = num_batches(
-            len(self.train_data), self.batch_size, env.world_size, drop_last=True
+            self.data.num_train, self.batch_size, env.world_size, drop_last=True
         )
         if self.steps_per_epoch == 0:
             raise InvalidInput(
-                f"--data {self.config.data}: {len(self.train_data)} training examples are fewer "
+                f"--data {self.config.data}: {self.data.num_train} training examples are fewer "
                 f"than one step ({self.batch_size} per rank x {env.world_size} ranks); "
                 "lower --batch-size"
             )
@@ -356,8 +474,7 @@ class _Trainer:
         model = build_model(self.model_config, self.device, table_device=torch.device("meta"))
         log_q = None
         if self.model_config.kind == "two-tower":
-            log_q = item_log_frequencies(self.train_data.item_ids, self.train_data.num_items)
-            log_q = log_q.to(self.device)
+            log_q = self.data.item_log_q().to(self.device)
         train_module = build_train_module(self.model_config, model, log_q)
         self.dmp, self.optimizer, self.plan = _sharded_model(
             self.model_config, train_module, self.config, self.env, self.device
@@ -383,16 +500,13 @@ class _Trainer:
     # -- loop ------------------------------------------------------------------------------
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
-        make = two_tower_batches if self.model_config.kind == "two-tower" else ranking_batches
-        return make(
-            self.train_data,
+        return self.data.train_batches(
+            self.model_config.kind,
             self.batch_size,
-            rank=self.rank,
-            world_size=self.env.world_size,
-            epoch=epoch,
-            seed=self.config.seed or 0,
-            drop_last=True,
-            start_batch=start_batch,
+            self.rank,
+            self.env.world_size,
+            epoch,
+            start_batch,
         )
 
     def _save(self, state: _RunState) -> None:
@@ -419,7 +533,7 @@ class _Trainer:
         metrics: dict[str, float] = {}
         if self.rank == 0:
             model = _unsharded_from_state(self.model_config, state)
-            metrics = evaluate(self.model_config, model, self.train_data, self.eval_data)
+            metrics = self.data.evaluate(self.model_config, model)
         _barrier()
         return metrics
 
@@ -532,6 +646,7 @@ class _Trainer:
             "epochs": self.config.epochs,
             "batch_size": self.batch_size,
             "split": self.split,
+            "sharding_plan": self.plan,
             "train": {
                 "steps_this_run": steps_run,
                 "mean_loss_this_run": float(totals[0] / totals[1]) if totals[1] else math.nan,
@@ -546,10 +661,7 @@ class _Trainer:
             "history": self.history,
         }
         if self.rank == 0:
-            if self.model_config.kind == "two-tower" and len(self.eval_data):
-                metrics["baselines"] = {
-                    "popularity": popularity_baseline(self.train_data, self.eval_data)
-                }
+            metrics["baselines"] = self.data.baselines(self.model_config)
             write_json_atomic(self.config.out / METRICS_FILE, _json_safe(metrics))
             _print_summary(self.console, metrics)
         _barrier()
@@ -611,6 +723,8 @@ def run_rank(config: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     Raises:
         RecshipError: bad input (data, flags, output folder), on every rank alike.
     """
+    _quiet_libraries()
+    check_output_dir(config)
     env = env or DistEnv.from_environ()
     if env is None:
         env = DistEnv(init_method=f"tcp://127.0.0.1:{free_port()}")
