@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,10 @@ def load_unsharded(out: Path, step: int | None = None) -> tuple[ModelConfig, nn.
     model = build_model(config, torch.device("cpu"))
     wrapper = build_train_module(config, model)
     state = wrapper.state_dict()
-    dcp.load({"model": state}, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():
+        # "torch.distributed is ... uninitialized, assuming ... a single process": intended.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=folder, no_dist=True)
     wrapper.load_state_dict(state)
     model.eval()
     return config, model
