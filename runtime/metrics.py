@@ -1,0 +1,218 @@
+"""Prometheus metrics of one recship server, and their HTTP exposition endpoint.
+
+Each `ServerMetrics` owns a dedicated `CollectorRegistry` (never the process-global one), so
+several servers, or several tests, can live in one process without clashing. Every method is
+thread-safe (prometheus-client's own locking) and cheap enough for the event loop.
+
+Metric names:
+
+| name | type | labels |
+|---|---|---|
+| recship_requests_total | counter | method, code |
+| recship_request_latency_seconds | histogram | method |
+| recship_batch_rows | histogram | model |
+| recship_batch_requests | histogram | model |
+| recship_queue_wait_seconds | histogram | model |
+| recship_queue_rows | gauge | model |
+| recship_version_state | gauge (1 per version, at its current state) | bundle, version, state |
+| recship_default_version | gauge | bundle |
+| recship_version_switches_total | counter | bundle |
+
+Example::
+
+    metrics = ServerMetrics()
+    http, port = start_metrics_http(metrics.registry, port=9090)
+    ...
+    http.stop()
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from recship.runtime.policy import VersionState
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 rows
+REQUEST_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256 requests per batch
+
+
+@dataclass(frozen=True)
+class ModelBatchMetrics:
+    """The batch metrics of one model, in the shape `recship.runtime.batcher` reports them.
+
+    Several batchers (replicas, versions) of the same model may share one instance: queue
+    depth is kept as a sum of the deltas they report, so it is the model's total.
+    """
+
+    _rows: Histogram
+    _requests: Histogram
+    _wait: Histogram
+    _queue_rows: Gauge
+
+    def observe_batch(self, rows: int, items: int) -> None:
+        """One batch went to compute with `rows` rows from `items` requests."""
+        self._rows.observe(rows)
+        self._requests.observe(items)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """One request waited `seconds` in the queue before its batch started."""
+        self._wait.observe(seconds)
+
+    def add_queue_rows(self, delta: int) -> None:
+        """The rows waiting in a queue changed by `delta` (negative when rows leave)."""
+        self._queue_rows.inc(delta)
+
+
+class ServerMetrics:
+    """All metrics of one server, registered in `self.registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Args: registry: where to register; a fresh `CollectorRegistry` when None."""
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self._requests = Counter(
+            "recship_requests", "Finished RPCs by method and status code.",
+            ["method", "code"], registry=r,
+        )  # fmt: skip
+        self._latency = Histogram(
+            "recship_request_latency_seconds", "RPC latency on the server, by method.",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._batch_rows = Histogram(
+            "recship_batch_rows", "Rows per model batch (a Rank query with 500 candidates "
+            "is 500 rows).", ["model"], buckets=ROW_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._batch_requests = Histogram(
+            "recship_batch_requests", "Requests (or request parts) coalesced per model batch.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._queue_wait = Histogram(
+            "recship_queue_wait_seconds", "Time a request waited in a batch queue.",
+            ["model"], buckets=QUEUE_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._queue_rows = Gauge(
+            "recship_queue_rows", "Rows waiting in the batch queues of a model.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self._version_state = Gauge(
+            "recship_version_state", "1 for each version at its current lifecycle state.",
+            ["bundle", "version", "state"], registry=r,
+        )  # fmt: skip
+        self._default_version = Gauge(
+            "recship_default_version", "The version serving requests that name none (0: none).",
+            ["bundle"], registry=r,
+        )  # fmt: skip
+        self._switches = Counter(
+            "recship_version_switches", "Times the default version of a bundle changed.",
+            ["bundle"], registry=r,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, int], VersionState] = {}
+        self._defaults: dict[str, int | None] = {}
+
+    def observe_request(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Counts one finished RPC; matches `recship.runtime.grpc_errors.RequestObserver`."""
+        self._requests.labels(method, code.name).inc()
+        self._latency.labels(method).observe(seconds)
+
+    def batch_metrics(self, model: str) -> ModelBatchMetrics:
+        """The batch observer for `model` (e.g. "movies/rank"), to hand to its batchers."""
+        return ModelBatchMetrics(
+            self._batch_rows.labels(model),
+            self._batch_requests.labels(model),
+            self._queue_wait.labels(model),
+            self._queue_rows.labels(model),
+        )
+
+    def set_version_state(self, bundle: str, version: int, state: VersionState) -> None:
+        """Moves a version's state series: `state` becomes 1, its previous state disappears."""
+        with self._lock:
+            previous = self._states.get((bundle, version))
+            if previous is not None and previous is not state:
+                self._version_state.remove(bundle, str(version), previous.name)
+            self._states[(bundle, version)] = state
+            self._version_state.labels(bundle, str(version), state.name).set(1)
+
+    def forget_version(self, bundle: str, version: int) -> None:
+        """Removes a version's state series (it left the repository and the server)."""
+        with self._lock:
+            previous = self._states.pop((bundle, version), None)
+            if previous is not None:
+                self._version_state.remove(bundle, str(version), previous.name)
+
+    def set_default_version(self, bundle: str, version: int | None) -> None:
+        """Records the bundle's default version (None: none READY).
+
+        A switch is counted when traffic moves from one version to another, not when the
+        first version becomes ready or the last one goes away.
+        """
+        with self._lock:
+            old = self._defaults.get(bundle)
+            self._defaults[bundle] = version
+            self._default_version.labels(bundle).set(0 if version is None else version)
+            if old is not None and version is not None and old != version:
+                self._switches.labels(bundle).inc()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not logged: one line per scrape would drown the server's own log."""
+
+
+class MetricsHTTPServer:
+    """A running Prometheus exposition endpoint; `stop()` shuts it down and frees the port.
+
+    prometheus-client's `start_http_server` polls for shutdown every 0.5 s; this one polls
+    every 50 ms so that a server (or a test) stops promptly.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        server_class = type(
+            "_MetricsServer",
+            (ThreadingWSGIServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        )
+        self._httpd = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"metrics-http-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops serving, closes the socket and joins the server thread. Idempotent."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+
+def start_metrics_http(
+    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
+) -> tuple[MetricsHTTPServer, int]:
+    """Serves `registry` in Prometheus text format over HTTP (any path) on a daemon thread.
+
+    Args:
+        registry: the registry to expose, usually `ServerMetrics.registry`.
+        host: address to bind; loopback by default.
+        port: TCP port; 0 picks a free one.
+
+    Returns:
+        The running server (call `stop()` when done) and the port it listens on.
+    """
+    server = MetricsHTTPServer(registry, host, port)
+    return server, server.port
