@@ -1,0 +1,524 @@
+"""FAISS indexes of candidate embeddings: build, tune against exact search, save, load, search.
+
+Functions over plain numpy arrays, like FAISS's `contrib`: `build_index` turns item vectors and
+item ids into an inner-product index whose search parameter (nprobe, efSearch) is raised until
+its recall@100 against exact search reaches a floor; `write_index` / `read_index` store it
+atomically and reload it with the recorded search parameters; `search` is the typed query call.
+
+Every index keeps the item ids (IVF indexes store them natively, Flat and HNSW are wrapped in
+`IndexIDMap2`), so search results are item ids, never row numbers.
+
+Thread-safety: building is single-owner; a built or loaded CPU index may be searched from many
+threads at once (FAISS searches are read-only), but changing its search parameters while others
+search is not safe.
+
+Example::
+
+    built = build_index(item_vectors, item_ids, kind="auto", min_recall=0.95)
+    write_index(built.index, bundle_dir / "items.faiss")
+    index = read_index(bundle_dir / "items.faiss", built.spec)
+    scores, ids = search(index, query_vectors, k=100)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from recship.packager.manifest import fsync_directory
+from recship.protos.v1 import manifest_pb2
+from recship.runtime.errors import EnvironmentBroken, InvalidInput, NotFound, QualityGateFailed
+
+IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
+INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
+
+# Progress callback: (stage, done, total), stage one of "train", "add", "tune".
+ProgressFn = Callable[[str, int, int], None]
+
+RECALL_K = 100
+# FAISS warns below 39 training points per centroid; keep k-means (IVF lists, PQ codebooks) above.
+_MIN_POINTS_PER_CENTROID = 39
+_ADD_CHUNK = 65_536
+
+_TYPES = {
+    "flat": manifest_pb2.INDEX_TYPE_FLAT,
+    "ivfflat": manifest_pb2.INDEX_TYPE_IVF_FLAT,
+    "ivfpq": manifest_pb2.INDEX_TYPE_IVF_PQ,
+    "hnsw": manifest_pb2.INDEX_TYPE_HNSW,
+}
+_IVF_TYPES = (manifest_pb2.INDEX_TYPE_IVF_FLAT, manifest_pb2.INDEX_TYPE_IVF_PQ)
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How to build an index; `None` means a default derived from the data.
+
+    Attributes:
+        nlist: IVF inverted lists. Default ~4*sqrt(N), capped so that every list gets at least
+            39 training points.
+        pq_m: IVF-PQ sub-quantizers; must divide the dimension D. Default: the largest divisor
+            of D not above D/2 (2 dimensions per byte-sized code: D=64 -> 32 bytes per vector).
+        pq_bits: Bits per PQ code, at most 16. Lowered automatically when the training sample is
+            too small to fill 2**bits centroids with 39 points each.
+        hnsw_m: HNSW graph degree.
+        ef_construction: HNSW build-time beam width.
+        max_train_points: Largest sample used to train IVF centroids and PQ codebooks.
+        eval_queries: Queries sampled from the items when no query vectors are given.
+        exact_below: `auto` builds an exact Flat index below this many items.
+        pq_from: `auto` builds IVF-PQ from this many items, IVF-Flat between the two.
+        max_ef_search: Highest HNSW efSearch tried while tuning.
+    """
+
+    nlist: int | None = None
+    pq_m: int | None = None
+    pq_bits: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    max_train_points: int = 200_000
+    eval_queries: int = 1000
+    exact_below: int = 50_000
+    pq_from: int = 2_000_000
+    max_ef_search: int = 4096
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """A built, tuned index and its manifest description.
+
+    Attributes:
+        index: The FAISS index, search parameters already applied.
+        spec: Its IndexSpec (type, factory, metric, dim, num_vectors, search_params, recall,
+            build time, faiss version). `spec.file` is empty: the caller names the file.
+        recall_at_100: Measured recall@100 against exact search (1.0 for Flat).
+    """
+
+    index: faiss.Index
+    spec: manifest_pb2.IndexSpec
+    recall_at_100: float
+
+
+def resolve_kind(kind: IndexKind, num_vectors: int, params: IndexParams) -> IndexKind:
+    """The concrete kind `auto` stands for at this corpus size (other kinds are returned as is).
+
+    Exact Flat below `params.exact_below` items (search cost is small and recall perfect),
+    IVF-Flat up to `params.pq_from`, IVF-PQ above (compressed vectors).
+    """
+    if kind != "auto":
+        return kind
+    if num_vectors < params.exact_below:
+        return "flat"
+    return "ivfflat" if num_vectors < params.pq_from else "ivfpq"
+
+
+def build_index(
+    vectors: npt.ArrayLike,
+    ids: npt.ArrayLike,
+    kind: IndexKind = "auto",
+    params: IndexParams | None = None,
+    *,
+    queries: npt.ArrayLike | None = None,
+    min_recall: float = 0.95,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> BuiltIndex:
+    """Builds an inner-product index over item vectors, keeping the item ids.
+
+    Approximate kinds are tuned: their search parameter (IVF nprobe, HNSW efSearch) is raised
+    step by step until recall@100 against exact search reaches `min_recall` on the evaluation
+    queries, and the smallest such value is recorded in the spec.
+
+    Args:
+        vectors: float32 [N, D] item embeddings (other float types are converted).
+        ids: int64 [N] unique item ids, row i being the id of vectors[i].
+        kind: "flat", "ivfflat", "ivfpq", "hnsw", or "auto" (see `resolve_kind`).
+        params: Build parameters; defaults derive from N and D.
+        queries: float32 [Q, D] query vectors to measure recall on (e.g. query-tower outputs);
+            default: `params.eval_queries` item vectors sampled with `seed`.
+        min_recall: Recall@100 the index must reach against exact search.
+        seed: Seed of the training and query samples.
+        progress: Called with (stage, done, total) while training, adding and tuning.
+
+    Returns:
+        The tuned index with its spec and measured recall.
+
+    Raises:
+        InvalidInput: bad shapes, dtypes, non-finite values, duplicate ids, unknown kind or
+            impossible parameters; the message names the argument.
+        QualityGateFailed: no search parameter reaches `min_recall` with these build parameters.
+    """
+    params = params or IndexParams()
+    data, item_ids = _check_items(vectors, ids)
+    if kind not in INDEX_KINDS:
+        raise InvalidInput(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    if not 0.0 < min_recall <= 1.0:
+        raise InvalidInput(f"min_recall must be in (0, 1], got {min_recall}")
+    concrete = resolve_kind(kind, len(data), params)
+    rng = np.random.default_rng(seed)
+    eval_queries = _eval_queries(queries, data, params.eval_queries, rng)
+    started = time.perf_counter()
+    index, factory = _build(concrete, data, item_ids, params, rng, progress)
+    build_seconds = time.perf_counter() - started
+    spec = manifest_pb2.IndexSpec(
+        type=_TYPES[concrete],
+        factory=factory,
+        metric="inner_product",
+        dim=data.shape[1],
+        num_vectors=len(data),
+        build_seconds=build_seconds,
+        faiss_version=faiss.__version__,
+    )
+    if concrete == "flat":
+        recall = 1.0
+    else:
+        recall = _tune(index, concrete, spec, data, item_ids, eval_queries, min_recall, params)
+        if progress is not None:
+            progress("tune", 1, 1)
+    spec.recall_at_100_vs_exact = recall
+    return BuiltIndex(index=index, spec=spec, recall_at_100=recall)
+
+
+def _check_items(
+    vectors: npt.ArrayLike, ids: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    data = np.ascontiguousarray(vectors, dtype=np.float32)
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
+        raise InvalidInput(f"vectors must be a non-empty [N, D] array, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        row = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
+        raise InvalidInput(f"vectors[{row}] holds a NaN or infinite value")
+    raw_ids = np.asarray(ids)
+    if raw_ids.shape != (data.shape[0],) or not np.issubdtype(raw_ids.dtype, np.integer):
+        raise InvalidInput(
+            f"ids must be {data.shape[0]} integers (one per vector), got {raw_ids.dtype} "
+            f"array of shape {raw_ids.shape}"
+        )
+    item_ids = np.ascontiguousarray(raw_ids, dtype=np.int64)
+    unique, counts = np.unique(item_ids, return_counts=True)
+    if len(unique) != len(item_ids):
+        raise InvalidInput(f"ids must be unique; id {int(unique[counts > 1][0])} repeats")
+    if item_ids.min() < 0:
+        raise InvalidInput(
+            f"ids must be >= 0 (FAISS uses -1 for 'no result'), got {item_ids.min()}"
+        )
+    return data, item_ids
+
+
+def _build(
+    kind: IndexKind,
+    data: npt.NDArray[np.float32],
+    item_ids: npt.NDArray[np.int64],
+    params: IndexParams,
+    rng: np.random.Generator,
+    progress: ProgressFn | None,
+) -> tuple[faiss.Index, str]:
+    count, dim = data.shape
+    train = data
+    if kind in ("ivfflat", "ivfpq"):
+        if count > params.max_train_points:
+            train = data[np.sort(rng.choice(count, params.max_train_points, replace=False))]
+        nlist = _nlist(params, count, len(train))
+        if kind == "ivfflat":
+            factory = f"IVF{nlist},Flat"
+        else:
+            m = _pq_m(params, dim)
+            factory = f"IVF{nlist},PQ{m}x{_pq_bits(params, len(train))}"
+    elif kind == "hnsw":
+        if params.hnsw_m < 2:
+            raise InvalidInput(f"hnsw_m must be >= 2, got {params.hnsw_m}")
+        factory = f"IDMap2,HNSW{params.hnsw_m}"
+    else:
+        factory = "IDMap2,Flat"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivfpq":
+        # Polysemous training (Hamming-distance codes for a search mode we do not use) is on by
+        # default and multiplies training time by ~10.
+        faiss.downcast_index(index).do_polysemous_training = False  # type: ignore[attr-defined]
+    if kind == "hnsw":
+        _hnsw(index).efConstruction = params.ef_construction
+    if not index.is_trained:
+        if progress is not None:
+            progress("train", 0, len(train))
+        index.train(train)
+        if progress is not None:
+            progress("train", len(train), len(train))
+    for start in range(0, count, _ADD_CHUNK):
+        stop = min(start + _ADD_CHUNK, count)
+        index.add_with_ids(data[start:stop], item_ids[start:stop])
+        if progress is not None:
+            progress("add", stop, count)
+    return index, factory
+
+
+def _nlist(params: IndexParams, count: int, train_count: int) -> int:
+    if params.nlist is not None:
+        if not 1 <= params.nlist <= train_count:
+            raise InvalidInput(
+                f"nlist must be between 1 and the {train_count} training vectors, got "
+                f"{params.nlist}"
+            )
+        return params.nlist
+    return max(1, min(round(4 * math.sqrt(count)), train_count // _MIN_POINTS_PER_CENTROID))
+
+
+def _pq_m(params: IndexParams, dim: int) -> int:
+    if params.pq_m is not None:
+        if params.pq_m < 1 or dim % params.pq_m:
+            raise InvalidInput(f"pq_m must divide the vector dimension {dim}, got {params.pq_m}")
+        return params.pq_m
+    return max(m for m in range(1, max(1, dim // 2) + 1) if dim % m == 0)
+
+
+def _pq_bits(params: IndexParams, train_count: int) -> int:
+    if not 1 <= params.pq_bits <= 16:
+        raise InvalidInput(f"pq_bits must be between 1 and 16, got {params.pq_bits}")
+    fits = int(math.log2(max(2, train_count // _MIN_POINTS_PER_CENTROID)))
+    return max(1, min(params.pq_bits, fits))
+
+
+def _hnsw(index: faiss.Index) -> faiss.HNSW:
+    """The HNSW graph inside an `IDMap2,HNSW` index."""
+    return _unwrap(index).hnsw  # type: ignore[attr-defined]
+
+
+def _eval_queries(
+    queries: npt.ArrayLike | None,
+    data: npt.NDArray[np.float32],
+    count: int,
+    rng: np.random.Generator,
+) -> npt.NDArray[np.float32]:
+    if queries is None:
+        rows = rng.choice(len(data), min(count, len(data)), replace=False)
+        return data[np.sort(rows)]
+    checked = np.ascontiguousarray(queries, dtype=np.float32)
+    if checked.ndim != 2 or checked.shape[0] == 0 or checked.shape[1] != data.shape[1]:
+        raise InvalidInput(
+            f"queries must be a non-empty [Q, {data.shape[1]}] array, got shape {checked.shape}"
+        )
+    if not np.isfinite(checked).all():
+        raise InvalidInput("queries hold a NaN or infinite value")
+    return checked
+
+
+def recall_at_k(found: npt.NDArray[np.int64], expected: npt.NDArray[np.int64]) -> float:
+    """Mean over queries of |found ∩ expected| / |expected|, ignoring -1 (missing) results.
+
+    Args:
+        found: int64 [Q, k] ids returned by the index under test.
+        expected: int64 [Q, k] ids of the exact top-k.
+    """
+    hits = 0
+    for got, want in zip(found, expected, strict=True):
+        hits += len(np.intersect1d(got[got >= 0], want[want >= 0], assume_unique=True))
+    return hits / max(1, int((expected >= 0).sum()))
+
+
+def _tune(
+    index: faiss.Index,
+    kind: IndexKind,
+    spec: manifest_pb2.IndexSpec,
+    data: npt.NDArray[np.float32],
+    item_ids: npt.NDArray[np.int64],
+    queries: npt.NDArray[np.float32],
+    min_recall: float,
+    params: IndexParams,
+) -> float:
+    """Raises the search parameter until recall@100 reaches `min_recall`; records it in spec."""
+    k = min(RECALL_K, len(data))
+    exact = faiss.IndexFlatIP(data.shape[1])
+    exact.add(data)
+    _, rows = exact.search(queries, k)
+    expected = np.where(rows >= 0, item_ids[rows], -1)
+    if kind == "hnsw":
+        name = "efSearch"
+        # efSearch below k would be raised to k by FAISS at k=100 but not for smaller requests:
+        # start at k so that the recorded value is the one measured.
+        candidates = _doublings(k, max(k, params.max_ef_search))
+    else:
+        name = "nprobe"
+        candidates = _doublings(1, faiss.extract_index_ivf(index).nlist)
+    best = 0.0
+    for value in candidates:
+        apply_search_params(index, {name: value})
+        _, found = search(index, queries, k)
+        recall = recall_at_k(found, expected)
+        best = max(best, recall)
+        if recall >= min_recall:
+            spec.search_params[name] = value
+            return recall
+    advice = {
+        "ivfpq": "more PQ sub-quantizers or bits (pq_m, pq_bits), ivfflat or hnsw",
+        "ivfflat": "ivfflat at its largest nprobe is exhaustive: check for duplicate vectors",
+        "hnsw": "a larger hnsw_m, ef_construction or max_ef_search",
+    }[kind]
+    raise QualityGateFailed(
+        f"{spec.factory} index reaches recall@100 {best:.4f} against exact search, below the "
+        f"required {min_recall}, even at {name}={candidates[-1]}; try {advice}, or a lower "
+        "minimum index recall"
+    )
+
+
+def _doublings(start: int, stop: int) -> list[int]:
+    """start, 2*start, 4*start, ... below stop, then stop itself."""
+    values = []
+    value = start
+    while value < stop:
+        values.append(value)
+        value *= 2
+    values.append(stop)
+    return values
+
+
+def apply_search_params(index: faiss.Index, search_params: Mapping[str, int]) -> None:
+    """Sets search-time parameters ("nprobe", "efSearch") on an index, through any ID map.
+
+    Raises:
+        InvalidInput: the index has no such parameter (e.g. "nprobe" on an HNSW index).
+    """
+    space = faiss.ParameterSpace()
+    for name, value in search_params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError:
+            raise InvalidInput(
+                f"search parameter {name!r} does not apply to a {type(index).__name__} index"
+            ) from None
+
+
+def search(
+    index: faiss.Index, queries: npt.ArrayLike, k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top-k inner-product search.
+
+    Args:
+        index: A built or loaded index (CPU or GPU).
+        queries: float32 [Q, D] query vectors (other float types are converted).
+        k: Results per query, >= 1.
+
+    Returns:
+        (scores float32 [Q, k], item ids int64 [Q, k]), best first; when the index holds fewer
+        than k items (or an approximate search finds fewer), missing slots have id -1.
+
+    Raises:
+        InvalidInput: queries are not [Q, D] with the index's D, or k < 1.
+    """
+    checked = np.ascontiguousarray(queries, dtype=np.float32)
+    if checked.ndim != 2 or checked.shape[1] != index.d:
+        raise InvalidInput(f"queries must be [Q, {index.d}] vectors, got shape {checked.shape}")
+    if k < 1:
+        raise InvalidInput(f"k must be >= 1, got {k}")
+    scores, ids = index.search(checked, k)
+    return scores, ids
+
+
+def write_index(index: faiss.Index, path: Path) -> None:
+    """Writes an index atomically: temp file in the same folder, fsync, os.replace.
+
+    GPU indexes are copied to CPU first, so the file is always a CPU index.
+    """
+    path = Path(path)
+    if _is_gpu_index(index):
+        index = faiss.index_gpu_to_cpu(index)
+    descriptor, temp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    os.close(descriptor)
+    try:
+        faiss.write_index(index, temp_name)
+        with open(temp_name, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def read_index(
+    path: Path, spec: manifest_pb2.IndexSpec | None = None, *, mmap: bool = False
+) -> faiss.Index:
+    """Loads an index file and applies the spec's search parameters.
+
+    Args:
+        path: The index file.
+        spec: The manifest's IndexSpec: the file is checked against its dimension, size and
+            metric, and its `search_params` are applied. Without it the file's own defaults hold.
+        mmap: Map the vectors from the file instead of reading them into memory (fast loads,
+            pages shared between processes serving the same bundle).
+
+    Raises:
+        NotFound: the file does not exist.
+        InvalidInput: the file is not a FAISS index or does not match the spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"{path}: no such index file")
+    flags = 0
+    if mmap:
+        ivf = spec is None or spec.type in _IVF_TYPES
+        flags = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise InvalidInput(f"{path}: not a readable FAISS index: {reason}") from None
+    if spec is not None:
+        problems = []
+        if index.d != spec.dim:
+            problems.append(f"dimension {index.d}, the manifest says {spec.dim}")
+        if index.ntotal != spec.num_vectors:
+            problems.append(f"{index.ntotal} vectors, the manifest says {spec.num_vectors}")
+        if spec.metric == "inner_product" and index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            problems.append("metric is not inner product")
+        if problems:
+            raise InvalidInput(f"{path}: index does not match its manifest: {'; '.join(problems)}")
+        apply_search_params(index, dict(spec.search_params))
+    return index
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use here: 0 with a CPU-only FAISS build."""
+    return int(faiss.get_num_gpus())
+
+
+def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
+    """A copy of a CPU index on GPU `device` (Flat and IVF; FAISS has no GPU HNSW).
+
+    The returned index keeps its GPU resources alive for as long as it lives.
+
+    Raises:
+        EnvironmentBroken: this FAISS build has no GPU support or sees no such GPU.
+        InvalidInput: the index type has no GPU implementation.
+    """
+    if not 0 <= device < gpu_count():
+        raise EnvironmentBroken(
+            f"faiss cannot place an index on GPU {device}: it sees {gpu_count()} GPUs "
+            "(install faiss-gpu on a GPU host)"
+        )
+    if isinstance(_unwrap(index), faiss.IndexHNSW):
+        raise InvalidInput("HNSW indexes have no GPU implementation in faiss; search them on CPU")
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
+    gpu_index.referenced_objects = [resources]  # type: ignore[attr-defined]
+    return gpu_index
+
+
+def _unwrap(index: faiss.Index) -> faiss.Index:
+    """The index inside an ID map, or the index itself."""
+    if isinstance(index, faiss.IndexIDMap):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def _is_gpu_index(index: faiss.Index) -> bool:
+    return gpu_count() > 0 and type(_unwrap(index)).__name__.startswith("Gpu")
