@@ -300,7 +300,7 @@ class Batcher(Generic[Item, Result]):
         """
         self.close()
         if self._task is not None:
-            await asyncio.shield(self._task)
+            await asyncio.wait([self._task])  # waits without cancelling it or raising its end
         if self._owns_executor:
             self._executor.shutdown(wait=False)
 
@@ -439,8 +439,9 @@ class Batcher(Generic[Item, Result]):
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
-        finally:
-            self._running, self._running_rows = [], 0
+        # Not in a `finally`: if the consumer is cancelled mid-batch, `_consume` must still
+        # see the running items to fail them.
+        self._running, self._running_rows = [], 0
 
 
 class ReplicaPool(Generic[Item, Result]):

@@ -576,3 +576,24 @@ def test_submit_split_withdraws_queued_parts_when_building_a_part_fails() -> Non
         assert model.batches == [[(0,)]]
 
     run(main())
+
+
+def test_callers_are_failed_not_stranded_if_the_consumer_task_dies() -> None:
+    async def main() -> None:
+        model = Model(hold_first=True)
+        batcher = Batcher(model, max_batch_rows=1, max_delay_s=0, max_queue_rows=8, name="t")
+        running = asyncio.create_task(batcher.submit(1, 1))
+        await model.started.wait()
+        queued = asyncio.create_task(batcher.submit(2, 1))
+        await until(lambda: batcher.queued_rows == 1)
+        [consumer] = [t for t in asyncio.all_tasks() if t.get_name() == "batcher-t"]
+        consumer.cancel()  # what event-loop shutdown does to a batcher never drained
+        for task in (running, queued):
+            with pytest.raises(Unavailable, match="t stopped"):
+                await task
+        with pytest.raises(Unavailable):
+            await batcher.submit(3, 1)
+        model.release.set()
+        await batcher.drain()
+
+    run(main())
