@@ -1,0 +1,131 @@
+"""Load the two training outputs a bundle is built from, and check that they belong together.
+
+Each output folder is reloaded in this one process into its unsharded model (any training world
+size), and its data source is reopened and split exactly as the trainer split it, so the
+packager's quality gate runs on the checkpoint's own held-out split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from recship.runtime.errors import InvalidInput
+from recship.trainer.checkpoint import load_unsharded, resolve_checkpoint
+from recship.trainer.config import MODEL_CONFIG_FILE, ModelConfig, read_model_config
+from recship.trainer.data.dataset import InteractionDataset
+from recship.trainer.data.sources import open_source
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """One training output reloaded for packaging.
+
+    Attributes:
+        path: the training output folder.
+        config: the model config.
+        model: the unsharded model (`TwoTower` or `DLRM`) on CPU, eval mode.
+        step: the checkpoint's training step.
+        payload: the whole model_config.json (data source, split, training section).
+        config_sha256: sha256 of model_config.json.
+        train / held_out: the data split the trainer used.
+    """
+
+    path: Path
+    config: ModelConfig
+    model: nn.Module
+    step: int
+    payload: dict[str, Any]
+    config_sha256: str
+    train: InteractionDataset
+    held_out: InteractionDataset
+
+    @property
+    def world_size(self) -> int:
+        return int(self.payload.get("training", {}).get("nproc", 1))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Training-time evaluation metrics from metrics.json (numbers only)."""
+        import json
+
+        path = self.path / "metrics.json"
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        found = data.get("eval", data)
+        return {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
+
+
+def _reopen_split(
+    payload: dict[str, Any], where: Path
+) -> tuple[InteractionDataset, InteractionDataset]:
+    data = payload.get("data") or {}
+    if "source" not in data or "split" not in data:
+        raise InvalidInput(f"{where / MODEL_CONFIG_FILE}: no data source or split recorded")
+    source = open_source(data["source"], **dict(data.get("options") or {}))
+    if not isinstance(source, InteractionDataset):
+        raise InvalidInput(
+            f"{where}: data source {data['source']!r} has no users and items to package"
+        )
+    split = data["split"]
+    return source.split(float(split["eval_fraction"]), int(split["seed"]))
+
+
+def load_checkpoint(path: Path, kind: str, step: int | None = None) -> LoadedCheckpoint:
+    """Reloads one `recship train` output folder of the expected model kind.
+
+    Raises:
+        NotFound: no model_config.json or no complete checkpoint.
+        InvalidInput: the folder holds another kind of model, or its data cannot be reopened.
+    """
+    path = Path(path)
+    config, payload = read_model_config(path)
+    if config.kind != kind:
+        raise InvalidInput(f"{path} holds a {config.kind} model, expected {kind}")
+    found_step, _ = resolve_checkpoint(path, step)
+    _, model = load_unsharded(path, found_step)
+    train, held_out = _reopen_split(payload, path)
+    digest = hashlib.sha256((path / MODEL_CONFIG_FILE).read_bytes()).hexdigest()
+    return LoadedCheckpoint(path, config, model, found_step, payload, digest, train, held_out)
+
+
+def check_pair(retrieval: LoadedCheckpoint, ranking: LoadedCheckpoint) -> None:
+    """Checks that the retrieval candidates are items the ranker knows, with the same features.
+
+    The two-tower candidate side and the DLRM must share the item id feature, its cardinality
+    and every item-side sparse feature the DLRM uses, so that any retrieved id can be ranked
+    with the features stored in the bundle.
+
+    Raises:
+        InvalidInput: naming the first mismatch.
+    """
+    left, right = retrieval.config.schema, ranking.config.schema
+    where = f"{retrieval.path} and {ranking.path}"
+    if left.item_id_feature != right.item_id_feature:
+        raise InvalidInput(
+            f"{where}: item id features differ ({left.item_id_feature!r} vs "
+            f"{right.item_id_feature!r})"
+        )
+    retrieval_items = {f.name: f for f in left.item_sparse()}
+    for feature in right.item_sparse():
+        other = retrieval_items.get(feature.name)
+        if other is None:
+            raise InvalidInput(
+                f"{where}: the ranker's item feature {feature.name!r} is not an item feature of "
+                "the retrieval model's data"
+            )
+        if other.cardinality != feature.cardinality:
+            raise InvalidInput(
+                f"{where}: item feature {feature.name!r} has {other.cardinality} ids for "
+                f"retrieval but {feature.cardinality} for ranking"
+            )
+    if retrieval.train.num_items != ranking.train.num_items:
+        raise InvalidInput(
+            f"{where}: {retrieval.train.num_items} items for retrieval but "
+            f"{ranking.train.num_items} for ranking"
+        )

@@ -1,0 +1,68 @@
+"""What `recship package` is asked to build: one frozen dataclass, CLI flags map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from recship.packager.quantize import QuantType
+
+ExportFormat = Literal["torchscript", "aoti", "both"]
+IndexKind = Literal["auto", "flat", "ivfflat", "ivfpq", "hnsw"]
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """The packager's quality gate; a bundle that misses any of them is not published.
+
+    Attributes:
+        max_recall_loss: largest relative loss of recall@10 and recall@100 of the packaged
+            pipeline (quantized query tower -> ANN index) against the fp32 exact pipeline.
+        max_auc_loss: largest absolute AUC loss of the packaged ranker against fp32.
+        min_index_recall: recall@100 the ANN index must reach against exact search.
+    """
+
+    max_recall_loss: float = 0.02
+    max_auc_loss: float = 0.005
+    min_index_recall: float = 0.95
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    """One `recship package` run.
+
+    Attributes:
+        retrieval: two-tower training output directory (model_config.json + checkpoints/).
+        ranking: DLRM training output directory.
+        repo: bundle repository root; the bundle is published as `<repo>/<name>/<next version>`.
+        name: bundle name.
+        quant: default quantization of every embedding table.
+        table_quant: per-table overrides, table name -> type.
+        devices: W, the inference devices one replica spans (table-wise sharding).
+        device_type: "cpu" or "cuda"; None picks cuda when a GPU is visible.
+        export_format: entry-point files to write.
+        index: FAISS index family; "auto" picks by corpus size.
+        index_params: explicit index parameters (e.g. {"nlist": 256, "m": 16}).
+        thresholds: the quality gate.
+        golden_examples: recorded examples per entry point for the load-time self-test.
+        retrieval_step / ranking_step: checkpoint step to package; None = the latest.
+        seed: seeds sampling of golden inputs and index training.
+    """
+
+    retrieval: Path
+    ranking: Path
+    repo: Path
+    name: str
+    quant: QuantType = "int8"
+    table_quant: dict[str, QuantType] = field(default_factory=dict)
+    devices: int = 1
+    device_type: str | None = None
+    export_format: ExportFormat = "torchscript"
+    index: IndexKind = "auto"
+    index_params: dict[str, int] = field(default_factory=dict)
+    thresholds: QualityThresholds = field(default_factory=QualityThresholds)
+    golden_examples: int = 16
+    retrieval_step: int | None = None
+    ranking_step: int | None = None
+    seed: int = 0

@@ -1,0 +1,195 @@
+"""Request features -> model tensors, validated against a bundle's schema.
+
+Every check names the query index and the field, so a client can fix its request:
+`queries[2].sparse["user_id"].ids[0]: id 5000 is out of range [0, 943)`. Nothing here touches
+a model; the output is plain numpy in the entry points' feature-major jagged layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from recship.packager.item_features import read_item_features
+from recship.protos.v1 import manifest_pb2, recommender_pb2
+from recship.runtime.errors import InvalidInput
+
+# Largest number of ids one sparse feature of one query may carry.
+MAX_IDS_PER_FEATURE = 4096
+
+
+@dataclass(frozen=True)
+class JaggedBlock:
+    """Sparse features of n rows: per feature, the rows' ids and bag lengths.
+
+    Attributes:
+        values: per feature (in the block's feature order), int64 ids of all n rows.
+        lengths: per feature, int32 [n] bag lengths.
+    """
+
+    values: tuple[np.ndarray, ...]
+    lengths: tuple[np.ndarray, ...]
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths[0].size) if self.lengths else 0
+
+    def repeat(self, counts: np.ndarray) -> JaggedBlock:
+        """Row r repeated counts[r] times (a query's features for each of its candidates)."""
+        values, lengths = [], []
+        for feature_values, feature_lengths in zip(self.values, self.lengths, strict=True):
+            offsets = np.concatenate([[0], np.cumsum(feature_lengths)])
+            rows = np.repeat(np.arange(feature_lengths.size), counts)
+            starts, sizes = offsets[rows], feature_lengths[rows].astype(np.int64)
+            begin = np.cumsum(sizes) - sizes
+            index = np.repeat(starts - begin, sizes) + np.arange(int(sizes.sum()))
+            values.append(feature_values[index])
+            lengths.append(feature_lengths[rows])
+        return JaggedBlock(tuple(values), tuple(lengths))
+
+
+def concat_blocks(blocks: Sequence[JaggedBlock]) -> tuple[np.ndarray, np.ndarray]:
+    """Merges row blocks (same features) into one feature-major (values, lengths) pair.
+
+    Returns:
+        (values int64 [N], lengths int32 [F * total rows]): feature 0's bags of every block in
+        order, then feature 1's, and so on; what the entry points take.
+    """
+    features = len(blocks[0].values)
+    values = [block.values[f] for f in range(features) for block in blocks]
+    lengths = [block.lengths[f] for f in range(features) for block in blocks]
+    return (
+        np.concatenate(values).astype(np.int64, copy=False),
+        np.concatenate(lengths).astype(np.int32, copy=False),
+    )
+
+
+def join_blocks(*parts: JaggedBlock) -> JaggedBlock:
+    """Features side by side for the same rows (query features, then item features)."""
+    return JaggedBlock(
+        tuple(v for part in parts for v in part.values),
+        tuple(length for part in parts for length in part.lengths),
+    )
+
+
+class FeatureCodec:
+    """Validates request queries and encodes them for one bundle version's entry points.
+
+    Thread-safety: immutable after construction; share it between threads.
+
+    Args:
+        manifest: the version's manifest.
+        item_features_path: the version's item feature file (joined onto ranking rows).
+    """
+
+    def __init__(self, manifest: manifest_pb2.BundleManifest, item_features_path) -> None:
+        schema = manifest.schema
+        self.cardinality = {f.name: int(f.cardinality) for f in schema.sparse_features}
+        self.query_side = {
+            f.name for f in schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
+        }
+        entry_points = {entry.name: entry for entry in manifest.entry_points}
+        self.query_tower_features = tuple(entry_points["query_tower"].sparse_feature_order)
+        ranker_order = tuple(entry_points["ranker"].sparse_feature_order)
+        self.ranker_query_features = tuple(f for f in ranker_order if f in self.query_side)
+        self.ranker_item_features = tuple(f for f in ranker_order if f not in self.query_side)
+        if ranker_order != self.ranker_query_features + self.ranker_item_features:
+            raise InvalidInput("bundle ranker must take query-side features before item-side ones")
+        self.required = tuple(sorted(self.query_side))
+        self.query_dense = int(schema.query_dense_count)
+        self.num_items = int(schema.num_items)
+        items, sparse_names, _ = read_item_features(item_features_path)
+        self.items = items
+        missing = [name for name in self.ranker_item_features if name not in sparse_names]
+        if missing:
+            raise InvalidInput(f"bundle item features lack {', '.join(missing)}")
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_query(self, query: recommender_pb2.Query, where: str) -> None:
+        for name in self.required:
+            if name not in query.sparse:
+                raise InvalidInput(f'{where}.sparse["{name}"]: missing (required by the bundle)')
+        for name, feature in query.sparse.items():
+            if name not in self.query_side:
+                known = ", ".join(self.required)
+                raise InvalidInput(f'{where}.sparse["{name}"]: unknown feature (expected {known})')
+            field = f'{where}.sparse["{name}"]'
+            if len(feature.ids) > MAX_IDS_PER_FEATURE:
+                raise InvalidInput(
+                    f"{field}.ids: {len(feature.ids)} ids, at most {MAX_IDS_PER_FEATURE}"
+                )
+            if feature.weights:
+                raise InvalidInput(f"{field}.weights: the bundle's feature {name} is not weighted")
+            if feature.ids:
+                ids = np.fromiter(feature.ids, dtype=np.int64, count=len(feature.ids))
+                bad = np.flatnonzero((ids < 0) | (ids >= self.cardinality[name]))
+                if bad.size:
+                    position = int(bad[0])
+                    raise InvalidInput(
+                        f"{field}.ids[{position}]: id {int(ids[position])} is out of range "
+                        f"[0, {self.cardinality[name]})"
+                    )
+        if len(query.dense) != self.query_dense:
+            raise InvalidInput(
+                f"{where}.dense: {len(query.dense)} values, the bundle expects {self.query_dense}"
+            )
+
+    def check_item_ids(self, ids: Sequence[int], where: str) -> np.ndarray:
+        """Validates item ids (candidates, exclusions); returns them as int64."""
+        array = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        bad = np.flatnonzero((array < 0) | (array >= self.num_items))
+        if bad.size:
+            position = int(bad[0])
+            raise InvalidInput(
+                f"{where}[{position}]: item id {int(array[position])} is out of range "
+                f"[0, {self.num_items})"
+            )
+        return array
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode_queries(
+        self, queries: Sequence[recommender_pb2.Query], where: Sequence[str]
+    ) -> tuple[JaggedBlock, JaggedBlock, np.ndarray]:
+        """Validates and encodes queries.
+
+        Args:
+            queries: the request's queries.
+            where: each query's field path for error messages, e.g. "queries[3].query".
+
+        Returns:
+            (query tower block, ranker query-side block, dense float32 [n, query dense]).
+
+        Raises:
+            InvalidInput: naming the first bad field.
+        """
+        for query, path in zip(queries, where, strict=True):
+            self._check_query(query, path)
+
+        def block(features: Sequence[str]) -> JaggedBlock:
+            values, lengths = [], []
+            for name in features:
+                lengths.append(np.array([len(q.sparse[name].ids) for q in queries], np.int32))
+                values.append(
+                    np.fromiter(
+                        (i for q in queries for i in q.sparse[name].ids),
+                        dtype=np.int64,
+                        count=int(lengths[-1].sum()),
+                    )
+                )
+            return JaggedBlock(tuple(values), tuple(lengths))
+
+        dense = np.array([list(q.dense) for q in queries], dtype=np.float32).reshape(
+            len(queries), self.query_dense
+        )
+        return block(self.query_tower_features), block(self.ranker_query_features), dense
+
+    def item_block(self, item_ids: np.ndarray) -> tuple[JaggedBlock, np.ndarray]:
+        """Item-side ranker features of `item_ids`: (sparse block, dense float32 [n, Fi])."""
+        values, lengths = [], []
+        for name in self.ranker_item_features:
+            bag_values, bag_lengths = self.items.sparse[name].gather(item_ids)
+            values.append(bag_values)
+            lengths.append(bag_lengths.astype(np.int32))
+        return JaggedBlock(tuple(values), tuple(lengths)), self.items.dense[item_ids]
