@@ -19,11 +19,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("recship.runtime.doctor", "doctor_command"),
     "demo": ("recship.runtime.demo", "demo_command"),
     "train": ("recship.trainer.cli", "train_command"),
+    "serve": ("recship.runtime.serve_cli", "serve_command"),
+    "query": ("recship.runtime.serve_cli", "query_command"),
 }
 
 SHORT_HELP: dict[str, str] = {
     "doctor": "Check that torch, torchrec, fbgemm_gpu and faiss work together here.",
     "demo": "Run the end-to-end pipeline on built-in defaults.",
+    "serve": "Serve bundles over gRPC (Retrieve, Rank, Recommend) with dynamic batching.",
+    "query": "Send one Recommend or Retrieve query to a running server and print a table.",
     "train": "Train a sharded two-tower or DLRM model (TorchRec, N ranks) with DCP checkpoints.",
 }
 

@@ -1,0 +1,274 @@
+"""A typed Python client for a recship server.
+
+Queries are plain mappings from feature name to one id or a list of ids; results come back as
+frozen dataclasses. gRPC errors become the matching `RecshipError` (INVALID_ARGUMENT ->
+`InvalidInput`, NOT_FOUND -> `NotFound`, ...) carrying the server's message.
+
+Example::
+
+    with RecshipClient("127.0.0.1:8500") as client:
+        client.wait_until_serving(timeout=60)
+        response = client.recommend(
+            "movies", [{"user_id": 3, "user_age_bucket": 2}], retrieve_k=100, top_n=10,
+            exclude=[[12, 40]],
+        )
+        for item in response.results[0]:
+            print(item.item_id, item.rank_score)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recship.runtime import errors
+
+# A query's sparse features: name -> one id or several ids.
+Features = Mapping[str, int | Sequence[int]]
+
+_ERRORS: dict[grpc.StatusCode, type[errors.RecshipError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: sparse features by name and the query-side dense features (usually none)."""
+
+    sparse: Features
+    dense: Sequence[float] = ()
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """The version that served a call."""
+
+    bundle: str
+    version: int
+    release_id: str
+
+
+@dataclass(frozen=True)
+class RetrievedItem:
+    item_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: int
+    rank_score: float
+    retrieval_score: float
+
+
+@dataclass(frozen=True)
+class RetrieveResponse:
+    """`results[i]`: the candidates of query i, best first."""
+
+    served_by: ServedBy
+    results: list[list[RetrievedItem]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RankResponse:
+    """`results[i]`: probabilities of query i's candidates, in request order."""
+
+    served_by: ServedBy
+    results: list[list[float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecommendResponse:
+    """`results[i]`: the recommendations of query i, best first."""
+
+    served_by: ServedBy
+    results: list[list[RecommendedItem]] = field(default_factory=list)
+
+
+def query_proto(query: Query | Features) -> recommender_pb2.Query:
+    """The wire form of a query given as a `Query` or as a features mapping."""
+    if not isinstance(query, Query):
+        query = Query(query)
+    message = recommender_pb2.Query(dense=list(query.dense))
+    for name, ids in query.sparse.items():
+        message.sparse[name].ids.extend([ids] if isinstance(ids, int) else list(ids))
+    return message
+
+
+def model_spec(
+    bundle: str, version: int | None = None, label: str | None = None
+) -> recommender_pb2.ModelSpec:
+    """A `ModelSpec` naming a bundle and optionally one version or label."""
+    spec = recommender_pb2.ModelSpec(bundle=bundle)
+    if version is not None:
+        spec.version = version
+    if label is not None:
+        spec.label = label
+    return spec
+
+
+def _served_by(message: recommender_pb2.ServedBy) -> ServedBy:
+    return ServedBy(message.bundle, message.version, message.release_id)
+
+
+def as_recship_error(error: grpc.RpcError) -> errors.RecshipError:
+    """The `RecshipError` for a failed call, with the server's message."""
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details() or code.name  # type: ignore[attr-defined]
+    return _ERRORS.get(code, errors.RecshipError)(f"{code.name}: {details}")
+
+
+class RecshipClient:
+    """A blocking client over one channel; thread-safe (gRPC channels are).
+
+    Args:
+        target: "host:port".
+        timeout: default per-call deadline in seconds (None: no deadline).
+        max_message_bytes: largest response accepted.
+    """
+
+    def __init__(
+        self, target: str, *, timeout: float | None = 30.0, max_message_bytes: int = 64 << 20
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", max_message_bytes)]
+        )
+        self.recommender = recommender_pb2_grpc.RecommenderStub(self.channel)
+        self.admin = admin_pb2_grpc.BundleAdminStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> RecshipClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise as_recship_error(error) from None
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health status name ("SERVING", "NOT_SERVING", ...)."""
+        response = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Blocks until health is SERVING.
+
+        Raises:
+            Unavailable: not SERVING within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=max(deadline - time.monotonic(), 0.1)) == "SERVING":
+                    return
+            except errors.RecshipError:
+                pass
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable(f"{self.target} is not SERVING after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def retrieve(
+        self,
+        bundle: str,
+        queries: Sequence[Query | Features],
+        top_k: int,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        timeout: float | None = None,
+    ) -> RetrieveResponse:
+        """Top-k candidates per query."""
+        request = recommender_pb2.RetrieveRequest(
+            model=model_spec(bundle, version, label),
+            queries=[query_proto(q) for q in queries],
+            top_k=top_k,
+        )
+        response = self._call(self.recommender.Retrieve, request, timeout)
+        return RetrieveResponse(
+            _served_by(response.served_by),
+            [[RetrievedItem(i.item_id, i.score) for i in r.items] for r in response.results],
+        )
+
+    def rank(
+        self,
+        bundle: str,
+        queries: Sequence[Query | Features],
+        candidates: Sequence[Sequence[int]],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        timeout: float | None = None,
+    ) -> RankResponse:
+        """Probabilities of `candidates[i]` for query i."""
+        request = recommender_pb2.RankRequest(
+            model=model_spec(bundle, version, label),
+            queries=[
+                recommender_pb2.RankQuery(query=query_proto(q), candidate_item_ids=list(c))
+                for q, c in zip(queries, candidates, strict=True)
+            ],
+        )
+        response = self._call(self.recommender.Rank, request, timeout)
+        return RankResponse(
+            _served_by(response.served_by), [list(r.scores) for r in response.results]
+        )
+
+    def recommend(
+        self,
+        bundle: str,
+        queries: Sequence[Query | Features],
+        retrieve_k: int,
+        top_n: int,
+        *,
+        exclude: Sequence[Sequence[int]] | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        timeout: float | None = None,
+    ) -> RecommendResponse:
+        """Retrieve `retrieve_k`, drop `exclude[i]`, rank, and return the best `top_n`."""
+        excluded = exclude if exclude is not None else [()] * len(queries)
+        request = recommender_pb2.RecommendRequest(
+            model=model_spec(bundle, version, label),
+            queries=[
+                recommender_pb2.RecommendQuery(query=query_proto(q), exclude_item_ids=list(e))
+                for q, e in zip(queries, excluded, strict=True)
+            ],
+            retrieve_k=retrieve_k,
+            top_n=top_n,
+        )
+        response = self._call(self.recommender.Recommend, request, timeout)
+        return RecommendResponse(
+            _served_by(response.served_by),
+            [
+                [RecommendedItem(i.item_id, i.rank_score, i.retrieval_score) for i in r.items]
+                for r in response.results
+            ],
+        )
+
+    def list_bundles(
+        self, bundle: str = "", timeout: float | None = None
+    ) -> admin_pb2.ListBundlesResponse:
+        """The admin status listing (protobuf, as the admin API defines it)."""
+        return self._call(
+            self.admin.ListBundles, admin_pb2.ListBundlesRequest(bundle=bundle), timeout
+        )

@@ -1,0 +1,460 @@
+"""VersionManager: owns the lifecycle of every bundle version on one server.
+
+In TF Serving's terms this is the *manager*: `BundleStore` is the source (which versions are
+published), `recship.runtime.policy.decide` is the pure policy (what to load and unload next),
+`load_servable` is the loader, and `acquire` hands out *leases*: a request holds its version's
+servable for its whole life (query tower, index and ranker of one release), and a version that
+is being unloaded first stops taking new leases (DRAINING), waits for the leases it gave out,
+then releases its memory.
+
+Reconciling a bundle repeats "ask `decide`, carry out the decision" until the decision is empty:
+new versions load beside the serving one, the default switches atomically once a wanted version
+is READY, and only then is the old one drained and unloaded. A version that fails validation,
+loading or its golden self-test is marked FAILED with the reason and never retried, and the
+previous version keeps serving (`latest` falls back to the newest version that did not fail).
+
+Threading: every method runs on the server's event loop; loading and validation (seconds of
+disk and model work) run on worker threads through `asyncio.to_thread`, so the loop keeps
+answering (health says NOT_SERVING meanwhile). Reconciles of one bundle are serialised by a lock.
+
+Example::
+
+    manager = VersionManager(BundleStore(repo), LoaderConfig(), metrics)
+    await manager.start()
+    async with manager.acquire("movies") as servable:
+        scores, ids = await servable.retrieve(block, k=10, deadline=None)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from recship.protos.v1 import manifest_pb2
+from recship.runtime.errors import FailedPrecondition, NotFound, RecshipError, Unavailable
+from recship.runtime.metrics import ServerMetrics
+from recship.runtime.policy import (
+    Latest,
+    VersionPolicy,
+    VersionState,
+    check_label,
+    decide,
+    resolve,
+)
+from recship.runtime.servable import LoaderConfig, Servable, load_servable
+from recship.runtime.store import BundleStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Version:
+    """Mutable bookkeeping of one version (event loop only)."""
+
+    version: int
+    state: VersionState = VersionState.NEW
+    servable: Servable | None = None
+    manifest: manifest_pb2.BundleManifest | None = None
+    failure_reason: str = ""
+    ready_at: float | None = None
+    leases: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+@dataclass
+class _Bundle:
+    name: str
+    policy: VersionPolicy
+    versions: dict[int, _Version] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    default: int | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def states(self) -> dict[int, VersionState]:
+        return {number: entry.state for number, entry in self.versions.items()}
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A snapshot of one version's status (what `BundleAdmin.ListBundles` reports).
+
+    Attributes:
+        version: version number.
+        state: lifecycle state.
+        failure_reason: why it is FAILED ("" otherwise).
+        devices: devices its replicas run on (empty unless loaded).
+        replicas: replicas serving it (0 unless loaded).
+        labels: labels pointing at it.
+        ready_at: wall-clock time (seconds since the epoch) it became READY, or None.
+        manifest: its manifest when it could be read, else None.
+        is_default: whether requests naming no version or label go to it.
+    """
+
+    version: int
+    state: VersionState
+    failure_reason: str
+    devices: tuple[str, ...]
+    replicas: int
+    labels: tuple[str, ...]
+    ready_at: float | None
+    manifest: manifest_pb2.BundleManifest | None
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A snapshot of one bundle: its policy and every version seen, newest first."""
+
+    name: str
+    policy: VersionPolicy
+    versions: tuple[VersionInfo, ...]
+
+
+class VersionManager:
+    """Loads, serves, drains and unloads the versions of the bundles of one repository.
+
+    Args:
+        store: the repository.
+        config: placement and batching of every servable.
+        metrics: version states and default versions are recorded here, and the servables'
+            batch metrics.
+        bundles: the bundles to serve; empty serves every bundle in the repository.
+        policies: version policy per bundle; `latest` for the others.
+        on_change: called on the event loop after every state change (e.g. to update health).
+    """
+
+    def __init__(
+        self,
+        store: BundleStore,
+        config: LoaderConfig,
+        metrics: ServerMetrics,
+        *,
+        bundles: Sequence[str] = (),
+        policies: Mapping[str, VersionPolicy] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self._requested = tuple(bundles)
+        self._policies = dict(policies or {})
+        self._on_change = on_change
+        self._bundles: dict[str, _Bundle] = {}
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Discovers the bundles and loads the version each policy wants (newest by default).
+
+        Raises:
+            NotFound: the repository, or a bundle named in `bundles`, does not exist.
+        """
+        if self._requested:
+            for name in self._requested:
+                await asyncio.to_thread(self.store.list_versions, name)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Re-reads the repository and reconciles every bundle with its policy."""
+        names = self._requested or tuple(await asyncio.to_thread(self.store.list_bundles))
+        if not names:
+            logger.warning("no bundles in repository %s; nothing to serve", self.store.repo)
+        for name in names:
+            if name not in self._bundles:
+                self._bundles[name] = _Bundle(name, self._policies.get(name, Latest()))
+            await self._reconcile(self._bundles[name])
+
+    async def close(self) -> None:
+        """Drains and unloads every loaded version (server shutdown)."""
+        self._closed = True
+        for bundle in self._bundles.values():
+            async with bundle.lock:
+                bundle.default = None
+                for number, entry in sorted(bundle.versions.items()):
+                    if entry.state is VersionState.READY:
+                        await self._unload(bundle, number)
+        self._changed()
+
+    @property
+    def ready(self) -> bool:
+        """True when every served bundle has a default version READY."""
+        return bool(self._bundles) and all(b.default is not None for b in self._bundles.values())
+
+    def bundle_names(self) -> list[str]:
+        """The bundles this server knows, sorted."""
+        return sorted(self._bundles)
+
+    # -- leases -------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def acquire(
+        self, bundle: str, version: int | None = None, label: str | None = None
+    ) -> AsyncIterator[Servable]:
+        """Leases the servable that serves a request, for the duration of the block.
+
+        The version is resolved and leased without awaiting, so it cannot be unloaded between
+        the two; a version being drained waits for this lease before it is unloaded.
+
+        Raises:
+            NotFound: unknown bundle, version or label (or a version not serving).
+            Unavailable: nothing ready yet, or the version is still loading.
+            InvalidInput: both a version and a label, or a version <= 0.
+        """
+        entry, servable = self._lease(bundle, version, label)
+        try:
+            yield servable
+        finally:
+            entry.leases -= 1
+            if entry.leases == 0:
+                entry.idle.set()
+
+    def _lease(
+        self, bundle: str, version: int | None, label: str | None
+    ) -> tuple[_Version, Servable]:
+        state = self._bundles.get(bundle)
+        if state is None:
+            known = ", ".join(sorted(self._bundles)) or "none"
+            raise NotFound(f"unknown bundle {bundle!r} (this server serves: {known})")
+        number = resolve(
+            bundle,
+            version=version,
+            label=label,
+            labels=state.labels,
+            states=state.states(),
+            default=state.default,
+        )
+        entry = state.versions[number]
+        if entry.servable is None:  # READY always has one; kept as a typed check
+            raise Unavailable(f"version {number} of bundle {bundle!r} is not loaded")
+        entry.leases += 1
+        entry.idle.clear()
+        return entry, entry.servable
+
+    # -- admin --------------------------------------------------------------------------------
+    def _bundle(self, name: str) -> _Bundle:
+        if name not in self._bundles:
+            known = ", ".join(sorted(self._bundles)) or "none"
+            raise NotFound(f"unknown bundle {name!r} (this server serves: {known})")
+        return self._bundles[name]
+
+    async def load_version(self, name: str, version: int) -> VersionInfo:
+        """Loads one published version beside those loaded and waits until READY or FAILED.
+
+        Raises:
+            NotFound: unknown bundle, or the version is not published.
+        """
+        bundle = self._bundle(name)
+        await asyncio.to_thread(self.store.ref, name, version)
+        async with bundle.lock:
+            entry = bundle.versions.get(version)
+            if entry is None or entry.state in (VersionState.NEW, VersionState.UNLOADED):
+                await self._load(bundle, version)
+            if bundle.default is None:
+                self._set_default(bundle, version if self._is_ready(bundle, version) else None)
+        return self._info(bundle, version)
+
+    async def unload_version(self, name: str, version: int) -> VersionInfo:
+        """Drains and unloads one version; requests naming no version move to another one.
+
+        Raises:
+            NotFound: unknown bundle or version.
+            FailedPrecondition: the version is not READY.
+        """
+        bundle = self._bundle(name)
+        async with bundle.lock:
+            entry = bundle.versions.get(version)
+            if entry is None:
+                raise NotFound(f"bundle {name!r} has no version {version} on this server")
+            if entry.state is not VersionState.READY:
+                raise FailedPrecondition(
+                    f"version {version} of bundle {name!r} is {entry.state.name}, not READY"
+                )
+            if bundle.default == version:
+                others = [
+                    v for v, e in bundle.versions.items()
+                    if e.state is VersionState.READY and v != version
+                ]  # fmt: skip
+                self._set_default(bundle, max(others) if others else None)
+            await self._unload(bundle, version)
+        return self._info(bundle, version)
+
+    async def set_policy(self, name: str, policy: VersionPolicy) -> BundleInfo:
+        """Replaces a bundle's policy and reconciles it now."""
+        bundle = self._bundle(name)
+        bundle.policy = policy
+        await self._reconcile(bundle)
+        return self.status(name)[0]
+
+    def set_label(self, name: str, label: str, version: int) -> BundleInfo:
+        """Points `label` at a READY version, or removes it when `version` is 0.
+
+        Raises:
+            InvalidInput: a malformed label.
+            NotFound: unknown bundle, or removing a label that does not exist.
+            FailedPrecondition: the version is not READY.
+        """
+        bundle = self._bundle(name)
+        check_label(label)
+        if version == 0:
+            if bundle.labels.pop(label, None) is None:
+                raise NotFound(f"bundle {name!r} has no label {label!r}")
+        elif not self._is_ready(bundle, version):
+            raise FailedPrecondition(
+                f"cannot point label {label!r} at version {version} of bundle {name!r}: "
+                "it is not loaded and READY"
+            )
+        else:
+            bundle.labels[label] = version
+        self._changed()
+        return self.status(name)[0]
+
+    def status(self, name: str = "") -> list[BundleInfo]:
+        """Snapshots of one bundle (or all, sorted by name) and their versions.
+
+        Raises:
+            NotFound: `name` is given and unknown.
+        """
+        names = [name] if name else sorted(self._bundles)
+        return [self._bundle_info(self._bundle(n)) for n in names]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _bundle_info(self, bundle: _Bundle) -> BundleInfo:
+        versions = tuple(self._info(bundle, v) for v in sorted(bundle.versions, reverse=True))
+        return BundleInfo(bundle.name, bundle.policy, versions)
+
+    def _info(self, bundle: _Bundle, version: int) -> VersionInfo:
+        entry = bundle.versions[version]
+        servable = entry.servable
+        return VersionInfo(
+            version=version,
+            state=entry.state,
+            failure_reason=entry.failure_reason,
+            devices=servable.placement.devices if servable else (),
+            replicas=len(servable.replicas) if servable else 0,
+            labels=tuple(sorted(k for k, v in bundle.labels.items() if v == version)),
+            ready_at=entry.ready_at,
+            manifest=entry.manifest,
+            is_default=bundle.default == version,
+        )
+
+    def _is_ready(self, bundle: _Bundle, version: int) -> bool:
+        entry = bundle.versions.get(version)
+        return entry is not None and entry.state is VersionState.READY
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def _set_state(self, bundle: _Bundle, entry: _Version, state: VersionState) -> None:
+        entry.state = state
+        self.metrics.set_version_state(bundle.name, entry.version, state)
+        self._changed()
+
+    def _set_default(self, bundle: _Bundle, version: int | None) -> None:
+        if bundle.default != version:
+            logger.info(
+                "bundle %s: default version %s -> %s",
+                bundle.name,
+                bundle.default,
+                version,
+                extra={"bundle": bundle.name, "version": version},
+            )
+        bundle.default = version
+        self.metrics.set_default_version(bundle.name, version)
+        self._changed()
+
+    async def _reconcile(self, bundle: _Bundle) -> None:
+        async with bundle.lock:
+            while not self._closed:
+                on_disk = await asyncio.to_thread(self.store.list_versions, bundle.name)
+                for number in on_disk:
+                    if number not in bundle.versions:
+                        bundle.versions[number] = _Version(number)
+                        self._set_state(bundle, bundle.versions[number], VersionState.NEW)
+                decision = decide(on_disk, bundle.states(), bundle.policy)
+                self._set_default(bundle, decision.default_version)
+                for label, number in list(bundle.labels.items()):
+                    if not self._is_ready(bundle, number):
+                        del bundle.labels[label]
+                if decision.missing:
+                    logger.warning(
+                        "bundle %s: pinned version(s) %s are not published",
+                        bundle.name,
+                        ", ".join(map(str, decision.missing)),
+                    )
+                if not decision.to_load and not decision.to_unload:
+                    return
+                for number in decision.to_load:
+                    await self._load(bundle, number)
+                if decision.to_load:
+                    continue  # decide again: the default may move before anything unloads
+                for number in decision.to_unload:
+                    await self._unload(bundle, number)
+
+    async def _load(self, bundle: _Bundle, version: int) -> None:
+        entry = bundle.versions.setdefault(version, _Version(version))
+        self._set_state(bundle, entry, VersionState.LOADING)
+        started = time.perf_counter()
+        try:
+            validated = await asyncio.to_thread(self.store.validate, bundle.name, version)
+            entry.manifest = validated.manifest
+            for warning in validated.warnings:
+                logger.warning("bundle %s v%d: %s", bundle.name, version, warning)
+            entry.servable = await asyncio.to_thread(
+                load_servable, validated, self.config, self.metrics
+            )
+        except RecshipError as error:
+            self._fail(bundle, entry, str(error))
+            return
+        except Exception as error:  # a bug or a library failure: still never take traffic
+            logger.exception("bundle %s v%d: unexpected load failure", bundle.name, version)
+            self._fail(bundle, entry, f"{type(error).__name__}: {error}")
+            return
+        entry.ready_at = time.time()
+        entry.failure_reason = ""
+        self._set_state(bundle, entry, VersionState.READY)
+        logger.info(
+            "bundle %s v%d READY in %.2f s",
+            bundle.name,
+            version,
+            time.perf_counter() - started,
+            extra={"bundle": bundle.name, "version": version, "state": "READY"},
+        )
+
+    def _fail(self, bundle: _Bundle, entry: _Version, reason: str) -> None:
+        entry.failure_reason = reason
+        self._set_state(bundle, entry, VersionState.FAILED)
+        logger.error(
+            "bundle %s v%d FAILED: %s",
+            bundle.name,
+            entry.version,
+            reason,
+            extra={"bundle": bundle.name, "version": entry.version, "state": "FAILED"},
+        )
+
+    async def _unload(self, bundle: _Bundle, version: int) -> None:
+        entry = bundle.versions[version]
+        self._set_state(bundle, entry, VersionState.DRAINING)
+        for label in [k for k, v in bundle.labels.items() if v == version]:
+            del bundle.labels[label]
+        await entry.idle.wait()
+        servable, entry.servable = entry.servable, None
+        if servable is not None:
+            await servable.close()
+        del servable
+        gc.collect()
+        entry.ready_at = None
+        self._set_state(bundle, entry, VersionState.UNLOADED)
+        logger.info(
+            "bundle %s v%d unloaded",
+            bundle.name,
+            version,
+            extra={"bundle": bundle.name, "version": version, "state": "UNLOADED"},
+        )

@@ -1,0 +1,499 @@
+"""Loader -> Servable: one validated bundle version placed on devices, ready to compute.
+
+In TF Serving's terms this module is the *loader* and the *servable*. `load_servable` turns a
+`ValidatedVersion` (checked by `BundleStore`) into a `Servable`:
+
+- the FAISS index and the item feature table are read **once per version** and shared by every
+  replica (FAISS searches and numpy gathers are read-only, so sharing is safe);
+- the entry points (`query_tower`, `ranker`) are loaded **once per replica**, because neither a
+  TorchScript module nor an AOTI package is documented as safe to call from several threads;
+- each replica runs the bundle's golden self-test on its device before the servable exists,
+  so a version that computes differently here than where it was packaged never takes traffic;
+- each replica owns two `Batcher`s (retrieval and ranking) that share one executor thread, so
+  a replica runs one model batch at a time and the event loop never blocks.
+
+Placement (`placement`): a bundle sharded for W devices runs as floor(devices / W) replicas on
+GPU hosts; on CPU, `replicas` copies (default 1) that share the process's intra-op thread pool
+(`torch.set_num_threads`, see `configure_threads`).
+
+Compute methods take and return numpy arrays (the service turns protos into those); they are
+coroutines that queue rows on the least loaded replica and await the batch result.
+
+Example::
+
+    servable = await asyncio.to_thread(load_servable, validated, LoaderConfig())
+    scores, ids = await servable.retrieve(tower_block, k=10, deadline=None)
+    await servable.close()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from recship.packager import golden
+from recship.packager.export import ExportFormat, load_entry_point
+from recship.packager.index import read_index
+from recship.packager.index import search as faiss_search
+from recship.protos.v1 import manifest_pb2
+from recship.runtime.batcher import Batcher, ReplicaPool
+from recship.runtime.errors import EnvironmentBroken, InvalidInput
+from recship.runtime.features import FeatureCodec, JaggedBlock, concat_blocks, join_blocks
+from recship.runtime.metrics import ServerMetrics
+from recship.runtime.store import ValidatedVersion
+
+logger = logging.getLogger(__name__)
+
+QUERY_TOWER = "query_tower"
+RANKER = "ranker"
+_FORMATS = {
+    manifest_pb2.ENTRY_POINT_FORMAT_TORCHSCRIPT: ExportFormat.TORCHSCRIPT,
+    manifest_pb2.ENTRY_POINT_FORMAT_AOTI: ExportFormat.AOTI,
+}
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How each replica coalesces requests (see `recship.runtime.batcher.Batcher`).
+
+    Attributes:
+        max_batch_rows: most model rows per batch; bigger requests are split, not rejected.
+        max_delay_s: longest wait of the oldest queued request for its batch to fill.
+        max_queue_rows: most rows waiting per replica and model; beyond it RESOURCE_EXHAUSTED.
+        enabled: False runs every request part alone (one item per batch), for comparisons.
+    """
+
+    max_batch_rows: int = 256
+    max_delay_s: float = 0.002
+    max_queue_rows: int = 8192
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Where and how versions are loaded.
+
+    Attributes:
+        devices: devices to place replicas on, e.g. ("cuda:0", "cuda:1"); empty means every
+            visible GPU for a CUDA bundle, "cpu" for a CPU bundle.
+        replicas: replicas on CPU (default 1); on GPU the count follows from the devices.
+        format: entry point format to load when the bundle has several ("torchscript" or
+            "aoti"); None takes the first the manifest lists.
+        batching: the replicas' batchers.
+    """
+
+    devices: tuple[str, ...] = ()
+    replicas: int | None = None
+    format: str | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+def configure_threads(threads: int) -> None:
+    """Sets the process's intra-op thread count for torch and FAISS (process-global).
+
+    Raises:
+        InvalidInput: `threads` < 1.
+    """
+    if threads < 1:
+        raise InvalidInput(f"--threads must be >= 1, got {threads}")
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Devices of each replica: `replicas[r]` lists the W devices replica r spans."""
+
+    device_type: str
+    replicas: tuple[tuple[str, ...], ...]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(device for replica in self.replicas for device in replica)
+
+
+def placement(manifest: manifest_pb2.BundleManifest, config: LoaderConfig) -> Placement:
+    """Decides the replicas of a version from its sharding plan and the local devices.
+
+    Raises:
+        EnvironmentBroken: a CUDA bundle on a host without enough GPUs.
+        InvalidInput: a CPU replica count < 1, or devices that do not match the bundle.
+    """
+    width = max(int(manifest.sharding.device_count), 1)
+    device_type = manifest.sharding.device_type or "cpu"
+    if device_type == "cuda":
+        devices = config.devices or tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+        if any(not d.startswith("cuda") for d in devices):
+            raise InvalidInput(f"--devices {','.join(devices)}: the bundle was built for cuda")
+        count = len(devices) // width
+        if count < 1:
+            raise EnvironmentBroken(
+                f"bundle {manifest.name} v{manifest.version} spans {width} GPU(s), "
+                f"this host offers {len(devices)}"
+            )
+        return Placement(
+            "cuda", tuple(tuple(devices[r * width : (r + 1) * width]) for r in range(count))
+        )
+    if config.devices and any(d != "cpu" for d in config.devices):
+        raise InvalidInput(
+            f"--devices {','.join(config.devices)}: bundle {manifest.name} "
+            f"v{manifest.version} was built for cpu"
+        )
+    count = 1 if config.replicas is None else config.replicas
+    if count < 1:
+        raise InvalidInput(f"--replicas must be >= 1, got {count}")
+    return Placement("cpu", tuple(("cpu",) * width for _ in range(count)))
+
+
+# -- work items (what the batchers queue) --------------------------------------------------------
+@dataclass(frozen=True)
+class RetrievePart:
+    """Queries to embed and search: `rows` rows of `block`, top `k` each."""
+
+    block: JaggedBlock
+    k: int
+
+
+@dataclass(frozen=True)
+class RankPart:
+    """Ranking rows: row j scores item `item_ids[j]` for query `row_query[j]` of `queries`.
+
+    `row_query` is non-decreasing (rows are grouped by query), which lets the query features be
+    repeated per row without a gather.
+    """
+
+    queries: JaggedBlock
+    query_dense: np.ndarray
+    row_query: np.ndarray
+    item_ids: np.ndarray
+
+
+def _block_rows(block: JaggedBlock, rows: slice) -> JaggedBlock:
+    """Rows `rows` of a block (every feature)."""
+    values, lengths = [], []
+    for feature_values, feature_lengths in zip(block.values, block.lengths, strict=True):
+        offsets = np.concatenate([[0], np.cumsum(feature_lengths, dtype=np.int64)])
+        values.append(feature_values[offsets[rows.start] : offsets[rows.stop]])
+        lengths.append(feature_lengths[rows])
+    return JaggedBlock(tuple(values), tuple(lengths))
+
+
+class Replica:
+    """One copy of a version's entry points on its devices, with its executor thread.
+
+    Thread-safety: the entry points are called only from this replica's executor thread (its
+    batchers share that one-thread executor), one batch at a time.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        devices: tuple[str, ...],
+        query_tower: Callable[..., torch.Tensor],
+        ranker: Callable[..., torch.Tensor],
+        assets: VersionAssets,
+    ) -> None:
+        self.index = index
+        self.devices = devices
+        self.device = torch.device(devices[0])
+        self._query_tower = query_tower
+        self._ranker = ranker
+        self._assets = assets
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{assets.name}-r{index}"
+        )
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
+    def embed(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Query tower: float32 [B, D] embeddings of B queries (executor thread only)."""
+        with torch.no_grad():
+            output = self._query_tower(self._tensor(values), self._tensor(lengths))
+        return output.detach().float().cpu().numpy()
+
+    def score(self, dense: np.ndarray, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Ranker: float32 [B] logits of B rows (executor thread only)."""
+        with torch.no_grad():
+            output = self._ranker(
+                self._tensor(dense.astype(np.float32, copy=False)),
+                self._tensor(values),
+                self._tensor(lengths),
+            )
+        return output.detach().float().cpu().numpy().reshape(-1)
+
+    def run_retrieve(self, parts: list[RetrievePart]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One retrieval batch: embed every part's queries together, search once.
+
+        The index is searched with the largest k of the batch and each part keeps its own
+        prefix; for Flat and IVF indexes the top-k is a prefix of the top-k' for k' > k.
+        """
+        values, lengths = concat_blocks([part.block for part in parts])
+        embeddings = self.embed(values, lengths)
+        k = max(part.k for part in parts)
+        scores, ids = faiss_search(self._assets.index, embeddings, k)
+        results, start = [], 0
+        for part in parts:
+            stop = start + part.block.rows
+            results.append((scores[start:stop, : part.k], ids[start:stop, : part.k]))
+            start = stop
+        return results
+
+    def run_rank(self, parts: list[RankPart]) -> list[np.ndarray]:
+        """One ranking batch: join item features onto every row, score all rows at once."""
+        codec = self._assets.codec
+        blocks, dense = [], []
+        for part in parts:
+            counts = np.bincount(part.row_query, minlength=part.queries.rows)
+            items, item_dense = codec.item_block(part.item_ids)
+            blocks.append(join_blocks(part.queries.repeat(counts), items))
+            dense.append(np.concatenate([part.query_dense[part.row_query], item_dense], axis=1))
+        values, lengths = concat_blocks(blocks)
+        logits = self.score(np.concatenate(dense), values, lengths)
+        results, start = [], 0
+        for part in parts:
+            stop = start + part.item_ids.size
+            results.append(logits[start:stop])
+            start = stop
+        return results
+
+
+@dataclass(frozen=True)
+class VersionAssets:
+    """What one version's replicas share: manifest, feature codec (item table) and index."""
+
+    name: str
+    version: int
+    release_id: str
+    manifest: manifest_pb2.BundleManifest
+    codec: FeatureCodec
+    index: Any
+
+
+def _entry_point(
+    version: ValidatedVersion, name: str, wanted: str | None
+) -> manifest_pb2.EntryPoint:
+    entries = [e for e in version.manifest.entry_points if e.name == name]
+    if wanted is not None:
+        entries = [e for e in entries if _FORMATS.get(e.format) == wanted]
+    if not entries:
+        raise InvalidInput(
+            f"bundle {version.ref} has no {name} entry point"
+            + (f" in format {wanted}" if wanted else "")
+        )
+    return entries[0]
+
+
+def _load_entry(
+    version: ValidatedVersion, entry: manifest_pb2.EntryPoint, device: str
+) -> Callable[..., torch.Tensor]:
+    path = version.ref.path / entry.file
+    fmt = _FORMATS[entry.format]
+    if device == "cpu" or fmt is not ExportFormat.TORCHSCRIPT:
+        return load_entry_point(path, fmt)
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    return module
+
+
+def _self_test(version: ValidatedVersion, replica: Replica) -> None:
+    """Runs the bundle's golden examples on the replica; raises when any output differs."""
+    record = golden.read_golden(version.ref.path / version.manifest.golden.file)
+    golden.check_golden(
+        {QUERY_TOWER: replica._query_tower, RANKER: replica._ranker},
+        record,
+        device=replica.device,
+    )
+
+
+def load_servable(
+    version: ValidatedVersion, config: LoaderConfig, metrics: ServerMetrics | None = None
+) -> Servable:
+    """Loads a validated version onto its devices and self-tests every replica.
+
+    Blocking (seconds): call it from a worker thread, never on the event loop.
+
+    Args:
+        version: a version `BundleStore.validate` accepted.
+        config: placement and batching.
+        metrics: where batch metrics go (per model, e.g. "movies/rank"), or None.
+
+    Returns:
+        A servable whose batchers are idle; it takes traffic as soon as it is returned.
+
+    Raises:
+        InvalidInput: an entry point, the index or the item features cannot be loaded, or the
+            golden self-test failed (the message names the entry point and the difference).
+        EnvironmentBroken: the host lacks the devices the bundle needs.
+    """
+    manifest = version.manifest
+    started = time.perf_counter()
+    where = placement(manifest, config)
+    codec = FeatureCodec(manifest, version.ref.path / manifest.item_features.file)
+    index = read_index(version.ref.path / manifest.index.file, manifest.index)
+    assets = VersionAssets(
+        manifest.name, int(manifest.version), manifest.release_id, manifest, codec, index
+    )
+    tower_entry = _entry_point(version, QUERY_TOWER, config.format)
+    ranker_entry = _entry_point(version, RANKER, config.format)
+    replicas = []
+    for number, devices in enumerate(where.replicas):
+        replica = Replica(
+            number,
+            devices,
+            _load_entry(version, tower_entry, devices[0]),
+            _load_entry(version, ranker_entry, devices[0]),
+            assets,
+        )
+        try:
+            _self_test(version, replica)
+        except BaseException:
+            replica.executor.shutdown(wait=False)
+            for loaded in replicas:
+                loaded.executor.shutdown(wait=False)
+            raise
+        replicas.append(replica)
+    logger.info(
+        "loaded %s v%d: %d replica(s) on %s, self-test passed in %.2f s",
+        manifest.name,
+        manifest.version,
+        len(replicas),
+        ",".join(where.devices),
+        time.perf_counter() - started,
+        extra={"bundle": manifest.name, "version": int(manifest.version)},
+    )
+    return Servable(assets, where, replicas, config.batching, metrics)
+
+
+class Servable:
+    """A loaded version: shared assets, replicas and their batchers.
+
+    Thread-safety: the coroutines must run on one event loop (the batchers bind to it);
+    properties are immutable and readable from any thread.
+    """
+
+    def __init__(
+        self,
+        assets: VersionAssets,
+        where: Placement,
+        replicas: Sequence[Replica],
+        batching: BatchingConfig,
+        metrics: ServerMetrics | None,
+    ) -> None:
+        self.assets = assets
+        self.placement = where
+        self.replicas = tuple(replicas)
+        self.batching = batching
+        self.max_batch_rows = batching.max_batch_rows
+
+        def batcher(replica: Replica, model: str, run: Callable[[list[Any]], Any]) -> Batcher:
+            return Batcher(
+                run,
+                max_batch_rows=batching.max_batch_rows,
+                max_delay_s=batching.max_delay_s if batching.enabled else 0.0,
+                max_queue_rows=batching.max_queue_rows,
+                max_batch_items=None if batching.enabled else 1,
+                executor=replica.executor,
+                name=f"{assets.name}/v{assets.version}/{model}/{replica.index}",
+                observer=None
+                if metrics is None
+                else metrics.batch_metrics(f"{assets.name}/{model}"),
+            )
+
+        self._retrieval: ReplicaPool[RetrievePart, tuple[np.ndarray, np.ndarray]] = ReplicaPool(
+            [batcher(r, "retrieve", r.run_retrieve) for r in self.replicas]
+        )
+        self._ranking: ReplicaPool[RankPart, np.ndarray] = ReplicaPool(
+            [batcher(r, "rank", r.run_rank) for r in self.replicas]
+        )
+
+    @property
+    def name(self) -> str:
+        return self.assets.name
+
+    @property
+    def version(self) -> int:
+        return self.assets.version
+
+    @property
+    def release_id(self) -> str:
+        return self.assets.release_id
+
+    @property
+    def codec(self) -> FeatureCodec:
+        return self.assets.codec
+
+    async def retrieve(
+        self, block: JaggedBlock, k: int, deadline: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k candidates of each query of `block`.
+
+        Args:
+            block: query tower features of n queries (`FeatureCodec.encode_queries`).
+            k: candidates per query.
+            deadline: absolute `time.monotonic()` after which the result is useless, or None.
+
+        Returns:
+            (scores float32 [n, k], item ids int64 [n, k]), best first; id -1 marks a slot the
+            index could not fill.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable: from the batcher.
+        """
+        parts = await self._retrieval.submit_split(
+            block.rows, lambda rows: RetrievePart(_block_rows(block, rows), k), deadline
+        )
+        return (
+            np.concatenate([scores for scores, _ in parts]),
+            np.concatenate([ids for _, ids in parts]),
+        )
+
+    async def rank(
+        self,
+        queries: JaggedBlock,
+        query_dense: np.ndarray,
+        row_query: np.ndarray,
+        item_ids: np.ndarray,
+        deadline: float | None,
+    ) -> np.ndarray:
+        """Ranker logits of R rows (query `row_query[j]`, item `item_ids[j]`).
+
+        Args:
+            queries: ranker query-side features of n queries.
+            query_dense: float32 [n, query dense count].
+            row_query: int64 [R] non-decreasing query index of each row.
+            item_ids: int64 [R] validated item ids.
+            deadline: as in `retrieve`.
+
+        Returns:
+            float32 [R] logits. Each candidate is one row towards the batch limits; a request
+            with more rows than a batch holds is split.
+        """
+        parts = await self._ranking.submit_split(
+            int(item_ids.size),
+            lambda rows: RankPart(queries, query_dense, row_query[rows], item_ids[rows]),
+            deadline,
+        )
+        return np.concatenate(parts)
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting in this version's queues."""
+        return self._retrieval.queued_rows + self._ranking.queued_rows
+
+    async def close(self) -> None:
+        """Finishes queued work, stops the batchers and the executor threads. Idempotent."""
+        await self._retrieval.drain()
+        await self._ranking.drain()
+        for replica in self.replicas:
+            replica.executor.shutdown(wait=True)

@@ -1,0 +1,164 @@
+"""`recship serve` and `recship query`: thin click commands over `serve` and `RecshipClient`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from recship.runtime.errors import InvalidInput
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+@click.command("serve")
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Bundle repository.")
+@click.option("--bundle", "bundles", multiple=True, help="Bundle to serve (repeat); default all.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8500, show_default=True, help="gRPC port (0: any).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: any).")
+@click.option("--max-batch-size", type=int, default=256, show_default=True,
+              help="Most model rows per batch (a candidate is a row).")  # fmt: skip
+@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
+              help="Longest wait for a batch to fill.")  # fmt: skip
+@click.option("--max-queue-rows", type=int, default=8192, show_default=True,
+              help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
+@click.option("--no-batching", is_flag=True, help="Run every request alone (for comparisons).")
+@click.option("--replicas", type=int, default=None, help="CPU replicas (default 1).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Intra-op threads of torch and FAISS.")  # fmt: skip
+@click.option("--devices", default=None, help="Comma-separated devices, e.g. cuda:0,cuda:1.")
+@click.option("--format", "entry_format", type=click.Choice(["torchscript", "aoti"]),
+              default=None, help="Entry point format (default: the bundle's first).")  # fmt: skip
+@click.option("--grace-s", type=float, default=10.0, show_default=True,
+              help="Time in-flight calls get to finish after SIGTERM.")  # fmt: skip
+@click.option("--log-level", default="info", show_default=True)
+def serve_command(
+    repo: Path,
+    bundles: tuple[str, ...],
+    host: str,
+    port: int,
+    metrics_port: int | None,
+    max_batch_size: int,
+    max_delay_ms: float,
+    max_queue_rows: int,
+    no_batching: bool,
+    replicas: int | None,
+    threads: int,
+    devices: str | None,
+    entry_format: str | None,
+    grace_s: float,
+    log_level: str,
+) -> None:
+    """Serve the newest valid version of each bundle in REPO over gRPC.
+
+    Prints `listening on HOST:PORT metrics M` on stdout once bound; logs are JSON lines on
+    stderr. SIGTERM or SIGINT stops it gracefully (exit 0).
+    """
+    from recship.runtime.server import ServerConfig, configure_logging, serve
+
+    configure_logging(log_level)
+    config = ServerConfig(
+        repo=repo,
+        bundles=bundles,
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        max_batch_size=max_batch_size,
+        max_delay_ms=max_delay_ms,
+        max_queue_rows=max_queue_rows,
+        batching=not no_batching,
+        replicas=replicas,
+        threads=threads,
+        devices=_split(devices),
+        format=entry_format,
+        grace_s=grace_s,
+    )
+    asyncio.run(serve(config))
+
+
+def parse_features(text: str) -> dict[str, list[int]]:
+    """`user_id=3,user_age_bucket=2,genres=1|4` -> {"user_id": [3], ..., "genres": [1, 4]}.
+
+    Raises:
+        InvalidInput: a pair is not `name=id[|id...]` with integer ids.
+    """
+    features: dict[str, list[int]] = {}
+    for pair in _split(text):
+        name, sep, ids = pair.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            features[name.strip()] = [int(i) for i in ids.split("|") if i.strip()]
+        except ValueError:
+            raise InvalidInput(
+                f"--user-features: {pair!r} is not name=id or name=id|id|..."
+            ) from None
+    return features
+
+
+@click.command("query")
+@click.option("--server", required=True, help="host:port of a recship server.")
+@click.option("--bundle", required=True, help="Bundle name.")
+@click.option("--version", "version", type=int, default=None, help="Exact version to use.")
+@click.option("--label", default=None, help="Label to use (e.g. stable).")
+@click.option("--user-features", required=True,
+              help="Query features: name=id[,name=id|id...].")  # fmt: skip
+@click.option("--dense", default="", help="Query-side dense features, comma-separated.")
+@click.option("--rpc", type=click.Choice(["recommend", "retrieve"]), default="recommend",
+              show_default=True)  # fmt: skip
+@click.option("--retrieve-k", type=int, default=100, show_default=True)
+@click.option("--top-n", type=int, default=10, show_default=True)
+@click.option("--exclude", default="", help="Item ids never to return, comma-separated.")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def query_command(
+    server: str,
+    bundle: str,
+    version: int | None,
+    label: str | None,
+    user_features: str,
+    dense: str,
+    rpc: str,
+    retrieve_k: int,
+    top_n: int,
+    exclude: str,
+    timeout: float,
+) -> None:
+    """Send one query to a running server and print the results as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from recship.runtime.client import Query, RecshipClient
+
+    try:
+        dense_values = [float(v) for v in _split(dense)]
+        excluded = [int(v) for v in _split(exclude)]
+    except ValueError:
+        raise InvalidInput("--dense takes floats and --exclude integers, comma-separated") from None
+    query = Query(parse_features(user_features), dense_values)
+    with RecshipClient(server, timeout=timeout) as client:
+        if rpc == "retrieve":
+            retrieved = client.retrieve(bundle, [query], retrieve_k, version=version, label=label)
+            served, rows = retrieved.served_by, retrieved.results[0]
+            table = Table("rank", "item_id", "retrieval score")
+            for position, item in enumerate(rows, 1):
+                table.add_row(str(position), str(item.item_id), f"{item.score:.4f}")
+        else:
+            recommended = client.recommend(
+                bundle, [query], retrieve_k, top_n, exclude=[excluded], version=version,
+                label=label,
+            )  # fmt: skip
+            served, ranked = recommended.served_by, recommended.results[0]
+            table = Table("rank", "item_id", "rank score", "retrieval score")
+            for position, item in enumerate(ranked, 1):
+                table.add_row(
+                    str(position),
+                    str(item.item_id),
+                    f"{item.rank_score:.4f}",
+                    f"{item.retrieval_score:.4f}",
+                )
+    table.title = f"{served.bundle} v{served.version} ({served.release_id})"
+    Console().print(table)

@@ -1,0 +1,328 @@
+"""The recship gRPC server: assembly, lifecycle, health, reflection, metrics and logs.
+
+`build_server(config) -> (server, port)` wires the parts: a `VersionManager` over the bundle
+repository, the `Recommender` and `BundleAdmin` servicers behind the one error-mapping
+interceptor, the standard `grpc.health.v1` health service (NOT_SERVING until every bundle has a
+READY version) and server reflection (so `grpcurl` and `grpc_health_probe` work without the
+protos), with the Prometheus endpoint on its own port. `serve(config)` runs it until SIGTERM or
+SIGINT, then stops accepting calls, lets in-flight calls finish within the grace period, drains
+the versions and returns (the CLI exits 0).
+
+Example::
+
+    async def main():
+        server, port = build_server(ServerConfig(repo=Path("repo"), port=0))
+        await server.start()
+        await server.wait_ready()
+        ...
+        await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recship.runtime.errors import InvalidInput, RecshipError
+from recship.runtime.grpc_errors import ErrorMappingInterceptor
+from recship.runtime.manager import VersionManager
+from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
+from recship.runtime.servable import BatchingConfig, LoaderConfig, configure_threads
+from recship.runtime.service import BundleAdminService, RecommenderService, ServiceLimits
+from recship.runtime.store import BundleStore
+
+logger = logging.getLogger(__name__)
+
+RECOMMENDER_SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["BundleAdmin"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Responses can carry many items; requests are bounded by ServiceLimits.max_request_bytes.
+MAX_SEND_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One `recship serve`. CLI flags map one to one onto these fields.
+
+    Attributes:
+        repo: bundle repository root.
+        bundles: bundles to serve; empty serves every bundle in `repo`.
+        host: address to listen on.
+        port: gRPC port; 0 picks a free one (`build_server` returns it).
+        metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
+        max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
+        max_delay_ms: longest wait of a queued request for its batch to fill.
+        max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
+        batching: False runs every request part alone (for `recship bench --compare-unbatched`).
+        replicas: CPU replicas (default 1); on GPUs it follows from the devices.
+        threads: intra-op threads of torch and FAISS (process-wide).
+        devices: devices to place replicas on, e.g. ("cuda:0", "cuda:1"); empty: all visible.
+        format: entry point format to load ("torchscript" / "aoti"); None: the bundle's first.
+        limits: per-request bounds.
+        grace_s: how long in-flight calls may take to finish after SIGTERM.
+    """
+
+    repo: Path
+    bundles: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8500
+    metrics_port: int | None = None
+    max_batch_size: int = 256
+    max_delay_ms: float = 2.0
+    max_queue_rows: int = 8192
+    batching: bool = True
+    replicas: int | None = None
+    threads: int = 1
+    devices: tuple[str, ...] = ()
+    format: str | None = None
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    grace_s: float = 10.0
+
+    def loader_config(self) -> LoaderConfig:
+        """The loader's share of this configuration."""
+        return LoaderConfig(
+            devices=self.devices,
+            replicas=self.replicas,
+            format=self.format,
+            batching=BatchingConfig(
+                max_batch_rows=self.max_batch_size,
+                max_delay_s=self.max_delay_ms / 1000.0,
+                max_queue_rows=self.max_queue_rows,
+                enabled=self.batching,
+            ),
+        )
+
+
+class RecshipServer:
+    """A built server: call `start()`, then `wait_ready()`, finally `stop()`.
+
+    Threading: all methods run on the event loop `build_server` was called on.
+
+    Attributes:
+        port: the bound gRPC port.
+        metrics: the server's Prometheus metrics.
+        manager: the version manager.
+        metrics_port: the Prometheus endpoint's port once started (None without one).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        manager: VersionManager,
+        metrics: ServerMetrics,
+        health: health_aio.HealthServicer,
+    ) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.port = port
+        self.manager = manager
+        self.metrics = metrics
+        self.health = health
+        self.metrics_port: int | None = None
+        self._metrics_http: MetricsHTTPServer | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()
+        self._health_tasks: set[asyncio.Task[None]] = set()
+        self.load_error: RecshipError | None = None
+
+    async def start(self) -> None:
+        """Starts answering (health NOT_SERVING) and loads the bundles in the background."""
+        for service in ("", RECOMMENDER_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = start_metrics_http(
+                self.metrics.registry, self.config.host, self.config.metrics_port
+            )
+        self._loading = asyncio.get_running_loop().create_task(self._load(), name="recship-load")
+        logger.info(
+            "listening on %s:%d (metrics on %s)",
+            self.config.host,
+            self.port,
+            self.metrics_port,
+            extra={"port": self.port, "metrics_port": self.metrics_port},
+        )
+
+    async def _load(self) -> None:
+        try:
+            await self.manager.start()
+        except RecshipError as error:
+            self.load_error = error
+            logger.error("loading failed: %s", error)
+        finally:
+            self._settled.set()
+
+    def health_changed(self) -> None:
+        """Updates the health service from the manager (its `on_change` callback)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.manager.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+        async def update() -> None:
+            for service in ("", RECOMMENDER_SERVICE):
+                await self.health.set(service, status)
+
+        task = asyncio.get_running_loop().create_task(update())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits until the initial load finished.
+
+        Raises:
+            RecshipError: the initial load failed (e.g. an unknown bundle was asked for).
+            TimeoutError: not settled within `timeout` seconds.
+        """
+        await asyncio.wait_for(self._settled.wait(), timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops gracefully: health NOT_SERVING, no new calls, in-flight calls finish within
+        `grace` seconds (default `config.grace_s`), versions drained, metrics endpoint closed.
+        """
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        started = time.perf_counter()
+        await self.grpc_server.stop(grace)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        await self.manager.close()
+        if self._health_tasks:
+            await asyncio.gather(*self._health_tasks, return_exceptions=True)
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+        logger.info("stopped in %.2f s", time.perf_counter() - started)
+
+
+def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
+    """Builds (but does not start) a server and binds its port.
+
+    Call it on the event loop that will run the server.
+
+    Returns:
+        The server and the bound gRPC port.
+
+    Raises:
+        InvalidInput: a configuration value is out of range or the port cannot be bound.
+    """
+    configure_threads(config.threads)
+    metrics = ServerMetrics()
+    limits = config.limits
+    receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
+    grpc_server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(metrics.observe_request)],
+        options=[
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health = health_aio.HealthServicer()
+    holder: list[RecshipServer] = []
+    manager = VersionManager(
+        BundleStore(config.repo),
+        config.loader_config(),
+        metrics,
+        bundles=config.bundles,
+        on_change=lambda: holder[0].health_changed() if holder else None,
+    )
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+        RecommenderService(manager, limits), grpc_server
+    )
+    admin_pb2_grpc.add_BundleAdminServicer_to_server(BundleAdminService(manager), grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (RECOMMENDER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), grpc_server
+    )
+    address = (
+        f"[{config.host}]:{config.port}" if ":" in config.host else (f"{config.host}:{config.port}")
+    )
+    try:
+        port = grpc_server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise InvalidInput(f"cannot listen on {address}: {error}") from None
+    server = RecshipServer(config, grpc_server, port, manager, metrics, health)
+    holder.append(server)
+    return server, port
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message and any `extra` fields."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    """Structured (JSON lines) logs on stderr for the server process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+async def serve(config: ServerConfig, *, announce: bool = True) -> None:
+    """Runs a server until SIGTERM or SIGINT, then shuts it down gracefully.
+
+    Args:
+        config: the server.
+        announce: print `listening on HOST:PORT` (and the metrics port) on stdout once bound,
+            so a supervisor (or a test) that asked for port 0 learns the port.
+
+    Raises:
+        RecshipError: the initial load failed (unknown bundle, missing repository).
+    """
+    server, port = build_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    if announce:
+        print(f"listening on {config.host}:{port} metrics {server.metrics_port}", flush=True)
+    stopping = loop.create_task(stop.wait())
+    settled = loop.create_task(server._settled.wait())
+    await asyncio.wait({stopping, settled}, return_when=asyncio.FIRST_COMPLETED)
+    if server.load_error is None and not stop.is_set():
+        await stop.wait()
+    stopping.cancel()
+    settled.cancel()
+    logger.info("stopping (grace %.1f s)", config.grace_s)
+    await server.stop()
+    if server.load_error is not None:
+        raise server.load_error

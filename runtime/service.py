@@ -1,0 +1,313 @@
+"""The gRPC surface: `recship.v1.Recommender` and `recship.v1.BundleAdmin` servicers (grpc.aio).
+
+This module only translates: protos -> validated numpy blocks (through the version's
+`FeatureCodec`), the `Servable`'s coroutines, numpy -> protos. Errors are raised as
+`RecshipError`s and turned into status codes in one place (`ErrorMappingInterceptor`).
+
+Every request is served end to end by one version: the servicer holds one lease from the
+`VersionManager` for the whole call (Recommend's retrieval and ranking included) and names
+that version in the response's `served_by`. Requests are validated completely before any row
+is queued, so a bad request never reaches a model batch and never affects other requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from recship.protos.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    manifest_pb2,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+from recship.runtime.errors import InvalidInput
+from recship.runtime.manager import BundleInfo, VersionInfo, VersionManager
+from recship.runtime.policy import policy_from_proto, policy_to_proto
+from recship.runtime.servable import Servable
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-request bounds; beyond them a request is INVALID_ARGUMENT naming the field.
+
+    Attributes:
+        max_top_k: largest `top_k` / `retrieve_k`.
+        max_queries: most queries in one request.
+        max_candidates: most candidate ids of one Rank query.
+        max_request_bytes: largest serialized request. The transport limit is set above it
+            (see `recship.runtime.server`), so a request between the two is answered
+            INVALID_ARGUMENT by this check rather than RESOURCE_EXHAUSTED by gRPC.
+    """
+
+    max_top_k: int = 1000
+    max_queries: int = 1024
+    max_candidates: int = 4096
+    max_request_bytes: int = 4 * 1024 * 1024
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the `time.monotonic()` clock, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _model(spec: recommender_pb2.ModelSpec) -> tuple[str, int | None, str | None]:
+    if not spec.bundle:
+        raise InvalidInput("model.bundle: required")
+    choice = spec.WhichOneof("version_choice")
+    return (
+        spec.bundle,
+        spec.version if choice == "version" else None,
+        spec.label if choice == "label" else None,
+    )
+
+
+def _check_bound(field: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidInput(f"{field}: {value} is out of bounds [{low}, {high}]")
+
+
+def _served_by(servable: Servable) -> recommender_pb2.ServedBy:
+    return recommender_pb2.ServedBy(
+        bundle=servable.name, version=servable.version, release_id=servable.release_id
+    )
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
+def _rows(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row -> query index, start offset of each query) for per-query row counts."""
+    array = np.asarray(counts, dtype=np.int64)
+    return np.repeat(np.arange(array.size), array), np.concatenate([[0], np.cumsum(array)])
+
+
+class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+    """Retrieve, Rank and Recommend over the versions a `VersionManager` serves."""
+
+    def __init__(self, manager: VersionManager, limits: ServiceLimits) -> None:
+        self.manager = manager
+        self.limits = limits
+
+    def _check_request(self, request: Message, queries: int) -> None:
+        size = request.ByteSize()
+        if size > self.limits.max_request_bytes:
+            raise InvalidInput(
+                f"request: {size} bytes, at most {self.limits.max_request_bytes}; "
+                "send fewer queries per request"
+            )
+        if queries == 0:
+            raise InvalidInput("queries: empty; send at least one query")
+        if queries > self.limits.max_queries:
+            raise InvalidInput(f"queries: {queries} queries, at most {self.limits.max_queries}")
+
+    async def Retrieve(
+        self, request: recommender_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> recommender_pb2.RetrieveResponse:
+        self._check_request(request, len(request.queries))
+        _check_bound("top_k", request.top_k, 1, self.limits.max_top_k)
+        bundle, version, label = _model(request.model)
+        deadline = _deadline(context)
+        async with self.manager.acquire(bundle, version, label) as servable:
+            paths = [f"queries[{i}]" for i in range(len(request.queries))]
+            block, _, _ = servable.codec.encode_queries(request.queries, paths)
+            scores, ids = await servable.retrieve(block, request.top_k, deadline)
+            response = recommender_pb2.RetrieveResponse(served_by=_served_by(servable))
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            result = response.results.add()
+            for item_id, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True):
+                if item_id >= 0:
+                    result.items.add(item_id=item_id, score=score)
+        return response
+
+    async def Rank(
+        self, request: recommender_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> recommender_pb2.RankResponse:
+        self._check_request(request, len(request.queries))
+        for i, query in enumerate(request.queries):
+            _check_bound(
+                f"queries[{i}].candidate_item_ids (count)",
+                len(query.candidate_item_ids),
+                1,
+                self.limits.max_candidates,
+            )
+        bundle, version, label = _model(request.model)
+        deadline = _deadline(context)
+        async with self.manager.acquire(bundle, version, label) as servable:
+            codec = servable.codec
+            paths = [f"queries[{i}].query" for i in range(len(request.queries))]
+            _, ranker_block, dense = codec.encode_queries([q.query for q in request.queries], paths)
+            candidates = [
+                codec.check_item_ids(q.candidate_item_ids, f"queries[{i}].candidate_item_ids")
+                for i, q in enumerate(request.queries)
+            ]
+            row_query, starts = _rows([c.size for c in candidates])
+            logits = await servable.rank(
+                ranker_block, dense, row_query, np.concatenate(candidates), deadline
+            )
+            response = recommender_pb2.RankResponse(served_by=_served_by(servable))
+        scores = _sigmoid(logits)
+        for i in range(len(candidates)):
+            response.results.add(scores=scores[starts[i] : starts[i + 1]].tolist())
+        return response
+
+    async def Recommend(
+        self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> recommender_pb2.RecommendResponse:
+        self._check_request(request, len(request.queries))
+        _check_bound("retrieve_k", request.retrieve_k, 1, self.limits.max_top_k)
+        _check_bound("top_n", request.top_n, 1, request.retrieve_k)
+        bundle, version, label = _model(request.model)
+        deadline = _deadline(context)
+        async with self.manager.acquire(bundle, version, label) as servable:
+            codec = servable.codec
+            paths = [f"queries[{i}].query" for i in range(len(request.queries))]
+            tower_block, ranker_block, dense = codec.encode_queries(
+                [q.query for q in request.queries], paths
+            )
+            excluded = [
+                codec.check_item_ids(q.exclude_item_ids, f"queries[{i}].exclude_item_ids")
+                for i, q in enumerate(request.queries)
+            ]
+            scores, ids = await servable.retrieve(tower_block, request.retrieve_k, deadline)
+            keep = [
+                (row_ids >= 0) & ~np.isin(row_ids, drop)
+                for row_ids, drop in zip(ids, excluded, strict=True)
+            ]
+            candidates = [row_ids[mask] for row_ids, mask in zip(ids, keep, strict=True)]
+            retrieval = [row[mask] for row, mask in zip(scores, keep, strict=True)]
+            row_query, starts = _rows([c.size for c in candidates])
+            if row_query.size:
+                logits = await servable.rank(
+                    ranker_block, dense, row_query, np.concatenate(candidates), deadline
+                )
+            else:
+                logits = np.zeros(0, dtype=np.float32)
+            response = recommender_pb2.RecommendResponse(served_by=_served_by(servable))
+        probabilities = _sigmoid(logits)
+        for i, (items, retrieved) in enumerate(zip(candidates, retrieval, strict=True)):
+            ranked = probabilities[starts[i] : starts[i + 1]]
+            best = np.argsort(-ranked, kind="stable")[: request.top_n]
+            result = response.results.add()
+            for j in best.tolist():
+                result.items.add(
+                    item_id=int(items[j]),
+                    rank_score=float(ranked[j]),
+                    retrieval_score=float(retrieved[j]),
+                )
+        return response
+
+
+# -- admin ---------------------------------------------------------------------------------------
+def _quantization(manifest: manifest_pb2.BundleManifest) -> str:
+    names = sorted(
+        {
+            manifest_pb2.QuantDtype.Name(q.dtype).removeprefix("QUANT_DTYPE_").lower()
+            for q in manifest.quantization
+        }
+    )
+    return ",".join(names)
+
+
+def _manifest_summary(manifest: manifest_pb2.BundleManifest) -> admin_pb2.ManifestSummary:
+    summary = admin_pb2.ManifestSummary(
+        release_id=manifest.release_id,
+        quantization=_quantization(manifest),
+        index=manifest.index.factory,
+        num_items=manifest.schema.num_items,
+        device_count=manifest.sharding.device_count,
+        size_bytes=sum(entry.size_bytes for entry in manifest.files),
+    )
+    summary.created_at.CopyFrom(manifest.created_at)
+    summary.quality.update(dict(manifest.quality.metrics))
+    return summary
+
+
+def version_status(info: VersionInfo) -> admin_pb2.VersionStatus:
+    """The admin.proto form of a version snapshot."""
+    status = admin_pb2.VersionStatus(
+        version=info.version,
+        state=info.state.value,
+        failure_reason=info.failure_reason,
+        devices=list(info.devices),
+        replicas=info.replicas,
+        labels=list(info.labels),
+        is_default=info.is_default,
+    )
+    if info.ready_at is not None:
+        status.ready_at.FromNanoseconds(int(info.ready_at * 1e9))
+    if info.manifest is not None:
+        status.manifest.CopyFrom(_manifest_summary(info.manifest))
+    return status
+
+
+def bundle_status(info: BundleInfo) -> admin_pb2.BundleStatus:
+    """The admin.proto form of a bundle snapshot."""
+    return admin_pb2.BundleStatus(
+        name=info.name,
+        policy=policy_to_proto(info.policy),
+        versions=[version_status(v) for v in info.versions],
+    )
+
+
+def _check_version(version: int) -> None:
+    if version <= 0:
+        raise InvalidInput(f"version: must be > 0, got {version}")
+
+
+class BundleAdminService(admin_pb2_grpc.BundleAdminServicer):
+    """Operator API over a `VersionManager`."""
+
+    def __init__(self, manager: VersionManager) -> None:
+        self.manager = manager
+
+    async def ListBundles(
+        self, request: admin_pb2.ListBundlesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListBundlesResponse:
+        infos = self.manager.status(request.bundle)
+        return admin_pb2.ListBundlesResponse(bundles=[bundle_status(i) for i in infos])
+
+    async def RefreshRepository(
+        self, request: admin_pb2.RefreshRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RefreshRepositoryResponse:
+        await self.manager.refresh()
+        infos = self.manager.status()
+        return admin_pb2.RefreshRepositoryResponse(bundles=[bundle_status(i) for i in infos])
+
+    async def LoadVersion(
+        self, request: admin_pb2.LoadVersionRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.LoadVersionResponse:
+        _check_version(request.version)
+        info = await self.manager.load_version(request.bundle, request.version)
+        return admin_pb2.LoadVersionResponse(status=version_status(info))
+
+    async def UnloadVersion(
+        self, request: admin_pb2.UnloadVersionRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UnloadVersionResponse:
+        _check_version(request.version)
+        info = await self.manager.unload_version(request.bundle, request.version)
+        return admin_pb2.UnloadVersionResponse(status=version_status(info))
+
+    async def SetVersionPolicy(
+        self, request: admin_pb2.SetVersionPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetVersionPolicyResponse:
+        if not request.HasField("policy"):
+            raise InvalidInput("policy: required")
+        info = await self.manager.set_policy(request.bundle, policy_from_proto(request.policy))
+        return admin_pb2.SetVersionPolicyResponse(bundle=bundle_status(info))
+
+    async def SetLabel(
+        self, request: admin_pb2.SetLabelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetLabelResponse:
+        if request.version < 0:
+            raise InvalidInput(f"version: must be >= 0, got {request.version}")
+        info = self.manager.set_label(request.bundle, request.label, request.version)
+        return admin_pb2.SetLabelResponse(bundle=bundle_status(info))

@@ -1,0 +1,249 @@
+"""Session fixtures of the serving tests: one real bundle, one live server on 127.0.0.1.
+
+The bundle is built with the real pipeline (tiny synthetic two-tower and DLRM runs, then
+`recship.packager.api.package`) once per test session, under pytest's session temp folder, so
+that `tests/integration/conftest.py` (which loads this module) reuses the same files. The
+server runs its own event loop on a background thread and listens on a free port; tests talk
+to it over real gRPC channels, like any client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+BUNDLE = "movies"
+SYNTHETIC = {"num_users": 300, "num_items": 200, "interactions_per_user": 8}
+# The session bundle's query features (all query-side sparse features of the synthetic schema).
+QUERY_FEATURES = ("user_id", "user_age_bucket", "user_gender", "user_occupation", "user_zip_prefix")
+
+
+def build_bundle(root: Path) -> Path:
+    """Trains two tiny models and packages them into `<root>/repo` (once per folder).
+
+    Returns:
+        The repository root (`<root>/repo`, holding `movies/1`).
+    """
+    from recship.packager.api import package
+    from recship.packager.options import PackageOptions, QualityThresholds
+    from recship.trainer.config import TrainConfig
+    from recship.trainer.train import launch
+
+    root.mkdir(parents=True, exist_ok=True)
+    repo = root / "repo"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (repo / BUNDLE / "1" / "MANIFEST.json").is_file():
+            return repo
+        for model in ("two-tower", "dlrm"):
+            launch(
+                TrainConfig(
+                    model=model,
+                    data="synthetic",
+                    out=root / model,
+                    epochs=1,
+                    nproc=1,
+                    embedding_dim=8,
+                    data_options=dict(SYNTHETIC),
+                )
+            )
+        # One epoch on 300 users is enough to serve; the quality gate is the packager's concern.
+        package(
+            PackageOptions(
+                root / "two-tower",
+                root / "dlrm",
+                repo,
+                BUNDLE,
+                thresholds=QualityThresholds(
+                    max_recall_loss=1.0, max_auc_loss=1.0, min_index_recall=0.5
+                ),
+            )
+        )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def bundle_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one published bundle version, `movies/1`."""
+    return build_bundle(tmp_path_factory.getbasetemp() / "recship-serving-bundle")
+
+
+class ServerThread:
+    """A recship server on its own event loop thread; `call` runs coroutines on that loop."""
+
+    def __init__(self, config: Any) -> None:
+        from recship.runtime.server import build_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:
+            server, _ = build_server(config)
+            await server.start()
+            return server
+
+        self.server = self.call(build())
+        self.port: int = self.server.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self.call(self.server.wait_ready(timeout), timeout + 5)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def server_config(repo: Path, **overrides: Any) -> Any:
+    from recship.runtime.server import ServerConfig
+
+    values: dict[str, Any] = {"repo": repo, "port": 0, "metrics_port": 0, "max_delay_ms": 5.0}
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def live_server(bundle_repo: Path) -> Iterator[ServerThread]:
+    """One server over the session bundle, SERVING, shared by the whole session."""
+    server = ServerThread(server_config(bundle_repo))
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(live_server: ServerThread) -> Iterator[Any]:
+    from recship.runtime.client import RecshipClient
+
+    with RecshipClient(live_server.target, timeout=30) as connected:
+        connected.wait_until_serving(60)
+        yield connected
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The packaged bundle called directly: entry points, index and item table, no server."""
+
+    path: Path
+    query_tower: Any
+    ranker: Any
+    index: Any
+    items: Any
+    item_sparse: tuple[str, ...]
+    user_dense: int
+
+    def sparse(self, users: list[dict[str, int]], names: tuple[str, ...]) -> list[np.ndarray]:
+        return [np.array([user[name] for user in users], dtype=np.int64) for name in names]
+
+    def embed(self, users: list[dict[str, int]]) -> np.ndarray:
+        values = torch.from_numpy(np.concatenate(self.sparse(users, QUERY_FEATURES)))
+        lengths = torch.ones(len(users) * len(QUERY_FEATURES), dtype=torch.int32)
+        with torch.no_grad():
+            return self.query_tower(values, lengths).detach().numpy()
+
+    def retrieve(self, users: list[dict[str, int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        from recship.packager.index import search
+
+        return search(self.index, self.embed(users), k)
+
+    def rank(self, user: dict[str, int], dense: list[float], item_ids: list[int]) -> np.ndarray:
+        """Probabilities of `item_ids` for one user (features joined by hand, not by the codec)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        count = ids.size
+        values, lengths = [], []
+        for name in QUERY_FEATURES:
+            values.append(np.full(count, user[name], dtype=np.int64))
+            lengths.append(np.ones(count, dtype=np.int32))
+        for name in self.item_sparse:
+            column = self.items.sparse[name]
+            for item in ids:
+                bag = column.values[column.offsets[item] : column.offsets[item + 1]]
+                values.append(bag.astype(np.int64))
+            lengths.append(np.diff(column.offsets)[ids].astype(np.int32))
+        dense_rows = np.concatenate(
+            [np.tile(np.asarray(dense, dtype=np.float32), (count, 1)), self.items.dense[ids]],
+            axis=1,
+        )
+        with torch.no_grad():
+            logits = self.ranker(
+                torch.from_numpy(dense_rows.astype(np.float32)),
+                torch.from_numpy(np.concatenate(values)),
+                torch.from_numpy(np.concatenate(lengths)),
+            )
+        return torch.sigmoid(logits.detach()).numpy()
+
+
+@pytest.fixture(scope="session")
+def reference(bundle_repo: Path) -> Reference:
+    from recship.packager.export import load_entry_point
+    from recship.packager.index import read_index
+    from recship.packager.item_features import read_item_features
+    from recship.packager.manifest import read_manifest
+
+    path = bundle_repo / BUNDLE / "1"
+    manifest = read_manifest(path / "MANIFEST.json")
+    entries = {e.name: e for e in manifest.entry_points}
+    assert tuple(entries["query_tower"].sparse_feature_order) == QUERY_FEATURES
+    items, sparse_names, _ = read_item_features(path / manifest.item_features.file)
+    ranker_order = tuple(entries["ranker"].sparse_feature_order)
+    assert ranker_order == QUERY_FEATURES + tuple(sparse_names)
+    return Reference(
+        path,
+        load_entry_point(path / entries["query_tower"].file),
+        load_entry_point(path / entries["ranker"].file),
+        read_index(path / manifest.index.file, manifest.index),
+        items,
+        tuple(sparse_names),
+        int(manifest.schema.query_dense_count),
+    )
+
+
+def user(user_id: int) -> dict[str, int]:
+    """Valid query features for a user of the synthetic schema (deterministic per id)."""
+    return {
+        "user_id": user_id,
+        "user_age_bucket": user_id % 7,
+        "user_gender": user_id % 2,
+        "user_occupation": user_id % 21,
+        "user_zip_prefix": user_id % 11,
+    }
+
+
+@pytest.fixture(scope="session")
+def make_user():
+    """`make_user(user_id) -> features`: valid query features of one synthetic user."""
+    return user
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    """`server_factory(repo, **config)`: starts a server for one test; stopped afterwards."""
+    started: list[ServerThread] = []
+
+    def start(repo: Path, **overrides: Any) -> ServerThread:
+        server = ServerThread(server_config(repo, **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

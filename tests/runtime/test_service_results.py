@@ -1,0 +1,90 @@
+"""Retrieve / Rank / Recommend on a live server equal the packaged bundle called directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recship.protos.v1 import admin_pb2
+from recship.runtime.client import Query
+
+pytestmark = pytest.mark.integration
+
+DENSE = [0.25]  # the synthetic schema's one query-side dense feature
+ATOL = 1e-5
+
+
+def test_retrieve_returns_the_packaged_top_k(client, reference, make_user) -> None:
+    users = [make_user(u) for u in (0, 17, 299)]
+    response = client.retrieve("movies", [Query(u, DENSE) for u in users], top_k=10)
+    scores, ids = reference.retrieve(users, 10)
+    assert response.served_by.bundle == "movies" and response.served_by.version == 1
+    assert response.served_by.release_id
+    assert len(response.results) == 3
+    for result, row_scores, row_ids in zip(response.results, scores, ids, strict=True):
+        assert [item.item_id for item in result] == row_ids.tolist()
+        np.testing.assert_allclose([item.score for item in result], row_scores, atol=ATOL)
+
+
+def test_rank_scores_equal_the_packaged_ranker(client, reference, make_user) -> None:
+    queries = [Query(make_user(5), DENSE), Query(make_user(42), [1.5])]
+    candidates = [[0, 7, 199, 7], [3]]
+    response = client.rank("movies", queries, candidates)
+    assert len(response.results) == 2
+    np.testing.assert_allclose(
+        response.results[0], reference.rank(make_user(5), DENSE, candidates[0]), atol=ATOL
+    )
+    np.testing.assert_allclose(
+        response.results[1], reference.rank(make_user(42), [1.5], candidates[1]), atol=ATOL
+    )
+    assert response.results[0][1] == pytest.approx(response.results[0][3])
+
+
+def test_recommend_is_retrieve_then_rank_with_exclusions(client, reference, make_user) -> None:
+    features = make_user(11)
+    _, ids = reference.retrieve([features], 30)
+    excluded = ids[0][:5].tolist()
+    response = client.recommend(
+        "movies", [Query(features, DENSE)], retrieve_k=30, top_n=8, exclude=[excluded]
+    )
+    items = response.results[0]
+    assert len(items) == 8
+    kept = [i for i in ids[0].tolist() if i not in excluded]
+    probabilities = reference.rank(features, DENSE, kept)
+    order = np.argsort(-probabilities, kind="stable")[:8]
+    assert [item.item_id for item in items] == [kept[j] for j in order]
+    np.testing.assert_allclose([i.rank_score for i in items], probabilities[order], atol=ATOL)
+    scores, found = reference.retrieve([features], 30)
+    by_id = dict(zip(found[0].tolist(), scores[0].tolist(), strict=True))
+    for item in items:
+        assert item.item_id not in excluded
+        assert item.retrieval_score == pytest.approx(by_id[item.item_id], abs=ATOL)
+    assert [i.rank_score for i in items] == sorted((i.rank_score for i in items), reverse=True)
+
+
+def test_recommend_returns_fewer_when_exclusions_leave_fewer(client, reference, make_user) -> None:
+    features = make_user(3)
+    _, ids = reference.retrieve([features], 4)
+    response = client.recommend(
+        "movies", [Query(features, DENSE)], retrieve_k=4, top_n=4, exclude=[ids[0][:3].tolist()]
+    )
+    assert [item.item_id for item in response.results[0]] == [int(ids[0][3])]
+
+
+def test_version_and_label_select_the_same_release(client, make_user) -> None:
+    client.admin.SetLabel(admin_pb2.SetLabelRequest(bundle="movies", label="stable", version=1))
+    features = make_user(1)
+    first = client.retrieve("movies", [Query(features, DENSE)], 3, version=1)
+    second = client.retrieve("movies", [Query(features, DENSE)], 3, label="stable")
+    assert first == second
+    assert first.served_by.version == 1
+
+
+def test_a_rank_request_larger_than_a_batch_is_split_not_rejected(
+    client, reference, make_user
+) -> None:
+    # The session server batches at most 256 rows; 600 candidates make three parts.
+    candidates = [i % 200 for i in range(600)]
+    response = client.rank("movies", [Query(make_user(9), DENSE)], [candidates])
+    expected = reference.rank(make_user(9), DENSE, candidates)
+    np.testing.assert_allclose(response.results[0], expected, atol=ATOL)
