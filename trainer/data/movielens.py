@@ -32,9 +32,11 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -534,3 +536,142 @@ def _read_atomic_interactions(path: Path) -> _Interactions:
             int(_number(path, n, "timestamp", t)) for n, t in zip(numbers, timestamps, strict=True)
         ],
     )
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+#: A representative age of each age bucket (written by `write_movielens`).
+_BUCKET_AGES = (15, 21, 30, 40, 47, 52, 60)
+
+
+def write_movielens(
+    data: InteractionDataset, directory: Path, layout: Literal["grouplens", "atomic"] = "grouplens"
+) -> Path:
+    """Write a data set with the MovieLens schema (e.g. synthetic data) as a MovieLens directory.
+
+    Features are written as representative raw values (an age inside the age bucket, a zip code
+    starting with the prefix digit, a year inside the year bucket, vocabulary names), so
+    `load_movielens` on the result gives the same ids wherever every vocabulary value occurs and
+    vocabulary names sort in id order (true for synthetic data of a few hundred users). Raw ids
+    are the dense ids + 1. Ratings are the data's ratings, or 5 for positives and 2 for negatives.
+    Each file is written to a temporary name and renamed into place.
+
+    Args:
+        data: A data set with the MovieLens feature names.
+        directory: Created if missing.
+        layout: "grouplens" (u.data, u.user, u.item, u.genre) or "atomic" (RecBole files named
+            after the directory).
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = data.vocabularies
+    users, items = data.users.sparse, data.items.sparse
+    genders = vocab.get(USER_GENDER) or [f"gender_{i}" for i in range(_card(data, USER_GENDER))]
+    occupations = vocab.get(USER_OCCUPATION) or [
+        f"occupation_{i:03d}" for i in range(_card(data, USER_OCCUPATION))
+    ]
+    genre_names = vocab.get(ITEM_GENRES) or [
+        f"genre_{i:03d}" for i in range(_card(data, ITEM_GENRES))
+    ]
+    titles = data.item_titles or [f"Item {i + 1}" for i in range(data.num_items)]
+    user_rows = [
+        (
+            str(u + 1),
+            str(_BUCKET_AGES[users[USER_AGE_BUCKET].values[u]]),
+            genders[users[USER_GENDER].values[u]],
+            occupations[users[USER_OCCUPATION].values[u]],
+            _zip_code(int(users[USER_ZIP_PREFIX].values[u])),
+        )
+        for u in range(data.num_users)
+    ]
+    genre_bags = [
+        items[ITEM_GENRES].values[items[ITEM_GENRES].offsets[i] : items[ITEM_GENRES].offsets[i + 1]]
+        for i in range(data.num_items)
+    ]
+    years = [_bucket_year(int(b)) for b in items[ITEM_YEAR_BUCKET].values]
+    ratings = (
+        data.ratings if data.ratings is not None else np.where(data.labels > 0, 5.0, 2.0)
+    ).tolist()
+    inter_rows = [
+        (str(u + 1), str(i + 1), f"{r:g}", str(t))
+        for u, i, r, t in zip(
+            data.user_ids.tolist(),
+            data.item_ids.tolist(),
+            ratings,
+            data.timestamps.tolist(),
+            strict=True,
+        )
+    ]
+    if layout == "grouplens":
+        _write(directory / "u.user", ["|".join(row) for row in user_rows])
+        _write(directory / "u.genre", [f"{g}|{i}" for i, g in enumerate(genre_names)])
+        item_lines = []
+        for i in range(data.num_items):
+            flags = ["0"] * len(genre_names)
+            for g in genre_bags[i]:
+                flags[g] = "1"
+            date = "" if years[i] is None else f"01-Jan-{years[i]}"
+            item_lines.append("|".join([str(i + 1), titles[i], date, "", "", *flags]))
+        _write(directory / "u.item", item_lines)
+        _write(directory / "u.data", ["\t".join(row) for row in inter_rows])
+    elif layout == "atomic":
+        stem = directory / directory.resolve().name
+        _write(
+            stem.with_suffix(".user"),
+            [
+                "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
+                *("\t".join(row) for row in user_rows),
+            ],
+        )
+        _write(
+            stem.with_suffix(".item"),
+            [
+                "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq",
+                *(
+                    "\t".join(
+                        [
+                            str(i + 1),
+                            titles[i],
+                            "unknown" if years[i] is None else str(years[i]),
+                            " ".join(genre_names[g] for g in genre_bags[i]),
+                        ]
+                    )
+                    for i in range(data.num_items)
+                ),
+            ],
+        )
+        _write(
+            stem.with_suffix(".inter"),
+            [
+                "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+                *("\t".join(row) for row in inter_rows),
+            ],
+        )
+    else:
+        raise InvalidInput(f"layout must be 'grouplens' or 'atomic', got {layout!r}")
+    return directory
+
+
+def _card(data: InteractionDataset, feature: str) -> int:
+    return data.schema.sparse_feature(feature).cardinality
+
+
+def _zip_code(prefix: int) -> str:
+    return f"{prefix}0000" if prefix < 10 else "X0X0X"
+
+
+def _bucket_year(bucket: int) -> int | None:
+    if bucket == 0:
+        return None
+    if bucket == 1:
+        return YEAR_FIRST - 10
+    return YEAR_FIRST + YEAR_STEP * (bucket - 2)
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(temporary, path)

@@ -112,7 +112,7 @@ def generate(
     gumbel = rng.gumbel(size=(num_items, num_genres))
     ranked_genres = np.argsort(-(genre_logp + gumbel), axis=1)[:, :MAX_GENRES_PER_ITEM]
     genre_count = np.minimum(1 + rng.binomial(MAX_GENRES_PER_ITEM - 1, 0.3, num_items), num_genres)
-    genre_bags = [ranked_genres[i, : genre_count[i]] for i in range(num_items)]
+    genre_bags = [np.sort(ranked_genres[i, : genre_count[i]]) for i in range(num_items)]
     membership = np.zeros((num_items, num_genres))
     for i, bag in enumerate(genre_bags):
         membership[i, bag] = 1.0 / bag.size
@@ -180,7 +180,8 @@ def generate(
         timestamps=timestamps,
         vocabularies={
             USER_AGE_BUCKET: [label for label, _ in AGE_BUCKETS],
-            ITEM_GENRES: [f"genre_{g}" for g in range(num_genres)],
+            # Zero-padded so that the names sort in id order (see movielens.write_movielens).
+            ITEM_GENRES: [f"genre_{g:0{len(str(num_genres - 1))}d}" for g in range(num_genres)],
             ITEM_YEAR_BUCKET: list(YEAR_BUCKETS),
         },
     )
