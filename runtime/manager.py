@@ -188,6 +188,14 @@ class VersionManager:
         """True when every served bundle has a default version READY."""
         return bool(self._bundles) and all(b.default is not None for b in self._bundles.values())
 
+    def queued_rows(self, name: str) -> int:
+        """Rows waiting in the batch queues of every loaded version of bundle `name`."""
+        return sum(
+            entry.servable.queued_rows
+            for entry in self._bundle(name).versions.values()
+            if entry.servable is not None
+        )
+
     def bundle_names(self) -> list[str]:
         """The bundles this server knows, sorted."""
         return sorted(self._bundles)
