@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("recship.trainer.cli", "train_command"),
     "serve": ("recship.runtime.serve_cli", "serve_command"),
     "query": ("recship.runtime.serve_cli", "query_command"),
+    "bench": ("recship.runtime.bench", "bench_command"),
     "data": ("recship.trainer.data_cli", "data_command"),
+    "package": ("recship.packager.cli", "package_command"),
+    "inspect": ("recship.packager.cli", "inspect_command"),
+    "verify": ("recship.packager.cli", "verify_command"),
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -29,8 +33,12 @@ SHORT_HELP: dict[str, str] = {
     "demo": "Run the end-to-end pipeline on built-in defaults.",
     "serve": "Serve bundles over gRPC (Retrieve, Rank, Recommend) with dynamic batching.",
     "query": "Send one Recommend or Retrieve query to a running server and print a table.",
+    "bench": "Closed-loop load against a server: QPS, latency percentiles, batch sizes.",
     "train": "Train a sharded two-tower or DLRM model (TorchRec, N ranks) with DCP checkpoints.",
     "data": "Fetch data sets (movielens-100k) into the local cache and describe data sources.",
+    "package": "Quantize, export, index and verify checkpoints into a versioned bundle.",
+    "inspect": "Summarise a bundle version: files, sizes, schema, quality.",
+    "verify": "Re-check a bundle version's checksums and golden self-test.",
 }
 
 
