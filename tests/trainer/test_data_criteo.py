@@ -169,3 +169,19 @@ def test_bad_arguments_fail_at_call_time(criteo_file: Path) -> None:
         criteo_batches(criteo_file, 8, eval_fraction=1.5)
     with pytest.raises(InvalidInput, match="split must be 'train' or 'eval'"):
         criteo_batches(criteo_file, 8, split="test")  # type: ignore[arg-type]
+
+
+def test_without_drop_last_the_tail_is_yielded(criteo_file: Path) -> None:
+    batches = list(criteo_batches(criteo_file, 64, drop_last=False))
+    assert [b.labels.numel() for b in batches] == [64] * 7 + [500 - 7 * 64]
+    # Two ranks of 200: step 0 holds 400 examples, the tail of 100 all lands on rank 0.
+    shares = [
+        [
+            b.labels.numel()
+            for b in criteo_batches(criteo_file, 200, rank=r, world_size=2, drop_last=False)
+        ]
+        for r in range(2)
+    ]
+    assert shares == [[200, 100], [200, 0]]
+    empty = list(criteo_batches(criteo_file, 200, rank=1, world_size=2, drop_last=False))[-1]
+    assert empty.dense_features.shape == (0, NUM_DENSE) and empty.sparse_features.stride() == 0

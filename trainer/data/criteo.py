@@ -10,8 +10,9 @@ but the label may be empty (missing). The file is read line by line, never held 
 - eval split: a line is held out when a seeded 64-bit hash of its line number falls below
   eval_fraction, so train and eval are disjoint and stable without reading the file twice;
 - ranks: global step s takes the next batch_size * world_size examples of the split, rank r
-  gets the r-th block of batch_size; an incomplete last step is dropped, so every rank yields
-  the same number of batches. Every rank parses every line of the split, so a malformed line
+  gets the r-th block of batch_size; an incomplete last step is dropped (or, with
+  drop_last=False, yielded as whatever part of it each rank got, possibly empty), so every rank
+  yields the same number of batches. Every rank parses every line of the split, so a malformed line
   fails on all ranks at once (none is left waiting in a collective).
 
 Criteo has no user/item structure: all features are query-side ("user") and the schema has no
@@ -129,6 +130,7 @@ class CriteoSource:
         seed: int = 0,
         split: Split = "train",
         start_batch: int = 0,
+        drop_last: bool = True,
     ) -> Iterator[Batch]:
         """This rank's batches of `split`; see `criteo_batches`."""
         return criteo_batches(
@@ -141,6 +143,7 @@ class CriteoSource:
             seed=seed,
             split=split,
             start_batch=start_batch,
+            drop_last=drop_last,
         )
 
 
@@ -172,6 +175,7 @@ def criteo_batches(
     seed: int = 0,
     split: Split = "train",
     start_batch: int = 0,
+    drop_last: bool = True,
 ) -> Iterator[Batch]:
     """Stream this rank's DLRM batches of one split of a Criteo TSV file.
 
@@ -185,6 +189,9 @@ def criteo_batches(
         seed: Seed of the line-number hash that picks the held-out lines.
         split: "train" or "eval".
         start_batch: Number of this split's batches to skip (already consumed before a resume).
+        drop_last: Drop the examples that do not fill a whole global step. With False, one more
+            batch holds this rank's part of them (all of them when world_size is 1; possibly an
+            empty batch on some ranks), so that evaluation sees every example.
 
     Yields:
         Batch(dense_features float32 [B, 13], sparse_features KJT with the 26 features, one
@@ -212,6 +219,7 @@ def criteo_batches(
         seed,
         split,
         start_batch,
+        drop_last,
     )
 
 
@@ -225,6 +233,7 @@ def _stream(
     seed: int,
     split: Split,
     start_batch: int,
+    drop_last: bool,
 ) -> Iterator[Batch]:
     step_size = batch_size * world_size
     mine = range(rank * batch_size, (rank + 1) * batch_size)
@@ -249,6 +258,8 @@ def _stream(
             if slot == step_size - 1:
                 yield _batch(labels, dense, sparse)
                 labels, dense, sparse = [], [], []
+    if not drop_last and position % step_size and position // step_size >= start_batch:
+        yield _batch(labels, dense, sparse)
 
 
 def _batch(labels: list[float], dense: list[list[float]], sparse: list[list[int]]) -> Batch:
