@@ -307,13 +307,32 @@ def _load_entry(
 
 
 def _self_test(version: ValidatedVersion, replica: Replica) -> None:
-    """Runs the bundle's golden examples on the replica; raises when any output differs."""
+    """Runs the bundle's golden examples on the replica's device.
+
+    Raises:
+        InvalidInput: an entry point's output differs from the recording beyond the bundle's
+            tolerances (the message names the entry point, the device and the difference).
+    """
     record = golden.read_golden(version.ref.path / version.manifest.golden.file)
-    golden.check_golden(
-        {QUERY_TOWER: replica._query_tower, RANKER: replica._ranker},
+
+    def on_device(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda *inputs: function(*(replica._tensor(x.numpy()) for x in inputs))
+
+    results = golden.check_golden(
+        {QUERY_TOWER: on_device(replica._query_tower), RANKER: on_device(replica._ranker)},
         record,
-        device=replica.device,
     )
+    failed = [
+        f"{name} differs by up to {result.max_abs_diff:.3g} "
+        f"(atol {record.atol:g}, rtol {record.rtol:g})"
+        for name, result in results.items()
+        if not result.passed
+    ]
+    if failed:
+        raise InvalidInput(
+            f"bundle {version.ref} failed its golden self-test on {replica.device}: "
+            + "; ".join(failed)
+        )
 
 
 def load_servable(
