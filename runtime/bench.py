@@ -1,0 +1,368 @@
+"""`recship bench`: closed-loop load against a recship server, batched vs unbatched.
+
+`concurrency` callers, spread over several worker processes (so the load generator is not one
+GIL), each send one request, wait for the answer and send the next, for `duration_s` seconds
+after a warm-up. Reported: QPS, latency percentiles, errors by status code, and the server's
+mean batch size (rows and requests per batch, from its Prometheus endpoint). With
+`compare_unbatched` the same load also runs against a second server with batching off
+(`recship serve --no-batching`, started here from the same repository unless one is given),
+and the throughput and p99 ratios are printed.
+
+Example::
+
+    recship bench --server 127.0.0.1:8500 --metrics 127.0.0.1:9090 --repo repo \\
+        --bundle movies --concurrency 64 --duration 10 --compare-unbatched
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from recship.runtime.errors import InvalidInput, Unavailable
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. CLI flags map one to one onto these fields.
+
+    Attributes:
+        server: host:port of the (batched) server.
+        bundle: bundle to query.
+        concurrency: callers in flight at any time (closed loop).
+        duration_s: measured seconds per server.
+        warmup_s: unmeasured seconds before.
+        rpc: "recommend" or "retrieve".
+        retrieve_k: candidates retrieved per query.
+        top_n: items returned per Recommend query.
+        repo: bundle repository; random valid queries come from its manifest, and an unbatched
+            server is started from it for `compare_unbatched`.
+        user_features: a fixed query (name=id,...) when no repository is given.
+        metrics: host:port of the server's Prometheus endpoint, for batch sizes.
+        compare_unbatched: also measure a server with batching off.
+        unbatched_server: use this server as the unbatched one instead of starting one.
+        unbatched_metrics: its Prometheus endpoint.
+        processes: load generator processes (default: min(concurrency, CPU count)).
+        seed: seeds the random queries.
+    """
+
+    server: str
+    bundle: str
+    concurrency: int = 16
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    rpc: str = "recommend"
+    retrieve_k: int = 100
+    top_n: int = 10
+    repo: Path | None = None
+    user_features: str = ""
+    metrics: str | None = None
+    compare_unbatched: bool = False
+    unbatched_server: str | None = None
+    unbatched_metrics: str | None = None
+    processes: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    label: str
+    seconds: float
+    latencies_s: np.ndarray
+    errors: dict[str, int] = field(default_factory=dict)
+    batch_rows: float | None = None
+    batch_requests: float | None = None
+
+    @property
+    def qps(self) -> float:
+        return self.latencies_s.size / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s.size else 0.0
+
+
+def _queries(config: BenchConfig, count: int) -> list[bytes]:
+    """Serialized requests with random valid queries (from the manifest) or the fixed one."""
+    from recship.protos.v1 import manifest_pb2, recommender_pb2
+    from recship.runtime.client import Query, model_spec, query_proto
+    from recship.runtime.serve_cli import parse_features
+
+    rng = np.random.default_rng(config.seed)
+    if config.repo is not None:
+        from recship.packager.manifest import published_versions, read_manifest
+
+        bundle_dir = Path(config.repo) / config.bundle
+        versions = published_versions(bundle_dir)
+        if not versions:
+            raise InvalidInput(f"no published version of {config.bundle} in {config.repo}")
+        manifest = read_manifest(bundle_dir / str(versions[-1]) / "MANIFEST.json")
+        query_side = [
+            f for f in manifest.schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
+        ]
+        dense = int(manifest.schema.query_dense_count)
+        queries = [
+            Query(
+                {f.name: int(rng.integers(f.cardinality)) for f in query_side},
+                rng.standard_normal(dense).tolist(),
+            )
+            for _ in range(count)
+        ]
+    elif config.user_features:
+        queries = [Query(parse_features(config.user_features))] * count
+    else:
+        raise InvalidInput("give --repo (random queries from the manifest) or --user-features")
+    spec = model_spec(config.bundle)
+    requests = []
+    for query in queries:
+        if config.rpc == "retrieve":
+            message = recommender_pb2.RetrieveRequest(
+                model=spec, queries=[query_proto(query)], top_k=config.retrieve_k
+            )
+        else:
+            message = recommender_pb2.RecommendRequest(
+                model=spec,
+                queries=[recommender_pb2.RecommendQuery(query=query_proto(query))],
+                retrieve_k=config.retrieve_k,
+                top_n=config.top_n,
+            )
+        requests.append(message.SerializeToString())
+    return requests
+
+
+def _worker(
+    target: str, rpc: str, requests: list[bytes], callers: int, warmup_s: float, duration_s: float
+) -> tuple[list[float], dict[str, int]]:
+    """One load process: `callers` threads in a closed loop; latencies of the measured window."""
+    import grpc
+
+    from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
+
+    channel = grpc.insecure_channel(target)
+    stub = recommender_pb2_grpc.RecommenderStub(channel)
+    method, parse = (
+        (stub.Retrieve, recommender_pb2.RetrieveRequest.FromString)
+        if rpc == "retrieve"
+        else (stub.Recommend, recommender_pb2.RecommendRequest.FromString)
+    )
+    messages = [parse(r) for r in requests]
+    start = time.monotonic() + warmup_s
+    stop = start + duration_s
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+    errors: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def loop(caller: int) -> None:
+        position = caller
+        while (now := time.monotonic()) < stop:
+            try:
+                method(messages[position % len(messages)], timeout=30)
+                code = None
+            except grpc.RpcError as error:
+                code = error.code().name  # type: ignore[attr-defined]
+            finished = time.monotonic()
+            if now >= start:
+                if code is None:
+                    latencies[caller].append(finished - now)
+                else:
+                    with lock:
+                        errors[code] += 1
+            position += callers
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    channel.close()
+    return [x for caller in latencies for x in caller], dict(errors)
+
+
+def _scrape_batches(metrics: str | None) -> dict[str, float]:
+    """Sums of recship_batch_rows/_requests (sum and count over all models), or {}."""
+    if not metrics:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(("recship_batch_rows_", "recship_batch_requests_")):
+                totals[sample.name] += sample.value
+    return dict(totals)
+
+
+def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) -> LoadResult:
+    """Drives the closed-loop load against one server and measures it."""
+    if config.concurrency < 1 or config.duration_s <= 0:
+        raise InvalidInput("--concurrency must be >= 1 and --duration > 0")
+    processes = config.processes or min(config.concurrency, os.cpu_count() or 1)
+    shares = [len(part) for part in np.array_split(np.arange(config.concurrency), processes)]
+    requests = _queries(config, 256)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+        # Start the workers first so that spawn time is not part of the warm-up.
+        list(pool.map(abs, range(len(shares))))
+        before: dict[str, float] = {}
+        timer = threading.Timer(config.warmup_s, lambda: before.update(_scrape_batches(metrics)))
+        timer.start()
+        futures = [
+            pool.submit(
+                _worker, target, config.rpc, requests, share, config.warmup_s, config.duration_s
+            )
+            for share in shares
+            if share
+        ]
+        latencies: list[float] = []
+        errors: collections.Counter[str] = collections.Counter()
+        for future in futures:
+            worker_latencies, worker_errors = future.result()
+            latencies.extend(worker_latencies)
+            errors.update(worker_errors)
+        timer.join()
+    after = _scrape_batches(metrics)
+    result = LoadResult(label, config.duration_s, np.asarray(latencies), dict(errors))
+    if before and after:
+
+        def mean(name: str) -> float | None:
+            count = after[f"{name}_count"] - before.get(f"{name}_count", 0.0)
+            total = after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0)
+            return total / count if count else None
+
+        result.batch_rows = mean("recship_batch_rows")
+        result.batch_requests = mean("recship_batch_requests")
+    return result
+
+
+class _UnbatchedServer:
+    """`recship serve --no-batching` on free ports, for the comparison; stopped on exit."""
+
+    def __init__(self, repo: Path, bundle: str) -> None:
+        executable = Path(sys.executable).parent / "recship"
+        self.process = subprocess.Popen(
+            [str(executable), "serve", "--repo", str(repo), "--bundle", bundle, "--port", "0",
+             "--metrics-port", "0", "--no-batching"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().split()
+        if len(line) < 5 or line[0] != "listening":
+            self.close()
+            raise Unavailable("the unbatched comparison server did not start")
+        self.target = line[2]
+        self.metrics = f"127.0.0.1:{line[4]}"
+
+    def wait_serving(self) -> None:
+        from recship.runtime.client import RecshipClient
+
+        with RecshipClient(self.target) as client:
+            client.wait_until_serving(120)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def bench(config: BenchConfig) -> list[LoadResult]:
+    """Runs the benchmark: the batched server, then (optionally) the unbatched one.
+
+    Raises:
+        InvalidInput: a bad option, or --compare-unbatched without --repo or --unbatched-server.
+    """
+    results = [run_load(config, config.server, config.metrics, "batched")]
+    if config.compare_unbatched:
+        if config.unbatched_server:
+            results.append(
+                run_load(config, config.unbatched_server, config.unbatched_metrics, "unbatched")
+            )
+        elif config.repo is None:
+            raise InvalidInput("--compare-unbatched needs --repo (or --unbatched-server)")
+        else:
+            server = _UnbatchedServer(config.repo, config.bundle)
+            try:
+                server.wait_serving()
+                results.append(run_load(config, server.target, server.metrics, "unbatched"))
+            finally:
+                server.close()
+    return results
+
+
+def _print(config: BenchConfig, results: list[LoadResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"recship bench: {config.rpc} on {config.bundle}, concurrency {config.concurrency}, "
+        f"{config.duration_s:g} s"
+    )
+    for column in ("server", "QPS", "p50 ms", "p90 ms", "p99 ms", "errors", "rows/batch",
+                   "requests/batch"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for result in results:
+        table.add_row(
+            result.label,
+            f"{result.qps:.0f}",
+            f"{result.percentile_ms(50):.2f}",
+            f"{result.percentile_ms(90):.2f}",
+            f"{result.percentile_ms(99):.2f}",
+            ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items())) or "0",
+            "-" if result.batch_rows is None else f"{result.batch_rows:.1f}",
+            "-" if result.batch_requests is None else f"{result.batch_requests:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    if len(results) == 2 and results[1].qps:
+        batched, unbatched = results
+        p99 = unbatched.percentile_ms(99)
+        console.print(
+            f"batched / unbatched: throughput x{batched.qps / unbatched.qps:.2f}, "
+            f"p99 x{batched.percentile_ms(99) / p99 if p99 else float('nan'):.2f}"
+        )
+
+
+@click.command("bench")
+@click.option("--server", required=True, help="host:port of the server under test.")
+@click.option("--bundle", required=True)
+@click.option("--concurrency", type=int, default=16, show_default=True)
+@click.option("--duration", "duration_s", type=float, default=10.0, show_default=True)
+@click.option("--warmup", "warmup_s", type=float, default=2.0, show_default=True)
+@click.option("--rpc", type=click.Choice(["recommend", "retrieve"]), default="recommend",
+              show_default=True)  # fmt: skip
+@click.option("--retrieve-k", type=int, default=100, show_default=True)
+@click.option("--top-n", type=int, default=10, show_default=True)
+@click.option("--repo", type=click.Path(path_type=Path), default=None,
+              help="Repository: random queries; bundles of the unbatched server.")  # fmt: skip
+@click.option("--user-features", default="", help="A fixed query when no --repo is given.")
+@click.option("--metrics", default=None, help="host:port of the server's metrics endpoint.")
+@click.option("--compare-unbatched", is_flag=True,
+              help="Also measure a server with batching off and print the ratio.")  # fmt: skip
+@click.option("--unbatched-server", default=None, help="Use this unbatched server instead.")
+@click.option("--unbatched-metrics", default=None, help="Its metrics endpoint.")
+@click.option("--processes", type=int, default=None, help="Load generator processes.")
+def bench_command(**options: object) -> None:
+    """Closed-loop load against a server: QPS, p50/p90/p99, errors, mean batch size."""
+    config = BenchConfig(**options)  # type: ignore[arg-type]
+    _print(config, bench(config))

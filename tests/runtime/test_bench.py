@@ -1,0 +1,30 @@
+"""`recship bench` against the live server, with the unbatched comparison in the same run."""
+
+from __future__ import annotations
+
+import pytest
+
+from recship.runtime.bench import BenchConfig, bench
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_bench_measures_batched_and_unbatched(live_server, bundle_repo) -> None:
+    config = BenchConfig(
+        server=live_server.target,
+        bundle="movies",
+        concurrency=8,
+        duration_s=1.5,
+        warmup_s=0.5,
+        retrieve_k=20,
+        repo=bundle_repo,
+        metrics=f"127.0.0.1:{live_server.metrics_port}",
+        compare_unbatched=True,
+        processes=2,
+    )
+    batched, unbatched = bench(config)
+    assert batched.errors == {} and unbatched.errors == {}
+    assert batched.qps > 0 and unbatched.qps > 0
+    assert batched.percentile_ms(50) <= batched.percentile_ms(99)
+    assert batched.batch_requests is not None and batched.batch_requests > 1
+    assert unbatched.batch_requests == pytest.approx(1.0)
