@@ -16,6 +16,7 @@ import torch
 
 from recship.packager.options import QualityThresholds
 from recship.trainer.data.dataset import InteractionDataset
+from recship.trainer.evaluate import binary_metrics, positives_by_user
 
 RECALL_KS: tuple[int, ...] = (10, 100)
 
@@ -63,20 +64,6 @@ class QualityResult:
         ]
 
 
-def _positives(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
-    """User id -> sorted unique item ids."""
-    order = np.lexsort((item_ids, user_ids))
-    users, items = user_ids[order], item_ids[order]
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    return {
-        int(user_block[0]): np.unique(item_block)
-        for user_block, item_block in zip(
-            np.split(users, bounds), np.split(items, bounds), strict=True
-        )
-        if user_block.size
-    }
-
-
 def ranked_recall(
     query_embeddings: np.ndarray,
     search: SearchFn,
@@ -101,8 +88,8 @@ def ranked_recall(
     Returns:
         ({"recall@K": ...}, number of evaluated users).
     """
-    targets = _positives(held_out.user_ids, held_out.item_ids)
-    seen = _positives(train.user_ids, train.item_ids)
+    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
+    seen = positives_by_user(train.user_ids, train.item_ids)
     users = np.array(sorted(targets), dtype=np.int64)
     max_k = max(ks)
     hits = dict.fromkeys(ks, 0.0)
@@ -134,8 +121,6 @@ def exact_search(item_embeddings: np.ndarray) -> SearchFn:
 
 def auc(logits: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC with average ranks for ties; NaN when only one class is present."""
-    from recship.trainer.evaluate import binary_metrics
-
     return binary_metrics(logits, labels)["auc"]
 
 

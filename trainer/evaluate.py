@@ -45,7 +45,7 @@ def tower_embeddings(
     return torch.cat(parts)
 
 
-def _positives(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
+def positives_by_user(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
     """Maps each user id to the sorted unique items it interacted with."""
     order = np.lexsort((item_ids, user_ids))
     users, items = user_ids[order], item_ids[order]
@@ -81,8 +81,8 @@ def retrieval_metrics(
         {"recall@K": ..., "ndcg@10": ..., "eval_users": n}; zeros and n = 0 when the held-out
         split is empty.
     """
-    targets = _positives(held_out.user_ids, held_out.item_ids)
-    seen = _positives(train.user_ids, train.item_ids)
+    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
+    seen = positives_by_user(train.user_ids, train.item_ids)
     users = np.array(sorted(targets), dtype=np.int64)
     max_k = min(max(max(ks), NDCG_K), item_embeddings.shape[0])
     hits_at = {k: 0.0 for k in ks}
