@@ -272,3 +272,32 @@ class RecshipClient:
         return self._call(
             self.admin.ListBundles, admin_pb2.ListBundlesRequest(bundle=bundle), timeout
         )
+
+    def refresh_repository(
+        self, timeout: float | None = None
+    ) -> admin_pb2.RefreshRepositoryResponse:
+        """Asks the server to re-read its repository now; returns once it has reconciled."""
+        return self._call(
+            self.admin.RefreshRepository, admin_pb2.RefreshRepositoryRequest(), timeout
+        )
+
+    def set_version_policy(
+        self, bundle: str, policy: admin_pb2.VersionPolicy, timeout: float | None = None
+    ) -> admin_pb2.BundleStatus:
+        """Replaces a bundle's version policy; returns once the server has applied it.
+
+        `recship.runtime.policy.policy_to_proto(parse_policy("pinned:3"))` builds `policy`.
+        """
+        request = admin_pb2.SetVersionPolicyRequest(bundle=bundle, policy=policy)
+        return self._call(self.admin.SetVersionPolicy, request, timeout).bundle
+
+    def set_label(
+        self, bundle: str, label: str, version: int, timeout: float | None = None
+    ) -> admin_pb2.BundleStatus:
+        """Points `label` at a READY version (0 removes the label)."""
+        request = admin_pb2.SetLabelRequest(bundle=bundle, label=label, version=version)
+        return self._call(self.admin.SetLabel, request, timeout).bundle
+
+    def bundle_status(self, bundle: str, timeout: float | None = None) -> admin_pb2.BundleStatus:
+        """The admin status of one bundle."""
+        return self.list_bundles(bundle, timeout).bundles[0]

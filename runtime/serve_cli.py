@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from recship.runtime.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from recship.runtime.policy import VersionPolicy
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -35,6 +39,12 @@ def _split(value: str | None) -> tuple[str, ...]:
               default=None, help="Entry point format (default: the bundle's first).")  # fmt: skip
 @click.option("--grace-s", type=float, default=10.0, show_default=True,
               help="Time in-flight calls get to finish after SIGTERM.")  # fmt: skip
+@click.option("--poll-interval-s", type=float, default=5.0, show_default=True,
+              help="Re-read the repository this often for new versions (0: never).")  # fmt: skip
+@click.option("--policy", "policies", multiple=True,
+              help="Version policy NAME=latest|latest:N|pinned:V[,V2] (repeat).")  # fmt: skip
+@click.option("--label", "labels", multiple=True,
+              help="Label NAME:LABEL=VERSION set once that version is READY (repeat).")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -51,6 +61,9 @@ def serve_command(
     devices: str | None,
     entry_format: str | None,
     grace_s: float,
+    poll_interval_s: float,
+    policies: tuple[str, ...],
+    labels: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -76,8 +89,48 @@ def serve_command(
         devices=_split(devices),
         format=entry_format,
         grace_s=grace_s,
+        poll_interval_s=poll_interval_s,
+        policies=parse_policies(policies),
+        labels=tuple(parse_label(text) for text in labels),
     )
     asyncio.run(serve(config))
+
+
+def parse_policies(values: tuple[str, ...]) -> dict[str, VersionPolicy]:
+    """`("movies=latest:2", "ads=pinned:3")` -> {"movies": LatestN(2), "ads": Pinned((3,))}.
+
+    Raises:
+        InvalidInput: an entry is not NAME=POLICY, a policy is malformed, or a bundle repeats.
+    """
+    from recship.runtime.policy import parse_policy
+
+    policies: dict[str, VersionPolicy] = {}
+    for text in values:
+        name, sep, policy = text.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"--policy {text!r}: expected NAME=latest|latest:N|pinned:V[,V2]")
+        if name.strip() in policies:
+            raise InvalidInput(f"--policy: bundle {name.strip()!r} is given twice")
+        policies[name.strip()] = parse_policy(policy)
+    return policies
+
+
+def parse_label(text: str) -> tuple[str, str, int]:
+    """`movies:stable=3` -> ("movies", "stable", 3).
+
+    Raises:
+        InvalidInput: not NAME:LABEL=VERSION with a valid label and a version > 0.
+    """
+    from recship.runtime.policy import check_label
+
+    target, sep, version = text.partition("=")
+    name, colon, label = target.partition(":")
+    if not sep or not colon or not name.strip() or not version.strip().isdigit():
+        raise InvalidInput(f"--label {text!r}: expected NAME:LABEL=VERSION, e.g. movies:stable=3")
+    number = int(version)
+    if number <= 0:
+        raise InvalidInput(f"--label {text!r}: the version must be > 0")
+    return name.strip(), check_label(label.strip()), number
 
 
 def parse_features(text: str) -> dict[str, list[int]]:

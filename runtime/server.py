@@ -27,6 +27,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from recship.runtime.errors import InvalidInput, RecshipError
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
+from recship.runtime.policy import VersionPolicy
 from recship.runtime.servable import BatchingConfig, LoaderConfig, configure_threads
 from recship.runtime.service import BundleAdminService, RecommenderService, ServiceLimits
 from recship.runtime.store import BundleStore
@@ -74,6 +76,10 @@ class ServerConfig:
         format: entry point format to load ("torchscript" / "aoti"); None: the bundle's first.
         limits: per-request bounds.
         grace_s: how long in-flight calls may take to finish after SIGTERM.
+        poll_interval_s: how often the repository is re-read for new versions (seconds);
+            0 disables polling (the `RefreshRepository` admin RPC still works).
+        policies: version policy per bundle (`latest` for the others).
+        labels: labels to set once their versions are READY, as (bundle, label, version).
     """
 
     repo: Path
@@ -91,6 +97,13 @@ class ServerConfig:
     format: str | None = None
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     grace_s: float = 10.0
+    poll_interval_s: float = 5.0
+    policies: Mapping[str, VersionPolicy] = field(default_factory=dict)
+    labels: tuple[tuple[str, str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s < 0:
+            raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
 
     def loader_config(self) -> LoaderConfig:
         """The loader's share of this configuration."""
@@ -137,6 +150,7 @@ class RecshipServer:
         self.metrics_port: int | None = None
         self._metrics_http: MetricsHTTPServer | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._polling: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
         self._health_tasks: set[asyncio.Task[None]] = set()
         self.load_error: RecshipError | None = None
@@ -162,11 +176,35 @@ class RecshipServer:
     async def _load(self) -> None:
         try:
             await self.manager.start()
+            for bundle, label, version in self.config.labels:
+                try:
+                    self.manager.set_label(bundle, label, version)
+                except RecshipError as error:
+                    logger.warning("--label %s:%s=%d not set: %s", bundle, label, version, error)
         except RecshipError as error:
             self.load_error = error
             logger.error("loading failed: %s", error)
         finally:
             self._settled.set()
+        if self.load_error is None and self.config.poll_interval_s > 0:
+            self._polling = asyncio.get_running_loop().create_task(
+                self._poll(self.config.poll_interval_s), name="recship-poll"
+            )
+
+    async def _poll(self, interval_s: float) -> None:
+        """Re-reads the repository every `interval_s` seconds until the server stops.
+
+        A failing scan (repository unmounted, unreadable folder) is logged and retried at the
+        next tick; the versions already serving are not touched by it.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.manager.refresh()
+            except RecshipError as error:
+                logger.warning("repository poll failed: %s", error)
+            except OSError as error:
+                logger.warning("repository poll failed: %s: %s", type(error).__name__, error)
 
     def health_changed(self) -> None:
         """Updates the health service from the manager (its `on_change` callback)."""
@@ -203,10 +241,11 @@ class RecshipServer:
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         await self.grpc_server.stop(grace)
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
+        for task in (self._polling, self._loading):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.manager.close()
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
@@ -245,6 +284,7 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
         config.loader_config(),
         metrics,
         bundles=config.bundles,
+        policies=config.policies,
         on_change=lambda: holder[0].health_changed() if holder else None,
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(

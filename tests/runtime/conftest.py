@@ -71,6 +71,55 @@ def build_bundle(root: Path) -> Path:
     return repo
 
 
+def publish_copy(repo: Path, source: int = 1, *, golden_offset: float = 0.0) -> int:
+    """Publishes the files of `movies/<source>` again as the bundle's next version.
+
+    The copy goes through `BundleWriter` like any packaged bundle (staging folder, checksums,
+    MANIFEST.json last, rename), so it takes a second, not a training run. With a non-zero
+    `golden_offset`, golden.pt is rewritten first with every recorded output shifted by that
+    much: the manifest's checksums then match the changed file, so the version validates and
+    loads but fails its golden self-test.
+
+    Returns:
+        The published version number.
+    """
+    import shutil
+
+    from recship.packager.golden import GoldenRecord, read_golden, write_golden
+    from recship.packager.manifest import MANIFEST_FILENAME, read_manifest
+    from recship.packager.writer import BundleWriter
+    from recship.protos.v1 import manifest_pb2
+
+    source_dir = repo / BUNDLE / str(source)
+    original = read_manifest(source_dir / MANIFEST_FILENAME)
+    with BundleWriter(repo, BUNDLE) as staged:
+        for entry in original.files:
+            target = staged.path / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / entry.path, target)
+        if golden_offset:
+            golden_path = staged.path / original.golden.file
+            golden = read_golden(golden_path)
+            shifted = {
+                name: GoldenRecord(record.inputs, record.output + golden_offset)
+                for name, record in golden.records.items()
+            }
+            write_golden(golden_path, shifted, golden.atol, golden.rtol)
+
+        def fill(manifest: manifest_pb2.BundleManifest) -> None:
+            merged = manifest_pb2.BundleManifest()
+            merged.CopyFrom(original)
+            for name in ("format_version", "name", "version", "release_id", "created_by"):
+                setattr(merged, name, getattr(manifest, name))
+            merged.created_at.CopyFrom(manifest.created_at)
+            merged.libraries.CopyFrom(manifest.libraries)
+            del merged.files[:]
+            merged.files.extend(manifest.files)
+            manifest.CopyFrom(merged)
+
+        return staged.publish(fill).version
+
+
 @pytest.fixture(scope="session")
 def bundle_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with one published bundle version, `movies/1`."""
