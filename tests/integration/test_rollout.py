@@ -1,0 +1,72 @@
+"""`recship rollout` over two live servers: a good version moves both, a bad one rolls back.
+
+Each server reads its own copy of the repository (as hosts with replicated storage would), so
+version 3 can be good on the first and fail its golden self-test on the second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from recship.runtime.client import RecshipClient
+from recship.runtime.policy import Pinned
+from recship.runtime.rollout import rollout, rollout_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+runtime_fixtures = sys.modules["recship_tests_runtime_fixtures"]
+BUNDLE = runtime_fixtures.BUNDLE
+
+
+def default_version(target: str) -> int:
+    with RecshipClient(target) as client:
+        status = client.bundle_status(BUNDLE)
+    return next(v.version for v in status.versions if v.is_default)
+
+
+def test_rollout_moves_both_then_rolls_back_a_bad_version(bundle_repo: Path, tmp_path: Path):
+    repos = [tmp_path / "a", tmp_path / "b"]
+    for repo in repos:
+        shutil.copytree(bundle_repo / BUNDLE / "1", repo / BUNDLE / "1")
+        assert runtime_fixtures.publish_copy(repo) == 2
+    servers = [
+        runtime_fixtures.ServerThread(
+            runtime_fixtures.server_config(
+                repo, poll_interval_s=0.0, metrics_port=None, policies={BUNDLE: Pinned((1,))}
+            )
+        )
+        for repo in repos
+    ]
+    try:
+        for server in servers:
+            server.wait_ready()
+        targets = [server.target for server in servers]
+        assert [default_version(t) for t in targets] == [1, 1]
+
+        moved = CliRunner().invoke(
+            rollout_command, ["--servers", ",".join(targets), "--bundle", BUNDLE, "--version", "2"]
+        )
+        assert moved.exit_code == 0, moved.output
+        assert moved.output.count("moved") == 2
+        assert [default_version(t) for t in targets] == [2, 2]
+
+        assert runtime_fixtures.publish_copy(repos[0]) == 3
+        assert runtime_fixtures.publish_copy(repos[1], golden_offset=1.0) == 3
+        result = rollout(targets, BUNDLE, 3, timeout_s=120)
+        assert not result.ok
+        first, second = result.steps
+        assert (first.server, first.previous, first.outcome) == (targets[0], 2, "rolled back")
+        assert second.outcome == "failed, rolled back"
+        assert "self-test" in second.detail
+        assert [default_version(t) for t in targets] == [2, 2]
+        with RecshipClient(targets[0]) as client:
+            states = {v.version: v.state for v in client.bundle_status(BUNDLE).versions}
+        assert states[3] == 5  # VERSION_STATE_UNLOADED: it served, then was rolled back
+    finally:
+        for server in servers:
+            server.stop()
