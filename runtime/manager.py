@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import time
@@ -51,6 +52,28 @@ from recship.runtime.servable import LoaderConfig, Servable, load_servable
 from recship.runtime.store import BundleStore
 
 logger = logging.getLogger(__name__)
+
+
+def _release_free_heap() -> None:
+    """Returns the C heap's free pages to the OS (glibc `malloc_trim`), a no-op elsewhere.
+
+    Freed tensors, FAISS arrays and the executor thread's arena otherwise stay in the process's
+    resident set, so RSS would not show that an unloaded version's memory was released.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only; musl and macOS lack it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 @dataclass
@@ -471,6 +494,7 @@ class VersionManager:
                     bundle.name,
                     version,
                 )
+            _release_free_heap()
         entry.ready_at = None
         self._set_state(bundle, entry, VersionState.UNLOADED)
         logger.info(
