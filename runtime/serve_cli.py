@@ -26,8 +26,10 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: any).")
 @click.option("--max-batch-size", type=int, default=256, show_default=True,
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
-@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
-              help="Longest wait for a batch to fill.")  # fmt: skip
+@click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
+              help="Longest wait for a batch to fill. 0 runs a batch as soon as the replica is "
+                   "free, and batches still form from what queues while it is busy (best on "
+                   "CPU); raise it on GPUs, where larger batches pay.")  # fmt: skip
 @click.option("--max-queue-rows", type=int, default=8192, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparisons).")
@@ -44,7 +46,7 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--policy", "policies", multiple=True,
               help="Version policy NAME=latest|latest:N|pinned:V[,V2] (repeat).")  # fmt: skip
 @click.option("--label", "labels", multiple=True,
-              help="Label NAME:LABEL=VERSION set once that version is READY (repeat).")  # fmt: skip
+              help="Label NAME:LABEL=VERSION, set after the first load if READY.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,

@@ -67,7 +67,9 @@ class ServerConfig:
         port: gRPC port; 0 picks a free one (`build_server` returns it).
         metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
         max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
-        max_delay_ms: longest wait of a queued request for its batch to fill.
+        max_delay_ms: longest wait of a queued request for its batch to fill; 0 flushes as
+            soon as the replica is free (measured on ML-100K, 2 CPU cores: 2 ms made
+            concurrency-1 throughput 3.6x worse than unbatched, 0 matches it).
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
         batching: False runs every request part alone (for `recship bench --compare-unbatched`).
         replicas: CPU replicas (default 1); on GPUs it follows from the devices.
@@ -79,7 +81,8 @@ class ServerConfig:
         poll_interval_s: how often the repository is re-read for new versions (seconds);
             0 disables polling (the `RefreshRepository` admin RPC still works).
         policies: version policy per bundle (`latest` for the others).
-        labels: labels to set once their versions are READY, as (bundle, label, version).
+        labels: labels set after the initial load, as (bundle, label, version); one whose
+            version is not READY then is logged and skipped.
     """
 
     repo: Path
@@ -88,7 +91,7 @@ class ServerConfig:
     port: int = 8500
     metrics_port: int | None = None
     max_batch_size: int = 256
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 0.0
     max_queue_rows: int = 8192
     batching: bool = True
     replicas: int | None = None
