@@ -132,8 +132,8 @@ def quantize_for_inference(
         module: an fp32 entry point (plain-tensor forward) containing EmbeddingBagCollections.
         example_inputs: inputs for the eager warm-up forward torchrec needs before sharding.
         quant: quantization per table name (from `table_quant_types`).
-        device_count: W, the devices one replica spans. W = 1 keeps the quantized model
-            unsharded (every table on device 0); W > 1 shards table-wise over W devices.
+        device_count: W, the devices one replica spans; tables are sharded table-wise over
+            them (W = 1 puts every table on device 0).
         device_type: "cpu" (W logical CPU shards) or "cuda" (tables on cuda:0..W-1; the
             exported graph is tied to that device count).
 
@@ -159,9 +159,11 @@ def quantize_for_inference(
             f"sharding for {device_count} cuda devices needs {device_count} visible GPUs, "
             f"found {torch.cuda.device_count()}"
         )
-    shard = device_count > 1 or device_type == "cuda"
+    unshardable = sorted(name for name, kind in quant.items() if kind not in _SHARDABLE)
+    # Shard whenever torchrec can, W = 1 included: the sharded module is what torch.export
+    # (AOTInductor) handles; only fp16/fp32 tables on one CPU device stay unsharded.
+    shard = not unshardable or device_count > 1 or device_type == "cuda"
     if shard:
-        unshardable = sorted(name for name, kind in quant.items() if kind not in _SHARDABLE)
         if unshardable:
             raise InvalidInput(
                 f"tables {', '.join(unshardable)} use fp16/fp32, which torchrec 1.8 cannot shard "

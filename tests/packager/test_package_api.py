@@ -27,37 +27,17 @@ from recship.packager.manifest import published_versions, read_manifest
 from recship.packager.options import PackageOptions, QualityThresholds
 from recship.packager.verify import exact_search, ranked_recall
 from recship.runtime.errors import InvalidInput, NotFound, QualityGateFailed
-from recship.trainer.config import TrainConfig
 from recship.trainer.data.batches import entity_kjt
 from recship.trainer.evaluate import tower_embeddings
-from recship.trainer.train import launch
 
 pytestmark = pytest.mark.slow
 
 RECSHIP = str(Path(sys.executable).with_name("recship"))
-SYNTHETIC = {"num_users": 400, "num_items": 300, "interactions_per_user": 12}
-
-
-def _train(out: Path, model: str, nproc: int, **data) -> Path:
-    launch(
-        TrainConfig(
-            model=model,
-            data="synthetic",
-            out=out,
-            nproc=nproc,
-            epochs=3,
-            batch_size=64,
-            data_options={**SYNTHETIC, **data},
-        )
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    # The retrieval checkpoint is written by 2 ranks and packaged in one process.
-    return _train(root / "tt", "two-tower", 2), _train(root / "dlrm", "dlrm", 1)
+def runs(trained_runs: tuple[Path, Path]) -> tuple[Path, Path]:
+    return trained_runs
 
 
 def _options(runs: tuple[Path, Path], repo: Path, **overrides) -> PackageOptions:
@@ -108,7 +88,7 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
         assert metrics[f"packaged/recall@{k}"] == pytest.approx(packaged[f"recall@{k}"], abs=1e-9)
         assert packaged[f"recall@{k}"] >= 0.98 * fp32[f"recall@{k}"]
     # A model that learned something: far above random retrieval (10 / 300 items).
-    assert fp32["recall@10"] > 3 * 10 / SYNTHETIC["num_items"]
+    assert fp32["recall@10"] > 3 * 10 / retrieval.train.num_items
     assert metrics["packaged/auc"] > 0.6
     assert abs(metrics["fp32/auc"] - metrics["packaged/auc"]) <= 0.005
 
@@ -137,12 +117,14 @@ def test_failing_quality_gate_publishes_nothing(runs, tmp_path: Path) -> None:
     assert [p.name for p in (repo / "movies").iterdir() if p.name != ".lock"] == []
 
 
-def test_mismatched_and_missing_inputs_are_clear_errors(runs, tmp_path: Path) -> None:
+def test_mismatched_and_missing_inputs_are_clear_errors(
+    runs, tmp_path: Path, train_synthetic
+) -> None:
     with pytest.raises(NotFound, match=r"model_config\.json"):
         package(_options((tmp_path / "nowhere", runs[1]), tmp_path / "repo"))
     with pytest.raises(InvalidInput, match="holds a dlrm model, expected two-tower"):
         package(_options((runs[1], runs[1]), tmp_path / "repo"))
-    other = _train(tmp_path / "other", "dlrm", 1, num_items=250)
+    other = train_synthetic(tmp_path / "other", "dlrm", 1, num_items=250)
     with pytest.raises(InvalidInput, match="item feature 'item_id' has 300 ids for retrieval"):
         package(_options((runs[0], other), tmp_path / "repo"))
     assert not (tmp_path / "repo" / "movies").exists() or not published_versions(
