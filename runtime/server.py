@@ -331,12 +331,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Structured (JSON lines) logs on stderr for the server process."""
+    """Structured (JSON lines) logs on stderr for the server process.
+
+    `level` applies to recship's own loggers; libraries log warnings and errors only, so that
+    e.g. fbgemm_gpu's "Successfully loaded" lines at import do not flood the server log.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.getLogger("recship").setLevel(level.upper())
 
 
 async def serve(config: ServerConfig, *, announce: bool = True) -> None:
