@@ -517,6 +517,36 @@ class ReplicaPool(Generic[Item, Result]):
             _enqueue_parts(self.pick, self.max_batch_rows, total_rows, make_part, deadline)
         )
 
+    def add(self, replica: Batcher[Item, Result]) -> None:
+        """Adds a replica; it takes work from the next `pick` on (event loop only).
+
+        Raises:
+            ValueError: its `max_batch_rows` differs from the pool's (a bug in the caller).
+        """
+        if replica.max_batch_rows != self.max_batch_rows:
+            raise ValueError(
+                f"replicas must share max_batch_rows, got {replica.max_batch_rows} "
+                f"for a pool of {self.max_batch_rows}"
+            )
+        self.replicas = (*self.replicas, replica)
+        self._turn = itertools.cycle(range(len(self.replicas)))
+
+    def remove(self, replica: Batcher[Item, Result]) -> None:
+        """Takes a replica out of the pool; no new work goes to it (event loop only).
+
+        Work already queued on it is the caller's to finish (`replica.drain()`): the callers
+        of that work hold their futures, so nothing is lost.
+
+        Raises:
+            ValueError: the replica is not in the pool, or it is the last one.
+        """
+        if replica not in self.replicas:
+            raise ValueError(f"{replica.name} is not in this pool")
+        if len(self.replicas) == 1:
+            raise ValueError(f"{replica.name} is the pool's last replica")
+        self.replicas = tuple(r for r in self.replicas if r is not replica)
+        self._turn = itertools.cycle(range(len(self.replicas)))
+
     def close(self) -> None:
         """Closes every replica."""
         for replica in self.replicas:

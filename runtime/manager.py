@@ -13,6 +13,26 @@ is READY, and only then is the old one drained and unloaded. A version that fail
 loading or its golden self-test is marked FAILED with the reason and never retried, and the
 previous version keeps serving (`latest` falls back to the newest version that did not fail).
 
+Memory budget (`memory_budget_bytes`, None = unlimited): before a version loads, the manifests'
+estimates (`estimated_bytes`: host bytes once plus device bytes per replica) of every loaded
+version of every bundle plus the new one are compared with the budget. When they do not fit,
+the versions the new one replaces (those the policy unloads once it is READY) make room:
+replaced versions other than the default are unloaded first; then the default is swapped
+
+- replica by replica when it has >= 2 replicas: one old replica is retired (its queued work
+  finishes), one new replica loads and self-tests in its slot, and so on; the default flips to
+  the new version as soon as it has at least as many replicas as the old one has left, the old
+  one then drains and unloads, and the new one grows to its full count. Serving capacity dips
+  (never below one replica) but never reaches zero, and each request, holding a lease on one
+  servable, is served end to end by one version. If the new version fails before the flip,
+  the old one's replicas are reloaded;
+- with one replica, by unloading the old version first: a WARNING is logged, requests naming
+  no version get UNAVAILABLE, and the window (unload + load + self-test, or + reload of the
+  old version when the new one fails) is logged and recorded in
+  `recship_switch_unavailable_seconds`.
+
+A version that does not fit even after the versions it replaces go is FAILED with the numbers.
+
 Threading: every method runs on the server's event loop; loading and validation (seconds of
 disk and model work) run on worker threads through `asyncio.to_thread`, so the loop keeps
 answering (health says NOT_SERVING meanwhile). Reconciles of one bundle are serialised by a lock.
@@ -38,7 +58,13 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import FailedPrecondition, NotFound, RecshipError, Unavailable
+from recship.runtime.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    RecshipError,
+    Unavailable,
+)
 from recship.runtime.metrics import ServerMetrics
 from recship.runtime.policy import (
     Latest,
@@ -48,8 +74,14 @@ from recship.runtime.policy import (
     decide,
     resolve,
 )
-from recship.runtime.servable import LoaderConfig, Servable, load_servable
-from recship.runtime.store import BundleStore
+from recship.runtime.servable import (
+    LoaderConfig,
+    Servable,
+    estimated_bytes,
+    load_servable,
+    placement,
+)
+from recship.runtime.store import BundleStore, ValidatedVersion
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +185,8 @@ class VersionManager:
         bundles: the bundles to serve; empty serves every bundle in the repository.
         policies: version policy per bundle; `latest` for the others.
         on_change: called on the event loop after every state change (e.g. to update health).
+        memory_budget_bytes: most memory all loaded versions may take by their manifests'
+            estimates (`recship.runtime.servable.estimated_bytes`), or None for no limit.
     """
 
     def __init__(
@@ -164,13 +198,17 @@ class VersionManager:
         bundles: Sequence[str] = (),
         policies: Mapping[str, VersionPolicy] | None = None,
         on_change: Callable[[], None] | None = None,
+        memory_budget_bytes: int | None = None,
     ) -> None:
+        if memory_budget_bytes is not None and memory_budget_bytes <= 0:
+            raise InvalidInput(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
         self.store = store
         self.config = config
         self.metrics = metrics
         self._requested = tuple(bundles)
         self._policies = dict(policies or {})
-        self._on_change = on_change
+        self.memory_budget_bytes = memory_budget_bytes
+        self._listeners: list[Callable[[], None]] = [] if on_change is None else [on_change]
         self._bundles: dict[str, _Bundle] = {}
         self._closed = False
 
@@ -219,6 +257,18 @@ class VersionManager:
             for entry in self._bundle(name).versions.values()
             if entry.servable is not None
         )
+
+    def serving_replicas(self, name: str) -> int:
+        """Replicas of bundle `name` that take new requests (those of its READY versions)."""
+        return sum(
+            len(entry.servable.replicas)
+            for entry in self._bundle(name).versions.values()
+            if entry.state is VersionState.READY and entry.servable is not None
+        )
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` on the event loop after every state, default or replica change."""
+        self._listeners.append(callback)
 
     def bundle_names(self) -> list[str]:
         """The bundles this server knows, sorted."""
@@ -281,13 +331,15 @@ class VersionManager:
 
         Raises:
             NotFound: unknown bundle, or the version is not published.
+            FailedPrecondition: it does not fit the memory budget beside the loaded versions
+                (its state is left as it was; nothing is unloaded to make room).
         """
         bundle = self._bundle(name)
         await asyncio.to_thread(self.store.ref, name, version)
         async with bundle.lock:
             entry = bundle.versions.get(version)
             if entry is None or entry.state in (VersionState.NEW, VersionState.UNLOADED):
-                await self._load(bundle, version)
+                await self._load(bundle, version, on_disk=None)
             if bundle.default is None:
                 self._set_default(bundle, version if self._is_ready(bundle, version) else None)
         return self._info(bundle, version)
@@ -381,8 +433,8 @@ class VersionManager:
         return entry is not None and entry.state is VersionState.READY
 
     def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+        for listener in self._listeners:
+            listener()
 
     def _set_state(self, bundle: _Bundle, entry: _Version, state: VersionState) -> None:
         entry.state = state
@@ -424,14 +476,26 @@ class VersionManager:
                 if not decision.to_load and not decision.to_unload:
                     return
                 for number in decision.to_load:
-                    await self._load(bundle, number)
+                    await self._load(bundle, number, on_disk=on_disk)
                 if decision.to_load:
                     continue  # decide again: the default may move before anything unloads
                 for number in decision.to_unload:
                     await self._unload(bundle, number)
 
-    async def _load(self, bundle: _Bundle, version: int) -> None:
+    async def _load(self, bundle: _Bundle, version: int, *, on_disk: Sequence[int] | None) -> None:
+        """Loads one version (READY or FAILED afterwards), within the memory budget.
+
+        Args:
+            on_disk: the published versions when a reconcile loads it: the versions the policy
+                replaces may then make room for it (see the module docstring). None (an admin
+                load) only loads beside the others.
+
+        Raises:
+            FailedPrecondition: `on_disk` is None and the version does not fit beside the
+                loaded ones; its previous state is restored.
+        """
         entry = bundle.versions.setdefault(version, _Version(version))
+        previous = entry.state
         self._set_state(bundle, entry, VersionState.LOADING)
         started = time.perf_counter()
         try:
@@ -439,25 +503,276 @@ class VersionManager:
             entry.manifest = validated.manifest
             for warning in validated.warnings:
                 logger.warning("bundle %s v%d: %s", bundle.name, version, warning)
-            entry.servable = await asyncio.to_thread(
-                load_servable, validated, self.config, self.metrics
-            )
-        except RecshipError as error:
+        except Exception as error:
+            self._load_failed(bundle, entry, error)
+            return
+        try:
+            old = await self._make_room(bundle, entry, validated, on_disk)
+        except FailedPrecondition as error:
+            if on_disk is None:  # an admin load: refused, not FAILED (a later switch may fit)
+                self._set_state(bundle, entry, previous)
+                raise
             self._fail(bundle, entry, str(error))
             return
-        except Exception as error:  # a bug or a library failure: still never take traffic
-            logger.exception("bundle %s v%d: unexpected load failure", bundle.name, version)
-            self._fail(bundle, entry, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            self._load_failed(bundle, entry, error)
             return
+        if old is None:
+            await self._load_servable(bundle, entry, validated, started)
+        elif old.servable is not None and len(old.servable.replicas) >= 2:
+            await self._switch_by_replica(bundle, old, old.servable, entry, validated, started)
+        else:
+            await self._switch_with_window(bundle, old, entry, validated, started)
+
+    def _load_failed(self, bundle: _Bundle, entry: _Version, error: BaseException) -> None:
+        if isinstance(error, RecshipError):
+            self._fail(bundle, entry, str(error))
+            return
+        # A bug or a library failure: still never take traffic.
+        logger.error(
+            "bundle %s v%d: unexpected load failure", bundle.name, entry.version, exc_info=error
+        )
+        self._fail(bundle, entry, f"{type(error).__name__}: {error}")
+
+    async def _load_servable(
+        self,
+        bundle: _Bundle,
+        entry: _Version,
+        validated: ValidatedVersion,
+        started: float,
+        slots: tuple[int, ...] | None = None,
+    ) -> bool:
+        """Loads the servable (all replicas, or `slots`) and marks the version READY or FAILED."""
+        try:
+            entry.servable = await asyncio.to_thread(
+                load_servable, validated, self.config, self.metrics, slots=slots
+            )
+        except Exception as error:
+            self._load_failed(bundle, entry, error)
+            return False
         entry.ready_at = time.time()
         entry.failure_reason = ""
         self._set_state(bundle, entry, VersionState.READY)
         logger.info(
             "bundle %s v%d READY in %.2f s",
             bundle.name,
-            version,
+            entry.version,
             time.perf_counter() - started,
-            extra={"bundle": bundle.name, "version": version, "state": "READY"},
+            extra={"bundle": bundle.name, "version": entry.version, "state": "READY"},
+        )
+        return True
+
+    # -- memory budget ------------------------------------------------------------------------
+    @staticmethod
+    def _estimate(entry: _Version) -> int:
+        """Estimated memory of one version as loaded now (0 when not loaded)."""
+        if entry.servable is None or entry.manifest is None:
+            return 0
+        return estimated_bytes(entry.manifest, len(entry.servable.replicas))
+
+    def _loaded_bytes(self, exclude: _Version) -> int:
+        """Estimated memory of every loaded version of every bundle except `exclude`."""
+        return sum(
+            self._estimate(e)
+            for b in self._bundles.values()
+            for e in b.versions.values()
+            if e is not exclude
+        )
+
+    async def _make_room(
+        self,
+        bundle: _Bundle,
+        entry: _Version,
+        validated: ValidatedVersion,
+        on_disk: Sequence[int] | None,
+    ) -> _Version | None:
+        """Checks the budget before `entry` loads; frees what may go before it is READY.
+
+        Returns:
+            None when the new version loads beside the others; otherwise the bundle's default
+            version, which has to be swapped out while the new one loads.
+
+        Raises:
+            FailedPrecondition: it does not fit, even once the versions it replaces are gone
+                (or, for an admin load, beside the loaded ones).
+        """
+        budget = self.memory_budget_bytes
+        if budget is None:
+            return None
+        replicas = len(placement(validated.manifest, self.config).replicas)
+        need = estimated_bytes(validated.manifest, replicas)
+        loaded = self._loaded_bytes(entry)
+        if loaded + need <= budget:
+            return None
+        where = (
+            f"bundle {bundle.name} v{entry.version} needs ~{need} bytes ({replicas} "
+            f"replica(s), manifest estimate) beside {loaded} bytes loaded; memory budget "
+            f"{budget} bytes"
+        )
+        if on_disk is None:
+            raise FailedPrecondition(where + "; unload a version first")
+        states = bundle.states()
+        states[entry.version] = VersionState.READY
+        replaced = [
+            bundle.versions[v]
+            for v in decide(on_disk, states, bundle.policy).to_unload
+            if v != entry.version and bundle.versions[v].servable is not None
+        ]
+        freed = sum(self._estimate(r) for r in replaced)
+        if loaded - freed + need > budget:
+            raise FailedPrecondition(
+                f"{where}; it does not fit even after unloading the version(s) it replaces "
+                f"({', '.join(str(r.version) for r in replaced) or 'none'})"
+            )
+        default = bundle.versions.get(bundle.default) if bundle.default is not None else None
+        for old in replaced:
+            if old is not default:
+                logger.info(
+                    "bundle %s: unloading v%d before v%d loads (memory budget)",
+                    bundle.name,
+                    old.version,
+                    entry.version,
+                )
+                await self._unload(bundle, old.version)
+        if default in replaced and self._loaded_bytes(entry) + need > budget:
+            return default
+        return None
+
+    async def _switch_by_replica(
+        self,
+        bundle: _Bundle,
+        old: _Version,
+        previous: Servable,
+        entry: _Version,
+        validated: ValidatedVersion,
+        started: float,
+    ) -> None:
+        """Swaps the default version `old` (servable `previous`) for `entry` one replica at a
+        time (see the module docstring)."""
+        logger.info(
+            "bundle %s: v%d does not fit beside v%d in the memory budget; switching replica by "
+            "replica (%d replicas)",
+            bundle.name,
+            entry.version,
+            old.version,
+            len(previous.replicas),
+            extra={"bundle": bundle.name, "version": entry.version},
+        )
+        original = len(previous.replicas)
+        slot = await previous.retire_replica()
+        self._changed()
+        ok = await self._load_servable(bundle, entry, validated, started, slots=(slot,))
+        new = entry.servable
+        try:
+            while ok and new is not None:
+                free = new.free_slots
+                if len(new.replicas) >= len(previous.replicas) or not free:
+                    break
+                slot = await previous.retire_replica()
+                self._changed()
+                replica = await asyncio.to_thread(
+                    new.load_replica, slot if slot in free else free[0]
+                )
+                new.add_replica(replica)
+                self._changed()
+        except Exception as error:
+            await self._unload(bundle, entry.version)
+            self._load_failed(bundle, entry, error)
+            ok = False
+        if not ok or new is None:
+            await self._restore_replicas(bundle, old, original)
+            return
+        self._set_default(bundle, entry.version)
+        await self._unload(bundle, old.version)
+        for slot in new.free_slots:
+            try:
+                replica = await asyncio.to_thread(new.load_replica, slot)
+            except Exception as error:
+                logger.error(
+                    "bundle %s v%d: replica %d failed to load after the switch; serving with "
+                    "%d replica(s): %s",
+                    bundle.name,
+                    entry.version,
+                    slot,
+                    len(new.replicas),
+                    error,
+                )
+                break
+            new.add_replica(replica)
+            self._changed()
+        logger.info(
+            "bundle %s: switched v%d -> v%d replica by replica in %.2f s",
+            bundle.name,
+            old.version,
+            entry.version,
+            time.perf_counter() - started,
+            extra={"bundle": bundle.name, "version": entry.version},
+        )
+
+    async def _restore_replicas(self, bundle: _Bundle, old: _Version, count: int) -> None:
+        """Reloads the replicas a failed replica-by-replica switch took from `old`."""
+        servable = old.servable
+        if servable is None:
+            return
+        for slot in servable.free_slots[: count - len(servable.replicas)]:
+            try:
+                replica = await asyncio.to_thread(servable.load_replica, slot)
+            except Exception as error:
+                logger.error(
+                    "bundle %s v%d: could not reload replica %d: %s",
+                    bundle.name,
+                    old.version,
+                    slot,
+                    error,
+                )
+                return
+            servable.add_replica(replica)
+            self._changed()
+
+    async def _switch_with_window(
+        self,
+        bundle: _Bundle,
+        old: _Version,
+        entry: _Version,
+        validated: ValidatedVersion,
+        started: float,
+    ) -> None:
+        """Unloads `old` (one replica) before `entry` loads; the gap is bounded and reported."""
+        logger.warning(
+            "bundle %s: v%d does not fit beside v%d in the memory budget and v%d has one "
+            "replica: unloading it first; requests naming no version get UNAVAILABLE until "
+            "the switch ends",
+            bundle.name,
+            entry.version,
+            old.version,
+            old.version,
+            extra={"bundle": bundle.name, "version": entry.version},
+        )
+        window = time.perf_counter()
+        self._set_default(bundle, None)
+        await self._unload(bundle, old.version)
+        if await self._load_servable(bundle, entry, validated, started):
+            self._set_default(bundle, entry.version)
+        else:
+            logger.warning(
+                "bundle %s: v%d failed; reloading v%d", bundle.name, entry.version, old.version
+            )
+            try:
+                await self._load(bundle, old.version, on_disk=None)
+            except FailedPrecondition as error:
+                logger.error("bundle %s: v%d not reloaded: %s", bundle.name, old.version, error)
+            if self._is_ready(bundle, old.version):
+                self._set_default(bundle, old.version)
+        seconds = time.perf_counter() - window
+        self.metrics.observe_unavailable_window(bundle.name, seconds)
+        logger.warning(
+            "bundle %s: unavailable for %.3f s while switching v%d -> v%d (now serving %s)",
+            bundle.name,
+            seconds,
+            old.version,
+            entry.version,
+            bundle.default,
+            extra={"bundle": bundle.name, "unavailable_s": seconds},
         )
 
     def _fail(self, bundle: _Bundle, entry: _Version, reason: str) -> None:

@@ -17,6 +17,7 @@ Metric names:
 | recship_version_state | gauge (1 per version, at its current state) | bundle, version, state |
 | recship_default_version | gauge | bundle |
 | recship_version_switches_total | counter | bundle |
+| recship_switch_unavailable_seconds | histogram | bundle |
 
 Example::
 
@@ -43,6 +44,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
 ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 rows
 REQUEST_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256 requests per batch
+WINDOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,12 @@ class ServerMetrics:
             "recship_version_switches", "Times the default version of a bundle changed.",
             ["bundle"], registry=r,
         )  # fmt: skip
+        self._unavailable = Histogram(
+            "recship_switch_unavailable_seconds", "Length of the windows in which a bundle had "
+            "no version to serve because a switch had to unload the old version first (one "
+            "replica, memory budget too small for two versions).",
+            ["bundle"], buckets=WINDOW_BUCKETS, registry=r,
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._states: dict[tuple[str, int], VersionState] = {}
         self._defaults: dict[str, int | None] = {}
@@ -161,6 +169,10 @@ class ServerMetrics:
             self._default_version.labels(bundle).set(0 if version is None else version)
             if old is not None and version is not None and old != version:
                 self._switches.labels(bundle).inc()
+
+    def observe_unavailable_window(self, bundle: str, seconds: float) -> None:
+        """Records one unavailable window of `bundle` during a version switch."""
+        self._unavailable.labels(bundle).observe(seconds)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -335,8 +335,25 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
         )
 
 
+def estimated_bytes(manifest: manifest_pb2.BundleManifest, replicas: int) -> int:
+    """The memory a version needs with `replicas` replicas, from its manifest's estimate.
+
+    Counted: `resources.host_bytes` once (every file of the version: index, item features,
+    entry points, golden record; the assets replicas share) plus `sum(resources.device_bytes)`
+    (the quantized tables of one replica over all its devices) per replica. Host and device
+    memory are added into one number, a conservative bound compared with one budget: on CPU
+    both live in the process; on GPUs it over-counts the host side, never the devices.
+    """
+    resources = manifest.resources
+    return int(resources.host_bytes) + replicas * sum(int(b) for b in resources.device_bytes)
+
+
 def load_servable(
-    version: ValidatedVersion, config: LoaderConfig, metrics: ServerMetrics | None = None
+    version: ValidatedVersion,
+    config: LoaderConfig,
+    metrics: ServerMetrics | None = None,
+    *,
+    slots: Sequence[int] | None = None,
 ) -> Servable:
     """Loads a validated version onto its devices and self-tests every replica.
 
@@ -346,6 +363,9 @@ def load_servable(
         version: a version `BundleStore.validate` accepted.
         config: placement and batching.
         metrics: where batch metrics go (per model, e.g. "movies/rank"), or None.
+        slots: which replicas of the placement to load (indexes into `placement(...)`), e.g.
+            `(1,)` to start with one replica and grow it with `load_replica`/`add_replica`
+            during a replica-by-replica switch; None loads them all.
 
     Returns:
         A servable whose batchers are idle; it takes traffic as soon as it is returned.
@@ -354,51 +374,78 @@ def load_servable(
         InvalidInput: an entry point, the index or the item features cannot be loaded, or the
             golden self-test failed (the message names the entry point and the difference).
         EnvironmentBroken: the host lacks the devices the bundle needs.
+        ValueError: `slots` is empty or names a replica the placement does not have.
     """
     manifest = version.manifest
     started = time.perf_counter()
     where = placement(manifest, config)
+    wanted = tuple(range(len(where.replicas))) if slots is None else tuple(slots)
+    if not wanted or any(not 0 <= slot < len(where.replicas) for slot in wanted):
+        raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
     codec = FeatureCodec(manifest, version.ref.path / manifest.item_features.file)
     index = read_index(version.ref.path / manifest.index.file, manifest.index)
     assets = VersionAssets(
         manifest.name, int(manifest.version), manifest.release_id, manifest, codec, index
     )
-    tower_entry = _entry_point(version, QUERY_TOWER, config.format)
-    ranker_entry = _entry_point(version, RANKER, config.format)
-    replicas = []
-    for number, devices in enumerate(where.replicas):
-        replica = Replica(
-            number,
-            devices,
-            _load_entry(version, tower_entry, devices[0]),
-            _load_entry(version, ranker_entry, devices[0]),
-            assets,
-        )
-        try:
-            _self_test(version, replica)
-        except BaseException:
-            replica.executor.shutdown(wait=False)
-            for loaded in replicas:
-                loaded.executor.shutdown(wait=False)
-            raise
-        replicas.append(replica)
+    entries = (
+        _entry_point(version, QUERY_TOWER, config.format),
+        _entry_point(version, RANKER, config.format),
+    )
+    replicas: list[Replica] = []
+    try:
+        for slot in wanted:
+            replicas.append(_load_replica(version, entries, assets, where, slot))
+    except BaseException:
+        for loaded in replicas:
+            loaded.executor.shutdown(wait=False)
+        raise
     logger.info(
         "loaded %s v%d: %d replica(s) on %s, self-test passed in %.2f s",
         manifest.name,
         manifest.version,
         len(replicas),
-        ",".join(where.devices),
+        ",".join(d for r in replicas for d in r.devices),
         time.perf_counter() - started,
         extra={"bundle": manifest.name, "version": int(manifest.version)},
     )
-    return Servable(assets, where, replicas, config.batching, metrics)
+    return Servable(assets, where, replicas, config.batching, metrics, version, entries)
+
+
+def _load_replica(
+    version: ValidatedVersion,
+    entries: tuple[manifest_pb2.EntryPoint, manifest_pb2.EntryPoint],
+    assets: VersionAssets,
+    where: Placement,
+    slot: int,
+) -> Replica:
+    """Loads the entry points of replica `slot` on its devices and self-tests them (blocking)."""
+    devices = where.replicas[slot]
+    tower_entry, ranker_entry = entries
+    replica = Replica(
+        slot,
+        devices,
+        _load_entry(version, tower_entry, devices[0]),
+        _load_entry(version, ranker_entry, devices[0]),
+        assets,
+    )
+    try:
+        _self_test(version, replica)
+    except BaseException:
+        replica.executor.shutdown(wait=False)
+        raise
+    return replica
 
 
 class Servable:
     """A loaded version: shared assets, replicas and their batchers.
 
-    Thread-safety: the coroutines must run on one event loop (the batchers bind to it);
-    properties are immutable and readable from any thread.
+    The replica set can shrink (`retire_replica`) and grow (`load_replica` + `add_replica`)
+    while the servable serves, which is how a version is swapped replica by replica when two
+    full versions do not fit in memory; the index and item table stay loaded once throughout.
+
+    Thread-safety: the coroutines and `add_replica` must run on one event loop (the batchers
+    bind to it); `load_replica` is blocking and runs on a worker thread; `placement` and
+    `assets` are immutable and readable from any thread.
     """
 
     def __init__(
@@ -408,14 +455,31 @@ class Servable:
         replicas: Sequence[Replica],
         batching: BatchingConfig,
         metrics: ServerMetrics | None,
+        version: ValidatedVersion,
+        entries: tuple[manifest_pb2.EntryPoint, manifest_pb2.EntryPoint],
     ) -> None:
         self.assets = assets
         self.placement = where
         self.replicas = tuple(replicas)
         self.batching = batching
         self.max_batch_rows = batching.max_batch_rows
+        self._metrics = metrics
+        self._version = version
+        self._entries = entries
+        self._batchers: dict[int, tuple[Batcher[Any, Any], Batcher[Any, Any]]] = {
+            r.index: self._make_batchers(r) for r in self.replicas
+        }
+        self._retrieval: ReplicaPool[RetrievePart, tuple[np.ndarray, np.ndarray]] = ReplicaPool(
+            [retrieve for retrieve, _ in self._batchers.values()]
+        )
+        self._ranking: ReplicaPool[RankPart, np.ndarray] = ReplicaPool(
+            [rank for _, rank in self._batchers.values()]
+        )
 
-        def batcher(replica: Replica, model: str, run: Callable[[list[Any]], Any]) -> Batcher:
+    def _make_batchers(self, replica: Replica) -> tuple[Batcher[Any, Any], Batcher[Any, Any]]:
+        batching, metrics, assets = self.batching, self._metrics, self.assets
+
+        def batcher(model: str, run: Callable[[list[Any]], Any]) -> Batcher[Any, Any]:
             return Batcher(
                 run,
                 max_batch_rows=batching.max_batch_rows,
@@ -429,12 +493,58 @@ class Servable:
                 else metrics.batch_metrics(f"{assets.name}/{model}"),
             )
 
-        self._retrieval: ReplicaPool[RetrievePart, tuple[np.ndarray, np.ndarray]] = ReplicaPool(
-            [batcher(r, "retrieve", r.run_retrieve) for r in self.replicas]
-        )
-        self._ranking: ReplicaPool[RankPart, np.ndarray] = ReplicaPool(
-            [batcher(r, "rank", r.run_rank) for r in self.replicas]
-        )
+        return batcher("retrieve", replica.run_retrieve), batcher("rank", replica.run_rank)
+
+    @property
+    def free_slots(self) -> tuple[int, ...]:
+        """Placement slots (replica indexes) with no replica loaded, lowest first."""
+        used = {r.index for r in self.replicas}
+        return tuple(i for i in range(len(self.placement.replicas)) if i not in used)
+
+    def load_replica(self, slot: int) -> Replica:
+        """Loads and self-tests one more replica at placement slot `slot` (blocking: run it on
+        a worker thread); it takes no traffic until `add_replica`.
+
+        Raises:
+            InvalidInput: the self-test failed on this replica's device.
+            ValueError: `slot` is taken or outside the placement.
+        """
+        if slot not in self.free_slots:
+            raise ValueError(f"{self.name} v{self.version}: replica slot {slot} is not free")
+        return _load_replica(self._version, self._entries, self.assets, self.placement, slot)
+
+    def add_replica(self, replica: Replica) -> None:
+        """Puts a replica from `load_replica` into service (event loop only)."""
+        retrieve, rank = self._make_batchers(replica)
+        self._batchers[replica.index] = (retrieve, rank)
+        self._retrieval.add(retrieve)
+        self._ranking.add(rank)
+        self.replicas = tuple(sorted((*self.replicas, replica), key=lambda r: r.index))
+
+    async def retire_replica(self) -> int:
+        """Takes the highest-numbered replica out of service and frees it.
+
+        New work stops going to it at once (the other replicas take it); the work already
+        queued on it finishes, then its executor thread stops and its entry points are
+        dropped. Requests in flight keep their version: they continue on the other replicas.
+
+        Returns:
+            The freed placement slot, for the replica that replaces it.
+
+        Raises:
+            ValueError: only one replica is left (retire the whole servable with `close`).
+        """
+        if len(self.replicas) < 2:
+            raise ValueError(f"{self.name} v{self.version}: cannot retire its last replica")
+        replica = self.replicas[-1]
+        retrieve, rank = self._batchers.pop(replica.index)
+        self._retrieval.remove(retrieve)
+        self._ranking.remove(rank)
+        self.replicas = self.replicas[:-1]
+        await retrieve.drain()
+        await rank.drain()
+        replica.executor.shutdown(wait=True)
+        return replica.index
 
     @property
     def name(self) -> str:

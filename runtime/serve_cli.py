@@ -47,6 +47,11 @@ def _split(value: str | None) -> tuple[str, ...]:
               help="Version policy NAME=latest|latest:N|pinned:V[,V2] (repeat).")  # fmt: skip
 @click.option("--label", "labels", multiple=True,
               help="Label NAME:LABEL=VERSION, set after the first load if READY.")  # fmt: skip
+@click.option("--memory-budget-bytes", type=int, default=None,
+              help="Most memory the loaded versions may take by their manifests' estimates "
+                   "(default: unlimited). A new version that does not fit beside the old one "
+                   "switches replica by replica, or with one replica through a brief, logged "
+                   "unavailable window.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -66,6 +71,7 @@ def serve_command(
     poll_interval_s: float,
     policies: tuple[str, ...],
     labels: tuple[str, ...],
+    memory_budget_bytes: int | None,
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -94,6 +100,7 @@ def serve_command(
         poll_interval_s=poll_interval_s,
         policies=parse_policies(policies),
         labels=tuple(parse_label(text) for text in labels),
+        memory_budget_bytes=memory_budget_bytes,
     )
     asyncio.run(serve(config))
 

@@ -83,6 +83,11 @@ class ServerConfig:
         policies: version policy per bundle (`latest` for the others).
         labels: labels set after the initial load, as (bundle, label, version); one whose
             version is not READY then is logged and skipped.
+        memory_budget_bytes: most memory the loaded versions may take by their manifests'
+            estimates (host bytes once + device bytes per replica, see
+            `recship.runtime.servable.estimated_bytes`); None (the default) is unlimited. When a
+            new version does not fit beside the old one, the switch goes replica by replica
+            (>= 2 replicas) or through a brief, reported unavailable window (1 replica).
     """
 
     repo: Path
@@ -103,10 +108,13 @@ class ServerConfig:
     poll_interval_s: float = 5.0
     policies: Mapping[str, VersionPolicy] = field(default_factory=dict)
     labels: tuple[tuple[str, str, int], ...] = ()
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.poll_interval_s < 0:
             raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise InvalidInput(f"--memory-budget-bytes must be > 0, got {self.memory_budget_bytes}")
 
     def loader_config(self) -> LoaderConfig:
         """The loader's share of this configuration."""
@@ -289,6 +297,7 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
         bundles=config.bundles,
         policies=config.policies,
         on_change=lambda: holder[0].health_changed() if holder else None,
+        memory_budget_bytes=config.memory_budget_bytes,
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderService(manager, limits), grpc_server
