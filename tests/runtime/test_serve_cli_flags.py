@@ -1,0 +1,105 @@
+"""`recship serve` flag parsing: --policy, --label and --memory-budget-bytes.
+
+Good values parse into the `ServerConfig` fields; bad ones stop `recship serve` before it binds
+a port or reads the repository, with one readable `error:` line and exit code 2 (InvalidInput).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recship.runtime.cli import main
+from recship.runtime.errors import InvalidInput
+from recship.runtime.policy import Latest, LatestN, Pinned
+from recship.runtime.serve_cli import parse_label, parse_policies
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`recship serve` configures the root logger for a server process; undo it afterwards."""
+    root, recship = logging.getLogger(), logging.getLogger("recship")
+    handlers, level, recship_level = root.handlers[:], root.level, recship.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    recship.setLevel(recship_level)
+
+
+def test_parse_policies_reads_each_form() -> None:
+    assert parse_policies(("movies=latest", " ads = latest:2", "news=pinned:5,3,5")) == {
+        "movies": Latest(),
+        "ads": LatestN(2),
+        "news": Pinned((3, 5)),
+    }
+    assert parse_policies(()) == {}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (("latest",), "expected NAME=latest"),
+        (("=latest",), "expected NAME=latest"),
+        (("movies=newest",), "bad version policy 'newest'"),
+        (("movies=latest:0",), "N >= 1"),
+        (("movies=pinned:",), "bad version policy"),
+        (("movies=pinned:0",), "must be > 0"),
+        (("movies=latest", "movies=pinned:2"), "'movies' is given twice"),
+    ],
+)
+def test_parse_policies_rejects(values: tuple[str, ...], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_policies(values)
+
+
+def test_parse_label_reads_name_label_version() -> None:
+    assert parse_label("movies:stable=3") == ("movies", "stable", 3)
+    assert parse_label(" movies : canary-2 = 12") == ("movies", "canary-2", 12)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("movies:stable", "expected NAME:LABEL=VERSION"),
+        ("stable=3", "expected NAME:LABEL=VERSION"),
+        (":stable=3", "expected NAME:LABEL=VERSION"),
+        ("movies:stable=three", "expected NAME:LABEL=VERSION"),
+        ("movies:stable=-1", "expected NAME:LABEL=VERSION"),
+        ("movies:stable=0", "the version must be > 0"),
+        ("movies:st able=3", "bad label 'st able'"),
+        ("movies:=3", "bad label ''"),
+    ],
+)
+def test_parse_label_rejects(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_label(text)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--policy", "movies=sometimes"], "bad version policy 'sometimes'"),
+        (["--policy", "latest:2"], "--policy 'latest:2': expected NAME="),
+        (["--label", "movies:stable"], "--label 'movies:stable': expected NAME:LABEL=VERSION"),
+        (["--label", "movies:no/slash=2"], "bad label 'no/slash'"),
+        (["--memory-budget-bytes", "0"], "--memory-budget-bytes must be > 0"),
+    ],
+)
+def test_serve_rejects_bad_flags_with_one_line_and_exit_2(
+    flags: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--repo", str(tmp_path), "--port", "0", *flags])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "listening" not in captured.out
