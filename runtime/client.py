@@ -175,18 +175,39 @@ class RecshipClient:
         """Blocks until health is SERVING.
 
         Raises:
-            Unavailable: not SERVING within `timeout` seconds.
+            Unavailable: not SERVING within `timeout` seconds, or at once (with the reasons)
+                when every version of a bundle has FAILED and none is still loading.
         """
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.health(timeout=max(deadline - time.monotonic(), 0.1)) == "SERVING":
-                    return
+                state = self.health(timeout=max(deadline - time.monotonic(), 0.1))
+                failures = [] if state == "SERVING" else self._hopeless_failures()
             except errors.RecshipError:
-                pass
+                state, failures = None, []
+            if state == "SERVING":
+                return
+            if failures:
+                raise errors.Unavailable(f"{self.target} will not serve: " + "; ".join(failures))
             if time.monotonic() >= deadline:
                 raise errors.Unavailable(f"{self.target} is not SERVING after {timeout:.0f} s")
             time.sleep(0.05)
+
+    def _hopeless_failures(self) -> list[str]:
+        """Why the server cannot become ready: every version of some bundle FAILED, none loading.
+
+        Returns one "bundle vN: reason" per failed version of such bundles; empty while anything
+        is still NEW or LOADING (or nothing is known yet).
+        """
+        failures = []
+        for bundle in self.list_bundles(timeout=5).bundles:
+            states = {status.state for status in bundle.versions}
+            if states and states <= {admin_pb2.VERSION_STATE_FAILED}:
+                failures += [
+                    f"{bundle.name} v{status.version} FAILED: {status.failure_reason}"
+                    for status in bundle.versions
+                ]
+        return failures
 
     def retrieve(
         self,

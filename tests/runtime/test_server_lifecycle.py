@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import Query, RecshipClient
+from recship.runtime.errors import Unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +54,11 @@ def test_not_serving_until_a_version_is_ready(corrupt_repo, bundle_repo, make_us
         (v1,) = status.versions
         assert v1.state == admin_pb2.VERSION_STATE_FAILED
         assert "ranker.pt" in v1.failure_reason and "failed its file check" in v1.failure_reason
+        # Waiting for a server whose only version FAILED answers at once, with the reason.
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"will not serve: movies v1 FAILED: .*ranker\.pt"):
+            client.wait_until_serving(timeout=60)
+        assert time.monotonic() - started < 10
 
         publish_copy(bundle_repo / "movies" / "1", corrupt_repo, 2)
         refreshed = client.admin.RefreshRepository(admin_pb2.RefreshRepositoryRequest())
