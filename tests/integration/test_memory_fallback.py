@@ -159,6 +159,7 @@ def test_budget_for_one_version_switches_replica_by_replica(
     finally:
         load.finish()
         server.stop()
+    print(f"\n2 replicas: answers by version {load.served}, serving replicas {watch.serving}")
     assert load.errors == []
     assert load.served.get(1, 0) > 0 and load.served.get(2, 0) > 0
     assert status[2].is_default and status[2].replicas == 2
@@ -202,6 +203,11 @@ def test_one_replica_switch_has_a_bounded_reported_window(
     finally:
         load.finish()
         server.stop()
+    lengths = [round(r.unavailable_s, 3) for r in caplog.records if hasattr(r, "unavailable_s")]
+    print(
+        f"\n1 replica: answers by version {load.served}, UNAVAILABLE {len(load.errors)}, "
+        f"windows {lengths} s"
+    )
     assert status[3].state == VersionState.FAILED.value
     assert "self-test" in status[3].failure_reason
     assert status[2].is_default and status[2].state == VersionState.READY.value
