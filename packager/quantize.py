@@ -163,13 +163,12 @@ def quantize_for_inference(
     # Shard whenever torchrec can, W = 1 included: the sharded module is what torch.export
     # (AOTInductor) handles; only fp16/fp32 tables on one CPU device stay unsharded.
     shard = not unshardable or device_count > 1 or device_type == "cuda"
-    if shard:
-        if unshardable:
-            raise InvalidInput(
-                f"tables {', '.join(unshardable)} use fp16/fp32, which torchrec 1.8 cannot shard "
-                f"over {device_count} {device_type} device(s); use int8 or int4"
-                + (", or --devices 1 on cpu" if device_type == "cpu" else "")
-            )
+    if shard and unshardable:
+        raise InvalidInput(
+            f"tables {', '.join(unshardable)} use fp16/fp32, which torchrec 1.8 cannot shard "
+            f"over {device_count} {device_type} device(s); use int8 or int4"
+            + (", or --devices 1 on cpu" if device_type == "cpu" else "")
+        )
     # Without device propagation the quantized kernels try to initialise CUDA on CPU hosts.
     set_propogate_device(True)
     per_table = {name: _TORCH_DTYPES[quant[name]] for name, _, _ in tables}
