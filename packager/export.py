@@ -25,8 +25,6 @@ import contextlib
 import enum
 import inspect
 import logging
-import os
-import tempfile
 import time
 import typing
 import warnings
@@ -38,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from recship.runtime.errors import InvalidInput
+from recship.runtime.files import atomic_output
 
 # Parameter names that give an entry point input its dynamic first dimension in `export_aoti`:
 # `*lengths` holds one length per feature and example (a multiple of the batch), `*values` and
@@ -171,20 +170,6 @@ def _check_inputs(example_inputs: tuple[Tensor, ...]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _staged(path: Path, suffix: str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    staging = Path(name)
-    try:
-        yield staging
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def _resolve_annotations(traced: torch.fx.GraphModule, module: nn.Module) -> None:
     """Give the traced graph's inputs and output real types instead of annotation strings.
 
@@ -234,7 +219,7 @@ def export_torchscript(
             raise InvalidInput(
                 f"cannot script {type(module).__name__} for {path.name}: {_reason(error)}"
             ) from error
-        with _staged(path, ".pt") as staging:
+        with atomic_output(path, ".pt") as staging:
             torch.jit.save(scripted, str(staging))
     seconds = time.perf_counter() - started
     reloaded = load_entry_point(path, ExportFormat.TORCHSCRIPT)
@@ -357,7 +342,7 @@ def export_aoti(
             raise InvalidInput(
                 f"torch.export cannot export {path.name}: {_reason(error)}"
             ) from error
-        with _staged(path, ".pt2") as staging:
+        with atomic_output(path, ".pt2") as staging:
             torch._inductor.aoti_compile_and_package(program, package_path=str(staging))
     seconds = time.perf_counter() - started
     reloaded = load_entry_point(path, ExportFormat.AOTI)

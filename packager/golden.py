@@ -26,9 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 
 from recship.packager.export import silenced_export_warnings
 from recship.runtime.errors import InvalidInput, NotFound
+from recship.runtime.files import atomic_output
 
 GOLDEN_FORMAT_VERSION = 1
 INPUTS_SUFFIX = "__inputs"
@@ -135,16 +134,8 @@ def write_golden(path: Path, records: Mapping[str, GoldenRecord], atol: float, r
             raise InvalidInput(f"{path}: golden record {name!r} holds a value that is no tensor")
         attributes[name + INPUTS_SUFFIX] = [_plain(value) for value in record.inputs]
         attributes[name + OUTPUT_SUFFIX] = _plain(record.output)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt", dir=path.parent)
-    os.close(handle)
-    try:
-        with silenced_export_warnings():
-            torch.jit.save(torch.jit.script(_GoldenHolder(attributes)), staging)
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+    with atomic_output(Path(path), ".pt") as staging, silenced_export_warnings():
+        torch.jit.save(torch.jit.script(_GoldenHolder(attributes)), str(staging))
 
 
 def _attribute(module: torch.jit.ScriptModule, key: str, path: Path) -> object:

@@ -23,8 +23,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,9 +33,9 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from recship.packager.manifest import fsync_directory
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.errors import EnvironmentBroken, InvalidInput, NotFound, QualityGateFailed
+from recship.runtime.files import atomic_output
 
 IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
@@ -428,20 +426,8 @@ def write_index(index: faiss.Index, path: Path) -> None:
     path = Path(path)
     if _is_gpu_index(index):
         index = faiss.index_gpu_to_cpu(index)
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    os.close(descriptor)
-    try:
-        faiss.write_index(index, temp_name)
-        with open(temp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    with atomic_output(path) as temp:
+        faiss.write_index(index, str(temp))
 
 
 def read_index(

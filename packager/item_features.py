@@ -7,14 +7,13 @@ row r = item id r), `dense` (float32 [items, item-side dense features]) and the 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from recship.runtime.errors import InvalidInput
+from recship.runtime.files import atomic_output
 from recship.trainer.data.dataset import EntityTable, JaggedColumn
 
 FILE_NAME = "item_features.npz"
@@ -50,16 +49,8 @@ def write_item_features(
     for name in sparse_features:
         arrays[f"sparse.{name}.values"] = items.sparse[name].values
         arrays[f"sparse.{name}.offsets"] = items.sparse[name].offsets
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, ".npz") as temp, open(temp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def read_item_features(path: Path) -> tuple[EntityTable, list[str], list[str]]:

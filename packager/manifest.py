@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import stat
-import tempfile
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +32,7 @@ from google.protobuf import json_format
 
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.errors import InvalidInput, NotFound
+from recship.runtime.files import write_bytes_atomic
 
 # The manifest format this code writes and the newest it reads.
 FORMAT_VERSION = 1
@@ -212,7 +212,7 @@ def write_manifest(path: Path, manifest: manifest_pb2.BundleManifest) -> None:
 
     A reader sees either the old file or the complete new one, never a partial write.
     """
-    write_file_atomic(path, manifest_to_json(manifest).encode("utf-8"))
+    write_bytes_atomic(path, manifest_to_json(manifest).encode("utf-8"))
 
 
 def read_manifest(path: Path) -> manifest_pb2.BundleManifest:
@@ -229,34 +229,6 @@ def read_manifest(path: Path) -> manifest_pb2.BundleManifest:
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInput(f"{path}: cannot read the manifest: {error}") from None
     return manifest_from_json(text, source=str(path))
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temp file in the same folder, fsync and os.replace."""
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            # mkstemp creates 0600; bundle files are read by servers running as other users.
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes the entries of `directory` (created, renamed files) durable."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --- checksums -------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from recship.packager.manifest import (
     BundleRef,
     check_bundle_name,
     current_library_versions,
-    fsync_directory,
     installed_version,
     parse_version_name,
     scan_files,
@@ -48,6 +47,7 @@ from recship.packager.manifest import (
 )
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.errors import InvalidInput
+from recship.runtime.files import fsync_directory
 
 LOCK_FILENAME = ".lock"
 # Staging folders nobody holds a lock on are removed once they are this old (seconds). The age

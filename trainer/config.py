@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from recship.runtime.errors import InvalidInput, NotFound
+from recship.runtime.files import write_bytes_atomic
 from recship.trainer.data.schema import DatasetSchema, SparseFeatureSpec
 
 ModelKind = Literal["two-tower", "dlrm"]
@@ -372,19 +371,8 @@ def model_config_for(config: TrainConfig, schema: DatasetSchema) -> ModelConfig:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Writes `payload` as indented JSON to a temp file beside `path`, then renames it in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_model_config(
