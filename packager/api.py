@@ -55,6 +55,7 @@ from recship.packager.verify import (
 from recship.packager.writer import BundleWriter
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.errors import InvalidInput, QualityGateFailed
+from recship.trainer.data.batches import ranking_batch
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.evaluate import tower_embeddings
 
@@ -142,21 +143,15 @@ class _EntryPoint:
 
 
 def _query_inputs(data: InteractionDataset, users: np.ndarray, features: list[str]):
-    return jagged_inputs([(data.users, users, features)])
+    return jagged_inputs(data.users, users, features)
 
 
 def _ranker_inputs(
-    data: InteractionDataset,
-    users: np.ndarray,
-    items: np.ndarray,
-    user_features: list[str],
-    item_features: list[str],
+    data: InteractionDataset, rows: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dense = np.concatenate([data.users.dense[users], data.items.dense[items]], axis=1)
-    values, lengths = jagged_inputs(
-        [(data.users, users, user_features), (data.items, items, item_features)]
-    )
-    return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), values, lengths
+    """Ranker entry-point inputs (dense, values, lengths) of the interactions `rows`."""
+    batch = ranking_batch(data, rows)
+    return batch.dense_features, batch.sparse_features.values(), batch.sparse_features.lengths()
 
 
 def _sample(rng: np.random.Generator, population: int, count: int) -> np.ndarray:
@@ -215,12 +210,11 @@ class _Packager:
         tower = self.retrieval.model.query_tower  # type: ignore[union-attr]
         self.query_features = list(tower.feature_names)
         ranking_schema = self.ranking.config.schema
-        self.ranker_user_features = [f.name for f in ranking_schema.user_sparse()]
+        # Schema order is user side, then item side: the order `ranking_batch` lays out.
+        self.ranker_features = [f.name for f in ranking_schema.sparse]
         self.ranker_item_features = [f.name for f in ranking_schema.item_sparse()]
         self.query_fp32 = QueryTowerEntry(tower, self.query_features).eval()
-        self.ranker_fp32 = RankerEntry(
-            self.ranking.model, self.ranker_user_features + self.ranker_item_features
-        ).eval()
+        self.ranker_fp32 = RankerEntry(self.ranking.model, self.ranker_features).eval()
 
     # -- stage 2 ----------------------------------------------------------------------------
     def quantize(self) -> None:
@@ -232,16 +226,11 @@ class _Packager:
         query_inputs = _query_inputs(query_source, golden_users, self.query_features)
         ranking_source = _golden_source(self.ranking)
         rows = _sample(self.rng, len(ranking_source), options.golden_examples)
-        ranker_inputs = self._ranking_rows(ranking_source, rows)
+        ranker_inputs = _ranker_inputs(ranking_source, rows)
         self.entries: list[_EntryPoint] = []
         for name, module, inputs, order in (
             (QUERY_TOWER, self.query_fp32, query_inputs, self.query_features),
-            (
-                RANKER,
-                self.ranker_fp32,
-                ranker_inputs,
-                self.ranker_user_features + self.ranker_item_features,
-            ),
+            (RANKER, self.ranker_fp32, ranker_inputs, self.ranker_features),
         ):
             tables = [table for table, _, _ in embedding_tables(module)]
             overrides = {t: q for t, q in options.table_quant.items() if t in tables}
@@ -257,15 +246,6 @@ class _Packager:
                 f"--table-quant names unknown table(s) {', '.join(unknown)}; tables are "
                 + ", ".join(sorted(all_tables))
             )
-
-    def _ranking_rows(self, data: InteractionDataset, rows: np.ndarray):
-        return _ranker_inputs(
-            data,
-            data.user_ids[rows],
-            data.item_ids[rows],
-            self.ranker_user_features,
-            self.ranker_item_features,
-        )
 
     # -- stage 3 ----------------------------------------------------------------------------
     def export(self, staging: Path) -> None:
@@ -367,10 +347,8 @@ class _Packager:
         )
         held_out = ranking.held_out if len(ranking.held_out) else ranking.train
         rows = np.arange(len(held_out))
-        logits_fp32 = _batched(self.ranker_fp32, lambda r: self._ranking_rows(held_out, r), rows)
-        logits_packaged = _batched(
-            self.loaded[RANKER], lambda r: self._ranking_rows(held_out, r), rows
-        )
+        logits_fp32 = _batched(self.ranker_fp32, lambda r: _ranker_inputs(held_out, r), rows)
+        logits_packaged = _batched(self.loaded[RANKER], lambda r: _ranker_inputs(held_out, r), rows)
         quality = quality_gate(
             recall_fp32,
             recall_packaged,

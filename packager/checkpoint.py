@@ -8,6 +8,7 @@ packager's quality gate runs on the checkpoint's own held-out split.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,6 @@ class LoadedCheckpoint:
     @property
     def metrics(self) -> dict[str, float]:
         """Training-time evaluation metrics from metrics.json (numbers only)."""
-        import json
-
         path = self.path / "metrics.json"
         if not path.is_file():
             return {}

@@ -65,22 +65,12 @@ class RankerEntry(nn.Module):
 
 
 def jagged_inputs(
-    parts: Sequence[tuple[EntityTable, np.ndarray, Sequence[str]]],
+    table: EntityTable, ids: np.ndarray, feature_names: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattens features of several entity tables into one (values, lengths) pair.
-
-    Args:
-        parts: (table, row ids [B], feature names) per side, in entry-point order; every part
-            must have the same B (e.g. the users and the items of B ranking rows).
+    """The features `feature_names` of the entities `ids` as entry-point inputs.
 
     Returns:
         (values int64 [N], lengths int32 [F * B]) in the feature-major layout above.
     """
-    values, lengths = [], []
-    for table, ids, names in parts:
-        if not names:
-            continue
-        kjt = entity_kjt(table, ids, names)
-        values.append(kjt.values())
-        lengths.append(kjt.lengths().to(torch.int32))
-    return torch.cat(values), torch.cat(lengths)
+    kjt = entity_kjt(table, ids, feature_names)
+    return kjt.values(), kjt.lengths()

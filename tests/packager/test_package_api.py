@@ -67,7 +67,7 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
     index = read_index(report.ref.path / "items.faiss", manifest.index)
     users = np.arange(retrieval.train.num_users)
     features = list(manifest.entry_points[0].sparse_feature_order)
-    inputs = jagged_inputs([(retrieval.train.users, users, features)])
+    inputs = jagged_inputs(retrieval.train.users, users, features)
     with torch.no_grad():
         packaged_queries = query_tower(*inputs).numpy()
         tower = retrieval.model.query_tower  # type: ignore[union-attr]

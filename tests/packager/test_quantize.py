@@ -10,6 +10,7 @@ from recship.packager.entrypoints import QueryTowerEntry, RankerEntry, jagged_in
 from recship.packager.quantize import quantize_for_inference, table_quant_types
 from recship.runtime.errors import InvalidInput
 from recship.trainer.config import ModelConfig, tables_for
+from recship.trainer.data.batches import ranking_batch
 from recship.trainer.data.synthetic import generate
 from recship.trainer.models import QueryTower, build_dlrm
 
@@ -58,23 +59,13 @@ def _ranker_entry(data) -> RankerEntry:
 
 def _query_inputs(data, entry: QueryTowerEntry, batch: int = 64):
     users = np.arange(batch) % data.num_users
-    return jagged_inputs([(data.users, users, entry.feature_names)])
+    return jagged_inputs(data.users, users, entry.feature_names)
 
 
 def _ranker_inputs(data, batch: int = 64):
-    rows = np.arange(batch)
-    users, items = data.user_ids[rows], data.item_ids[rows]
-    schema = data.schema
-    dense = torch.from_numpy(
-        np.concatenate([data.users.dense[users], data.items.dense[items]], axis=1)
-    ).float()
-    values, lengths = jagged_inputs(
-        [
-            (data.users, users, [f.name for f in schema.user_sparse()]),
-            (data.items, items, [f.name for f in schema.item_sparse()]),
-        ]
-    )
-    return dense, values, lengths
+    sparse_batch = ranking_batch(data, np.arange(batch))
+    features = sparse_batch.sparse_features
+    return sparse_batch.dense_features, features.values(), features.lengths()
 
 
 @pytest.mark.parametrize("devices", [1, 2])

@@ -168,11 +168,15 @@ def ranking_batches(
     batches = _rank_indices(
         len(data), batch_size, rank, world_size, epoch, seed, drop_last, start_batch, shuffle
     )
-    return (_ranking_batch(data, index) for index in batches)
+    return (ranking_batch(data, index) for index in batches)
 
 
-def _ranking_batch(data: InteractionDataset, index: np.ndarray) -> Batch:
-    """The DLRM batch of the interactions `index`."""
+def ranking_batch(data: InteractionDataset, index: np.ndarray) -> Batch:
+    """The DLRM batch of the interactions `index` (row ids of `data`, in that order).
+
+    Dense features are the user's then the item's columns; the KJT holds every sparse feature
+    in schema order (user side, then item side) with int32 lengths.
+    """
     user_rows = data.user_ids[index]
     item_rows = data.item_ids[index]
     dense = np.concatenate([data.users.dense[user_rows], data.items.dense[item_rows]], axis=1)
