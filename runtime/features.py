@@ -15,6 +15,7 @@ import numpy as np
 from recship.packager.item_features import read_item_features
 from recship.protos.v1 import manifest_pb2, recommender_pb2
 from recship.runtime.errors import InvalidInput
+from recship.trainer.data.dataset import JaggedColumn
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096
@@ -38,15 +39,13 @@ class JaggedBlock:
 
     def repeat(self, counts: np.ndarray) -> JaggedBlock:
         """Row r repeated counts[r] times (a query's features for each of its candidates)."""
+        rows = np.repeat(np.arange(self.rows), counts)
         values, lengths = [], []
         for feature_values, feature_lengths in zip(self.values, self.lengths, strict=True):
-            offsets = np.concatenate([[0], np.cumsum(feature_lengths)])
-            rows = np.repeat(np.arange(feature_lengths.size), counts)
-            starts, sizes = offsets[rows], feature_lengths[rows].astype(np.int64)
-            begin = np.cumsum(sizes) - sizes
-            index = np.repeat(starts - begin, sizes) + np.arange(int(sizes.sum()))
-            values.append(feature_values[index])
-            lengths.append(feature_lengths[rows])
+            offsets = np.concatenate([[0], np.cumsum(feature_lengths, dtype=np.int64)])
+            bag_values, bag_lengths = JaggedColumn(feature_values, offsets).gather(rows)
+            values.append(bag_values)
+            lengths.append(bag_lengths.astype(np.int32))
         return JaggedBlock(tuple(values), tuple(lengths))
 
 
