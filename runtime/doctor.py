@@ -15,6 +15,7 @@ from importlib import metadata
 
 import click
 
+from recship.packager.manifest import LIBRARY_DISTRIBUTIONS
 from recship.runtime.errors import EnvironmentBroken
 
 # The set this release is tested with (constraints.txt); other versions get a warning.
@@ -25,16 +26,9 @@ KNOWN_GOOD = {
     "faiss": "1.15.1",
 }
 
-# Distributions that may provide a module, CPU build first.
-DISTRIBUTIONS = {
-    "torch": ("torch",),
-    "torchrec": ("torchrec",),
-    "fbgemm_gpu": ("fbgemm-gpu-cpu", "fbgemm-gpu"),
-    "faiss": ("faiss-cpu", "faiss-gpu"),
-    "grpcio": ("grpcio",),
-    "protobuf": ("protobuf",),
-    "numpy": ("numpy",),
-}
+# Distributions that may provide a module, CPU build first: the bundle manifest's table (the
+# libraries a bundle records) plus the serving stack.
+DISTRIBUTIONS = {**LIBRARY_DISTRIBUTIONS, "grpcio": ("grpcio",), "protobuf": ("protobuf",)}
 
 
 @dataclass
