@@ -45,11 +45,14 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
 
 
 def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+    """A byte count for people: 512 B, 3.5 KiB, 1.2 MiB, 4.0 GiB."""
+    if num_bytes < 1024:
+        return f"{num_bytes:.0f} B"
+    for unit in ("KiB", "MiB"):
         num_bytes /= 1024
-    raise AssertionError("unreachable")
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+    return f"{num_bytes / 1024:.1f} GiB"
 
 
 @click.command("package")
