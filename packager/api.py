@@ -83,6 +83,10 @@ _FORMATS = {
     export.ExportFormat.TORCHSCRIPT: manifest_pb2.ENTRY_POINT_FORMAT_TORCHSCRIPT,
     export.ExportFormat.AOTI: manifest_pb2.ENTRY_POINT_FORMAT_AOTI,
 }
+_EXPORTERS = {
+    export.ExportFormat.TORCHSCRIPT: export.export_torchscript,
+    export.ExportFormat.AOTI: export.export_aoti,
+}
 # fbgemm_gpu libraries a C++ host dlopens (RTLD_GLOBAL) before loading each format.
 REQUIRED_LIBRARIES = {
     export.ExportFormat.TORCHSCRIPT: ("fbgemm_gpu_tbe_inference.so", "fbgemm_gpu_py.so"),
@@ -260,13 +264,7 @@ class _Packager:
             results = {}
             for fmt in formats:
                 path = staging / f"{entry.name}{fmt.suffix}"
-                if fmt is export.ExportFormat.TORCHSCRIPT:
-                    result = export.export_torchscript(
-                        entry.quantized.module, entry.golden_inputs, path
-                    )
-                else:
-                    result = export.export_aoti(entry.quantized.module, entry.golden_inputs, path)
-                results[fmt] = result
+                results[fmt] = _EXPORTERS[fmt](entry.quantized.module, entry.golden_inputs, path)
             self.exported[entry.name] = results
             # Verify and record golden outputs with the first format written (the default one).
             self.loaded[entry.name] = export.load_entry_point(results[formats[0]].path, formats[0])
