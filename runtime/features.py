@@ -37,9 +37,9 @@ class JaggedBlock:
     def rows(self) -> int:
         return int(self.lengths[0].size) if self.lengths else 0
 
-    def repeat(self, counts: np.ndarray) -> JaggedBlock:
-        """Row r repeated counts[r] times (a query's features for each of its candidates)."""
-        rows = np.repeat(np.arange(self.rows), counts)
+    def take(self, rows: np.ndarray) -> JaggedBlock:
+        """The bags of `rows`, in that order; rows may repeat (a query's features once per
+        candidate) or be any subset (one part of a split request)."""
         values, lengths = [], []
         for feature_values, feature_lengths in zip(self.values, self.lengths, strict=True):
             offsets = np.concatenate([[0], np.cumsum(feature_lengths, dtype=np.int64)])
@@ -48,21 +48,22 @@ class JaggedBlock:
             lengths.append(bag_lengths.astype(np.int32))
         return JaggedBlock(tuple(values), tuple(lengths))
 
+    @staticmethod
+    def concat(blocks: Sequence[JaggedBlock]) -> JaggedBlock:
+        """The rows of several blocks (same features), block after block."""
+        features = range(len(blocks[0].values))
+        return JaggedBlock(
+            tuple(np.concatenate([block.values[f] for block in blocks]) for f in features),
+            tuple(np.concatenate([block.lengths[f] for block in blocks]) for f in features),
+        )
 
-def concat_blocks(blocks: Sequence[JaggedBlock]) -> tuple[np.ndarray, np.ndarray]:
-    """Merges row blocks (same features) into one feature-major (values, lengths) pair.
-
-    Returns:
-        (values int64 [N], lengths int32 [F * total rows]): feature 0's bags of every block in
-        order, then feature 1's, and so on; what the entry points take.
-    """
-    features = len(blocks[0].values)
-    values = [block.values[f] for f in range(features) for block in blocks]
-    lengths = [block.lengths[f] for f in range(features) for block in blocks]
-    return (
-        np.concatenate(values).astype(np.int64, copy=False),
-        np.concatenate(lengths).astype(np.int32, copy=False),
-    )
+    def feature_major(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values int64 [N], lengths int32 [F * rows]): feature 0's bags of every row, then
+        feature 1's, and so on; the layout the entry points take."""
+        return (
+            np.concatenate(self.values).astype(np.int64, copy=False),
+            np.concatenate(self.lengths).astype(np.int32, copy=False),
+        )
 
 
 def join_blocks(*parts: JaggedBlock) -> JaggedBlock:

@@ -45,7 +45,7 @@ from recship.packager.index import search as faiss_search
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.batcher import Batcher, ReplicaPool
 from recship.runtime.errors import EnvironmentBroken, InvalidInput
-from recship.runtime.features import FeatureCodec, JaggedBlock, concat_blocks, join_blocks
+from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
 from recship.runtime.metrics import ServerMetrics
 from recship.runtime.store import ValidatedVersion
 
@@ -165,26 +165,12 @@ class RetrievePart:
 
 @dataclass(frozen=True)
 class RankPart:
-    """Ranking rows: row j scores item `item_ids[j]` for query `row_query[j]` of `queries`.
-
-    `row_query` is non-decreasing (rows are grouped by query), which lets the query features be
-    repeated per row without a gather.
-    """
+    """Ranking rows: row j scores item `item_ids[j]` for query `row_query[j]` of `queries`."""
 
     queries: JaggedBlock
     query_dense: np.ndarray
     row_query: np.ndarray
     item_ids: np.ndarray
-
-
-def _block_rows(block: JaggedBlock, rows: slice) -> JaggedBlock:
-    """Rows `rows` of a block (every feature)."""
-    values, lengths = [], []
-    for feature_values, feature_lengths in zip(block.values, block.lengths, strict=True):
-        offsets = np.concatenate([[0], np.cumsum(feature_lengths, dtype=np.int64)])
-        values.append(feature_values[offsets[rows.start] : offsets[rows.stop]])
-        lengths.append(feature_lengths[rows])
-    return JaggedBlock(tuple(values), tuple(lengths))
 
 
 class Replica:
@@ -238,7 +224,7 @@ class Replica:
         The index is searched with the largest k of the batch and each part keeps its own
         prefix; for Flat and IVF indexes the top-k is a prefix of the top-k' for k' > k.
         """
-        values, lengths = concat_blocks([part.block for part in parts])
+        values, lengths = JaggedBlock.concat([part.block for part in parts]).feature_major()
         embeddings = self.embed(values, lengths)
         k = max(part.k for part in parts)
         scores, ids = faiss_search(self._assets.index, embeddings, k)
@@ -250,22 +236,24 @@ class Replica:
         return results
 
     def run_rank(self, parts: list[RankPart]) -> list[np.ndarray]:
-        """One ranking batch: join item features onto every row, score all rows at once."""
-        codec = self._assets.codec
-        blocks, dense = [], []
-        for part in parts:
-            counts = np.bincount(part.row_query, minlength=part.queries.rows)
-            items, item_dense = codec.item_block(part.item_ids)
-            blocks.append(join_blocks(part.queries.repeat(counts), items))
-            dense.append(np.concatenate([part.query_dense[part.row_query], item_dense], axis=1))
-        values, lengths = concat_blocks(blocks)
-        logits = self.score(np.concatenate(dense), values, lengths)
-        results, start = [], 0
-        for part in parts:
-            stop = start + part.item_ids.size
-            results.append(logits[start:stop])
-            start = stop
-        return results
+        """One ranking batch: join item features onto every row, score all rows at once.
+
+        The rows of all parts are assembled with one gather per feature over the whole batch
+        (not one per part), so the numpy work grows with the rows, not with the requests.
+        """
+        query_offsets = np.cumsum([0] + [part.queries.rows for part in parts[:-1]])
+        row_query = np.concatenate(
+            [part.row_query + offset for part, offset in zip(parts, query_offsets, strict=True)]
+        )
+        queries = JaggedBlock.concat([part.queries for part in parts])
+        query_dense = np.concatenate([part.query_dense for part in parts])
+        items, item_dense = self._assets.codec.item_block(
+            np.concatenate([part.item_ids for part in parts])
+        )
+        values, lengths = join_blocks(queries.take(row_query), items).feature_major()
+        dense = np.concatenate([query_dense[row_query], item_dense], axis=1)
+        logits = self.score(dense, values, lengths)
+        return np.split(logits, np.cumsum([part.item_ids.size for part in parts[:-1]]))
 
 
 @dataclass(frozen=True)
@@ -580,7 +568,9 @@ class Servable:
             Overloaded, DeadlineExceeded, Unavailable: from the batcher.
         """
         parts = await self._retrieval.submit_split(
-            block.rows, lambda rows: RetrievePart(_block_rows(block, rows), k), deadline
+            block.rows,
+            lambda rows: RetrievePart(block.take(np.arange(rows.start, rows.stop)), k),
+            deadline,
         )
         return (
             np.concatenate([scores for scores, _ in parts]),
