@@ -15,7 +15,7 @@ import numpy as np
 from recship.packager.item_features import read_item_features
 from recship.protos.v1 import manifest_pb2, recommender_pb2
 from recship.runtime.errors import InvalidInput
-from recship.trainer.data.dataset import JaggedColumn
+from recship.trainer.data.dataset import gather_bags
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096
@@ -39,13 +39,23 @@ class JaggedBlock:
 
     def take(self, rows: np.ndarray) -> JaggedBlock:
         """The bags of `rows`, in that order; rows may repeat (a query's features once per
-        candidate) or be any subset (one part of a split request)."""
+        candidate)."""
         values, lengths = [], []
         for feature_values, feature_lengths in zip(self.values, self.lengths, strict=True):
-            offsets = np.concatenate([[0], np.cumsum(feature_lengths, dtype=np.int64)])
-            bag_values, bag_lengths = JaggedColumn(feature_values, offsets).gather(rows)
+            bag_values, bag_lengths = gather_bags(feature_values, _offsets(feature_lengths), rows)
             values.append(bag_values)
             lengths.append(bag_lengths.astype(np.int32))
+        return JaggedBlock(tuple(values), tuple(lengths))
+
+    def slice(self, rows: slice) -> JaggedBlock:
+        """Consecutive rows `rows` (one part of a split request); the block itself if whole."""
+        if rows.start == 0 and rows.stop == self.rows:
+            return self
+        values, lengths = [], []
+        for feature_values, feature_lengths in zip(self.values, self.lengths, strict=True):
+            offsets = _offsets(feature_lengths)
+            values.append(feature_values[offsets[rows.start] : offsets[rows.stop]])
+            lengths.append(feature_lengths[rows])
         return JaggedBlock(tuple(values), tuple(lengths))
 
     @staticmethod
@@ -64,6 +74,13 @@ class JaggedBlock:
             np.concatenate(self.values).astype(np.int64, copy=False),
             np.concatenate(self.lengths).astype(np.int32, copy=False),
         )
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """int64 [n + 1] bag offsets of n bag lengths."""
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 def join_blocks(*parts: JaggedBlock) -> JaggedBlock:

@@ -82,14 +82,27 @@ class JaggedColumn:
         Returns:
             (values int64 [sum of lengths], lengths int64 [len(rows)]).
         """
-        rows = np.asarray(rows, dtype=np.int64)
-        starts = self.offsets[rows]
-        lengths = self.offsets[rows + 1] - starts
-        total = int(lengths.sum())
-        # Index of every gathered value: its row's start plus its position inside the bag.
-        bag_begin = np.cumsum(lengths) - lengths
-        index = np.repeat(starts - bag_begin, lengths) + np.arange(total, dtype=np.int64)
-        return self.values[index], lengths
+        return gather_bags(self.values, self.offsets, rows)
+
+
+def gather_bags(
+    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bags of `rows` (in that order, rows may repeat) of a jagged (values, offsets) pair.
+
+    The offsets are trusted (no validation), for callers on a hot path that built them.
+
+    Returns:
+        (values [sum of lengths], lengths int64 [len(rows)]).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    total = int(lengths.sum())
+    # Index of every gathered value: its row's start plus its position inside the bag.
+    bag_begin = np.cumsum(lengths) - lengths
+    index = np.repeat(starts - bag_begin, lengths) + np.arange(total, dtype=np.int64)
+    return values[index], lengths
 
 
 @dataclass
