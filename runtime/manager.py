@@ -108,6 +108,19 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
+def _freeze_long_lived() -> None:
+    """Collects garbage, then moves every live object out of the cycle collector's reach.
+
+    A loaded version (and torch itself) leaves hundreds of thousands of long-lived objects in
+    the oldest generation, and every full collection walks all of them: ~80-95 ms pauses of
+    the event loop, about one a second under load, measured as the whole p99 tail of
+    `recship bench`. Frozen, they are skipped; garbage made by requests is still collected.
+    The collection before freezing walks only what is not frozen yet (~0.1 s the first time).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 @dataclass
 class _Version:
     """Mutable bookkeeping of one version (event loop only)."""
@@ -550,6 +563,7 @@ class VersionManager:
         except Exception as error:
             self._load_failed(bundle, entry, error)
             return False
+        _freeze_long_lived()
         entry.ready_at = time.time()
         entry.failure_reason = ""
         self._set_state(bundle, entry, VersionState.READY)
@@ -800,9 +814,11 @@ class VersionManager:
             if released() is not None:
                 # Reference cycles (batcher tasks, futures) keep it: collect them now so its
                 # modules, index and item table are freed before the next version loads.
-                # A full collection blocks the event loop (~0.2 s with torch loaded), so it
+                # They may be frozen (`_freeze_long_lived`), so this thaws everything first: a
+                # full collection that blocks the event loop (~0.2 s with torch loaded), so it
                 # runs only when reference counting alone did not free the servable.
-                gc.collect()
+                gc.unfreeze()
+                _freeze_long_lived()
             if released() is not None:
                 logger.warning(
                     "bundle %s v%d: unloaded but still referenced; its memory is not freed",
