@@ -169,13 +169,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     The method label is the full method name without its leading slash
     ("recship.v1.Recommender/Rank"). Handlers that are not coroutines or async generators
-    (none in recship) are passed through unwrapped. Stateless apart from the observer, so one
-    instance may serve any number of concurrent calls.
+    (none in recship) are passed through unwrapped. The wrapped handler of each method is
+    built once and reused while the server hands out the same handler; one instance may serve
+    any number of concurrent calls (all on the server's event loop).
     """
 
     def __init__(self, observe: RequestObserver | None = None) -> None:
         """Args: observe: called once per finished call with (method, code, seconds)."""
         self._observe = observe
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -186,6 +188,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method.lstrip("/")
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         replaced = {
             name: _wrap(behavior, method, self._observe)
             for name in _BEHAVIORS
