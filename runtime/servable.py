@@ -70,9 +70,9 @@ class BatchingConfig:
         enabled: False runs every request part alone (one item per batch), for comparisons.
     """
 
-    max_batch_rows: int = 256
+    max_batch_rows: int = 4096
     max_delay_s: float = 0.002
-    max_queue_rows: int = 8192
+    max_queue_rows: int = 32768
     enabled: bool = True
 
 
@@ -569,7 +569,7 @@ class Servable:
         """
         parts = await self._retrieval.submit_split(
             block.rows,
-            lambda rows: RetrievePart(block.take(np.arange(rows.start, rows.stop)), k),
+            lambda rows: RetrievePart(block.slice(rows), k),
             deadline,
         )
         return (

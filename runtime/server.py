@@ -95,9 +95,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8500
     metrics_port: int | None = None
-    max_batch_size: int = 256
+    max_batch_size: int = 4096
     max_delay_ms: float = 0.0
-    max_queue_rows: int = 8192
+    max_queue_rows: int = 32768
     batching: bool = True
     replicas: int | None = None
     threads: int = 1

@@ -165,7 +165,14 @@ class ServerThread:
 def server_config(repo: Path, **overrides: Any) -> Any:
     from recship.runtime.server import ServerConfig
 
-    values: dict[str, Any] = {"repo": repo, "port": 0, "metrics_port": 0, "max_delay_ms": 5.0}
+    # Batches far smaller than the default, so that ordinary test requests get split.
+    values: dict[str, Any] = {
+        "repo": repo,
+        "port": 0,
+        "metrics_port": 0,
+        "max_delay_ms": 5.0,
+        "max_batch_size": 256,
+    }
     values.update(overrides)
     return ServerConfig(**values)
 
