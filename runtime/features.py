@@ -19,6 +19,8 @@ from recship.trainer.data.dataset import gather_bags
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096
+_NO_IDS = np.zeros(0, dtype=np.int64)
+_NO_IDS.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class FeatureCodec:
 
     # -- validation -------------------------------------------------------------------------
     def _check_query(self, query: recommender_pb2.Query, where: str) -> None:
+        """Raises the error naming the first bad field of `query` (none if it is valid)."""
         for name in self.required:
             if name not in query.sparse:
                 raise InvalidInput(f'{where}.sparse["{name}"]: missing (required by the bundle)')
@@ -155,6 +158,8 @@ class FeatureCodec:
 
     def check_item_ids(self, ids: Sequence[int], where: str) -> np.ndarray:
         """Validates item ids (candidates, exclusions); returns them as int64."""
+        if not ids:
+            return _NO_IDS
         array = np.fromiter(ids, dtype=np.int64, count=len(ids))
         bad = np.flatnonzero((array < 0) | (array >= self.num_items))
         if bad.size:
@@ -171,6 +176,10 @@ class FeatureCodec:
     ) -> tuple[JaggedBlock, JaggedBlock, np.ndarray]:
         """Validates and encodes queries.
 
+        One pass over the queries gathers every feature's ids and checks the shape of each
+        query; the id ranges are then checked per feature over the whole request at once. Only
+        when something is wrong does `_check_query` walk the bad query to word the error.
+
         Args:
             queries: the request's queries.
             where: each query's field path for error messages, e.g. "queries[3].query".
@@ -181,25 +190,39 @@ class FeatureCodec:
         Raises:
             InvalidInput: naming the first bad field.
         """
-        for query, path in zip(queries, where, strict=True):
-            self._check_query(query, path)
+        count = len(queries)
+        ids: dict[str, list[int]] = {name: [] for name in self.required}
+        lengths = {name: np.empty(count, dtype=np.int32) for name in self.required}
+        dense = np.empty((count, self.query_dense), dtype=np.float32)
+        for position, query in enumerate(queries):
+            sparse = query.sparse
+            if len(sparse) != len(self.required) or len(query.dense) != self.query_dense:
+                self._check_query(query, where[position])
+            for name in self.required:
+                if name not in sparse:
+                    self._check_query(query, where[position])
+                feature = sparse[name]
+                if feature.weights or len(feature.ids) > MAX_IDS_PER_FEATURE:
+                    self._check_query(query, where[position])
+                lengths[name][position] = len(feature.ids)
+                ids[name].extend(feature.ids)
+            if self.query_dense:
+                dense[position] = query.dense
+        values = {}
+        for name in self.required:
+            values[name] = np.array(ids[name], dtype=np.int64)
+            bad = (values[name] < 0) | (values[name] >= self.cardinality[name])
+            if bad.any():
+                # The query holding the first bad id: its index among the bags' ends.
+                ends = np.cumsum(lengths[name])
+                position = int(np.searchsorted(ends, np.flatnonzero(bad)[0], side="right"))
+                self._check_query(queries[position], where[position])
 
         def block(features: Sequence[str]) -> JaggedBlock:
-            values, lengths = [], []
-            for name in features:
-                lengths.append(np.array([len(q.sparse[name].ids) for q in queries], np.int32))
-                values.append(
-                    np.fromiter(
-                        (i for q in queries for i in q.sparse[name].ids),
-                        dtype=np.int64,
-                        count=int(lengths[-1].sum()),
-                    )
-                )
-            return JaggedBlock(tuple(values), tuple(lengths))
+            return JaggedBlock(
+                tuple(values[name] for name in features), tuple(lengths[name] for name in features)
+            )
 
-        dense = np.array([list(q.dense) for q in queries], dtype=np.float32).reshape(
-            len(queries), self.query_dense
-        )
         return block(self.query_tower_features), block(self.ranker_query_features), dense
 
     def item_block(self, item_ids: np.ndarray) -> tuple[JaggedBlock, np.ndarray]:
