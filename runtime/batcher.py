@@ -137,6 +137,10 @@ def _enqueue_parts(
 
 async def _gather_parts(futures: list[asyncio.Future[Result]]) -> list[Result]:
     # If one part fails or the caller is cancelled, withdraw the parts still queued.
+    if len(futures) == 1:
+        # Most requests are one part: awaiting its future directly spares a gather future
+        # (cancelling the caller cancels the future, which withdraws it, as below).
+        return [await futures[0]]
     try:
         return list(await asyncio.gather(*futures))
     except BaseException:

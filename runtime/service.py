@@ -179,7 +179,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             ]
             scores, ids = await servable.retrieve(tower_block, request.retrieve_k, deadline)
             keep = [
-                (row_ids >= 0) & ~np.isin(row_ids, drop)
+                (row_ids >= 0) & ~np.isin(row_ids, drop) if drop.size else row_ids >= 0
                 for row_ids, drop in zip(ids, excluded, strict=True)
             ]
             candidates = [row_ids[mask] for row_ids, mask in zip(ids, keep, strict=True)]
@@ -197,11 +197,11 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             ranked = probabilities[starts[i] : starts[i + 1]]
             best = np.argsort(-ranked, kind="stable")[: request.top_n]
             result = response.results.add()
-            for j in best.tolist():
+            for item_id, rank_score, retrieval_score in zip(
+                items[best].tolist(), ranked[best].tolist(), retrieved[best].tolist(), strict=True
+            ):
                 result.items.add(
-                    item_id=int(items[j]),
-                    rank_score=float(ranked[j]),
-                    retrieval_score=float(retrieved[j]),
+                    item_id=item_id, rank_score=rank_score, retrieval_score=retrieval_score
                 )
         return response
 
