@@ -2,8 +2,9 @@
 
 `concurrency` callers, spread over several worker processes (so the load generator is not one
 GIL), each send one request, wait for the answer and send the next, for `duration_s` seconds
-after a warm-up. Reported: QPS, latency percentiles, errors by status code, and the server's
-mean batch size (rows and requests per batch, from its Prometheus endpoint). With
+after a warm-up. Reported: QPS, latency percentiles, errors by status code, and from the
+server's Prometheus endpoint its mean batch size (rows and requests per batch) and its process
+CPU time per answered RPC (comparable across machines where QPS is not). With
 `compare_unbatched` the same load also runs against a second server with batching off
 (`recship serve --no-batching`, started here from the same repository unless one is given),
 and the throughput and p99 ratios are printed.
@@ -87,6 +88,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     batch_rows: float | None = None
     batch_requests: float | None = None
+    server_cpu_ms: float | None = None  # server process CPU time per answered RPC
 
     @property
     def qps(self) -> float:
@@ -192,8 +194,19 @@ def _worker(
     return [x for caller in latencies for x in caller], dict(errors)
 
 
-def _scrape_batches(metrics: str | None) -> dict[str, float]:
-    """Sums of recship_batch_rows/_requests (sum and count over all models), or {}."""
+_SCRAPED = (
+    "recship_batch_rows_",
+    "recship_batch_requests_",
+    "recship_request_latency_seconds_count",
+    "process_cpu_seconds_total",
+)
+
+
+def _scrape(metrics: str | None) -> dict[str, float]:
+    """Batch size sums and counts, RPCs answered and process CPU seconds of a server, or {}.
+
+    Each sample name is summed over its labels (all models, all methods).
+    """
     if not metrics:
         return {}
     from prometheus_client.parser import text_string_to_metric_families
@@ -203,7 +216,7 @@ def _scrape_batches(metrics: str | None) -> dict[str, float]:
     totals: dict[str, float] = collections.defaultdict(float)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(("recship_batch_rows_", "recship_batch_requests_")):
+            if sample.name.startswith(_SCRAPED):
                 totals[sample.name] += sample.value
     return dict(totals)
 
@@ -220,7 +233,7 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
         # Start the workers first so that spawn time is not part of the warm-up.
         list(pool.map(abs, range(len(shares))))
         before: dict[str, float] = {}
-        timer = threading.Timer(config.warmup_s, lambda: before.update(_scrape_batches(metrics)))
+        timer = threading.Timer(config.warmup_s, lambda: before.update(_scrape(metrics)))
         timer.start()
         futures = [
             pool.submit(
@@ -236,17 +249,22 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
             latencies.extend(worker_latencies)
             errors.update(worker_errors)
         timer.join()
-    after = _scrape_batches(metrics)
+    after = _scrape(metrics)
     result = LoadResult(label, config.duration_s, np.asarray(latencies), dict(errors))
     if before and after:
 
+        def delta(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
         def mean(name: str) -> float | None:
-            count = after[f"{name}_count"] - before.get(f"{name}_count", 0.0)
-            total = after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0)
-            return total / count if count else None
+            count = delta(f"{name}_count")
+            return delta(f"{name}_sum") / count if count else None
 
         result.batch_rows = mean("recship_batch_rows")
         result.batch_requests = mean("recship_batch_requests")
+        answered = delta("recship_request_latency_seconds_count")
+        if answered and "process_cpu_seconds_total" in after:
+            result.server_cpu_ms = 1000 * delta("process_cpu_seconds_total") / answered
     return result
 
 
@@ -319,7 +337,7 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
         f"{config.duration_s:g} s"
     )
     for column in ("server", "QPS", "p50 ms", "p90 ms", "p99 ms", "errors", "rows/batch",
-                   "requests/batch"):  # fmt: skip
+                   "requests/batch", "server CPU ms/req"):  # fmt: skip
         table.add_column(column, justify="right")
     for result in results:
         table.add_row(
@@ -331,8 +349,11 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
             ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items())) or "0",
             "-" if result.batch_rows is None else f"{result.batch_rows:.1f}",
             "-" if result.batch_requests is None else f"{result.batch_requests:.1f}",
+            "-" if result.server_cpu_ms is None else f"{result.server_cpu_ms:.2f}",
         )
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log or a pipe: no terminal to fit, keep every column whole
     console.print(table)
     if len(results) == 2 and results[1].qps:
         batched, unbatched = results
@@ -363,6 +384,6 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
 @click.option("--unbatched-metrics", default=None, help="Its metrics endpoint.")
 @click.option("--processes", type=int, default=None, help="Load generator processes.")
 def bench_command(**options: object) -> None:
-    """Closed-loop load against a server: QPS, p50/p90/p99, errors, mean batch size."""
+    """Closed-loop load against a server: QPS, p50/p90/p99, errors, batch size, CPU/request."""
     config = BenchConfig(**options)  # type: ignore[arg-type]
     _print(config, bench(config))

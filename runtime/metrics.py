@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from recship.runtime.policy import VersionState
@@ -81,6 +88,9 @@ class ServerMetrics:
         """Args: registry: where to register; a fresh `CollectorRegistry` when None."""
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux; empty elsewhere):
+        # what `recship bench` divides by the requests served, and what a memory alert watches.
+        ProcessCollector(registry=r)
         self._requests = Counter(
             "recship_requests", "Finished RPCs by method and status code.",
             ["method", "code"], registry=r,

@@ -28,3 +28,6 @@ def test_bench_measures_batched_and_unbatched(live_server, bundle_repo) -> None:
     assert batched.percentile_ms(50) <= batched.percentile_ms(99)
     assert batched.batch_requests is not None and batched.batch_requests > 1
     assert unbatched.batch_requests == pytest.approx(1.0)
+    # The server's own CPU per answered RPC: positive, and far below a whole second.
+    for result in (batched, unbatched):
+        assert result.server_cpu_ms is not None and 0 < result.server_cpu_ms < 1000
