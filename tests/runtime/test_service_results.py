@@ -26,6 +26,25 @@ def test_retrieve_returns_the_packaged_top_k(client, reference, make_user) -> No
         np.testing.assert_allclose([item.score for item in result], row_scores, atol=ATOL)
 
 
+def test_a_retrieve_request_larger_than_a_batch_is_split_by_queries(
+    client, reference, make_user
+) -> None:
+    # 600 queries make three parts of the session server's 256-row batches; bags of 1 to 3
+    # ids make the parts' cuts fall at different offsets in each feature.
+    queries = []
+    for position in range(600):
+        features = make_user(position % 300)
+        bag = [features["user_age_bucket"]] * (1 + position % 3)
+        queries.append(Query({**features, "user_age_bucket": bag}, DENSE))
+    whole = client.retrieve("movies", queries, top_k=5)
+    assert len(whole.results) == 600
+    for position in (0, 1, 2, 255, 256, 257, 511, 512, 599):
+        alone = client.retrieve("movies", [queries[position]], top_k=5)
+        assert [i.item_id for i in whole.results[position]] == [i.item_id for i in alone.results[0]]
+    _, ids = reference.retrieve([make_user(0)], 5)
+    assert [item.item_id for item in whole.results[0]] == ids[0].tolist()
+
+
 def test_rank_scores_equal_the_packaged_ranker(client, reference, make_user) -> None:
     queries = [Query(make_user(5), DENSE), Query(make_user(42), [1.5])]
     candidates = [[0, 7, 199, 7], [3]]
