@@ -21,9 +21,11 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -56,6 +58,8 @@ class BenchConfig:
         compare_unbatched: also measure a server with batching off.
         unbatched_server: use this server as the unbatched one instead of starting one.
         unbatched_metrics: its Prometheus endpoint.
+        unbatched_serve_args: more `recship serve` options for the unbatched server this
+            command starts, to match the server under test (e.g. ("--threads", "2")).
         processes: load generator processes (default: min(concurrency, CPU count)).
         seed: seeds the random queries.
     """
@@ -74,6 +78,7 @@ class BenchConfig:
     compare_unbatched: bool = False
     unbatched_server: str | None = None
     unbatched_metrics: str | None = None
+    unbatched_serve_args: tuple[str, ...] = ()
     processes: int | None = None
     seed: int = 0
 
@@ -269,20 +274,31 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
 
 
 class _UnbatchedServer:
-    """`recship serve --no-batching` on free ports, for the comparison; stopped on exit."""
+    """`recship serve --no-batching` on free ports, for the comparison; stopped on exit.
 
-    def __init__(self, repo: Path, bundle: str) -> None:
+    `serve_args` come first, so the ports and `--no-batching` given here override any in them.
+    Its log goes to a temporary file (a pipe nobody reads would fill and stall the server);
+    the last line is quoted if it does not start.
+    """
+
+    def __init__(self, repo: Path, bundle: str, serve_args: tuple[str, ...] = ()) -> None:
         executable = Path(sys.executable).parent / "recship"
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open until close()
         self.process = subprocess.Popen(
-            [str(executable), "serve", "--repo", str(repo), "--bundle", bundle, "--port", "0",
-             "--metrics-port", "0", "--no-batching"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [str(executable), "serve", *serve_args, "--repo", str(repo), "--bundle", bundle,
+             "--port", "0", "--metrics-port", "0", "--no-batching"],
+            stdout=subprocess.PIPE, stderr=self._log, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
         line = self.process.stdout.readline().split()
         if len(line) < 5 or line[0] != "listening":
-            self.close()
-            raise Unavailable("the unbatched comparison server did not start")
+            self._stop()
+            self._log.seek(0)
+            said = [text.strip() for text in self._log.read().splitlines() if text.strip()]
+            self._log.close()
+            raise Unavailable(
+                "the unbatched comparison server did not start" + (f": {said[-1]}" if said else "")
+            )
         self.target = line[2]
         self.metrics = f"127.0.0.1:{line[4]}"
 
@@ -293,6 +309,10 @@ class _UnbatchedServer:
             client.wait_until_serving(120)
 
     def close(self) -> None:
+        self._stop()
+        self._log.close()
+
+    def _stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -319,7 +339,7 @@ def bench(config: BenchConfig) -> list[LoadResult]:
         elif config.repo is None:
             raise InvalidInput("--compare-unbatched needs --repo (or --unbatched-server)")
         else:
-            server = _UnbatchedServer(config.repo, config.bundle)
+            server = _UnbatchedServer(config.repo, config.bundle, config.unbatched_serve_args)
             try:
                 server.wait_serving()
                 results.append(run_load(config, server.target, server.metrics, "unbatched"))
@@ -382,8 +402,14 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
               help="Also measure a server with batching off and print the ratio.")  # fmt: skip
 @click.option("--unbatched-server", default=None, help="Use this unbatched server instead.")
 @click.option("--unbatched-metrics", default=None, help="Its metrics endpoint.")
+@click.option("--unbatched-serve-args", default="",
+              help='Options for the unbatched server started here, to match the server under '
+                   'test, e.g. "--threads 2 --replicas 2".')  # fmt: skip
 @click.option("--processes", type=int, default=None, help="Load generator processes.")
-def bench_command(**options: object) -> None:
+def bench_command(unbatched_serve_args: str, **options: object) -> None:
     """Closed-loop load against a server: QPS, p50/p90/p99, errors, batch size, CPU/request."""
-    config = BenchConfig(**options)  # type: ignore[arg-type]
+    config = BenchConfig(
+        unbatched_serve_args=tuple(shlex.split(unbatched_serve_args)),
+        **options,  # type: ignore[arg-type]
+    )
     _print(config, bench(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recship.runtime.bench import BenchConfig, bench
+from recship.runtime.errors import Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,3 +32,20 @@ def test_bench_measures_batched_and_unbatched(live_server, bundle_repo) -> None:
     # The server's own CPU per answered RPC: positive, and far below a whole second.
     for result in (batched, unbatched):
         assert result.server_cpu_ms is not None and 0 < result.server_cpu_ms < 1000
+
+
+def test_the_unbatched_server_takes_the_given_serve_options(live_server, bundle_repo) -> None:
+    # A bad option proves the options reach `recship serve`; its own error line is quoted.
+    config = BenchConfig(
+        server=live_server.target,
+        bundle="movies",
+        concurrency=1,
+        duration_s=0.3,
+        warmup_s=0.1,
+        repo=bundle_repo,
+        compare_unbatched=True,
+        unbatched_serve_args=("--threads", "0"),
+        processes=1,
+    )
+    with pytest.raises(Unavailable, match=r"did not start: .*--threads must be >= 1, got 0"):
+        bench(config)
