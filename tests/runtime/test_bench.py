@@ -10,20 +10,26 @@ from recship.runtime.errors import Unavailable
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def _compare(live_server, bundle_repo, **overrides) -> BenchConfig:
+    """A short batched-vs-unbatched run against the session server."""
+    values = {
+        "server": live_server.target,
+        "bundle": "movies",
+        "concurrency": 8,
+        "duration_s": 1.5,
+        "warmup_s": 0.5,
+        "retrieve_k": 20,
+        "repo": bundle_repo,
+        "metrics": f"127.0.0.1:{live_server.metrics_port}",
+        "compare_unbatched": True,
+        "processes": 2,
+    }
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
 def test_bench_measures_batched_and_unbatched(live_server, bundle_repo) -> None:
-    config = BenchConfig(
-        server=live_server.target,
-        bundle="movies",
-        concurrency=8,
-        duration_s=1.5,
-        warmup_s=0.5,
-        retrieve_k=20,
-        repo=bundle_repo,
-        metrics=f"127.0.0.1:{live_server.metrics_port}",
-        compare_unbatched=True,
-        processes=2,
-    )
-    batched, unbatched = bench(config)
+    batched, unbatched = bench(_compare(live_server, bundle_repo))
     assert batched.errors == {} and unbatched.errors == {}
     assert batched.qps > 0 and unbatched.qps > 0
     assert batched.percentile_ms(50) <= batched.percentile_ms(99)
@@ -36,14 +42,12 @@ def test_bench_measures_batched_and_unbatched(live_server, bundle_repo) -> None:
 
 def test_the_unbatched_server_takes_the_given_serve_options(live_server, bundle_repo) -> None:
     # A bad option proves the options reach `recship serve`; its own error line is quoted.
-    config = BenchConfig(
-        server=live_server.target,
-        bundle="movies",
+    config = _compare(
+        live_server,
+        bundle_repo,
         concurrency=1,
         duration_s=0.3,
         warmup_s=0.1,
-        repo=bundle_repo,
-        compare_unbatched=True,
         unbatched_serve_args=("--threads", "0"),
         processes=1,
     )
