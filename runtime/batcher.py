@@ -63,6 +63,12 @@ from recship.runtime.errors import DeadlineExceeded, InvalidInput, Overloaded, U
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+#: Default model rows per batch: ~40 Recommend requests of 100 candidates each. 256 held two,
+#: which capped throughput at concurrency 64 on the ranking queue (see benchmarks/README.md).
+DEFAULT_MAX_BATCH_ROWS = 4096
+#: Default rows waiting per replica and model: eight full batches.
+DEFAULT_MAX_QUEUE_ROWS = 8 * DEFAULT_MAX_BATCH_ROWS
+
 
 class BatchObserver(Protocol):
     """Receives a batcher's measurements (see `recship.runtime.metrics.ModelBatchMetrics`).

@@ -43,7 +43,12 @@ from recship.packager.export import ExportFormat, load_entry_point
 from recship.packager.index import read_index
 from recship.packager.index import search as faiss_search
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.batcher import Batcher, ReplicaPool
+from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_QUEUE_ROWS,
+    Batcher,
+    ReplicaPool,
+)
 from recship.runtime.errors import EnvironmentBroken, InvalidInput
 from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
 from recship.runtime.metrics import ServerMetrics
@@ -70,9 +75,9 @@ class BatchingConfig:
         enabled: False runs every request part alone (one item per batch), for comparisons.
     """
 
-    max_batch_rows: int = 4096
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     max_delay_s: float = 0.002
-    max_queue_rows: int = 32768
+    max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     enabled: bool = True
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
 from recship.runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -24,13 +25,13 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8500, show_default=True, help="gRPC port (0: any).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: any).")
-@click.option("--max-batch-size", type=int, default=4096, show_default=True,
+@click.option("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
 @click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
               help="Longest wait for a batch to fill. 0 runs a batch as soon as the replica is "
                    "free, and batches still form from what queues while it is busy (best on "
                    "CPU); raise it on GPUs, where larger batches pay.")  # fmt: skip
-@click.option("--max-queue-rows", type=int, default=32768, show_default=True,
+@click.option("--max-queue-rows", type=int, default=DEFAULT_MAX_QUEUE_ROWS, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparisons).")
 @click.option("--replicas", type=int, default=None, help="CPU replicas (default 1).")

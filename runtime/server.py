@@ -38,6 +38,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
 from recship.runtime.errors import InvalidInput, RecshipError
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
@@ -95,9 +96,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8500
     metrics_port: int | None = None
-    max_batch_size: int = 4096
+    max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
     max_delay_ms: float = 0.0
-    max_queue_rows: int = 32768
+    max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     batching: bool = True
     replicas: int | None = None
     threads: int = 1
