@@ -233,12 +233,13 @@ class Replica:
         embeddings = self.embed(values, lengths)
         k = max(part.k for part in parts)
         scores, ids = faiss_search(self._assets.index, embeddings, k)
-        results, start = [], 0
-        for part in parts:
-            stop = start + part.block.rows
-            results.append((scores[start:stop, : part.k], ids[start:stop, : part.k]))
-            start = stop
-        return results
+        bounds = np.cumsum([part.block.rows for part in parts[:-1]])
+        return [
+            (part_scores[:, : part.k], part_ids[:, : part.k])
+            for part, part_scores, part_ids in zip(
+                parts, np.split(scores, bounds), np.split(ids, bounds), strict=True
+            )
+        ]
 
     def run_rank(self, parts: list[RankPart]) -> list[np.ndarray]:
         """One ranking batch: join item features onto every row, score all rows at once.
