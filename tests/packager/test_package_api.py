@@ -44,6 +44,12 @@ def _options(runs: tuple[Path, Path], repo: Path, **overrides) -> PackageOptions
     return PackageOptions(retrieval=runs[0], ranking=runs[1], repo=repo, name="movies", **overrides)
 
 
+def _package_argv(runs: tuple[Path, Path], repo: Path) -> list[str]:
+    """`recship package` of the session runs into `repo` as bundle "movies"."""
+    return [RECSHIP, "package", "--retrieval", str(runs[0]), "--ranking", str(runs[1]),
+            "--repo", str(repo), "--name", "movies"]  # fmt: skip
+
+
 def _version_files(repo: Path) -> set[str]:
     return {str(p.relative_to(repo)) for p in repo.rglob("*") if ".staging-" not in str(p)}
 
@@ -136,18 +142,7 @@ def test_cli_errors_are_one_line(runs, tmp_path: Path) -> None:
     unwritable = tmp_path / "file-not-dir"
     unwritable.write_text("x")
     result = subprocess.run(
-        [
-            RECSHIP,
-            "package",
-            "--retrieval",
-            str(runs[0]),
-            "--ranking",
-            str(runs[1]),
-            "--repo",
-            str(unwritable),
-            "--name",
-            "movies",
-        ],
+        _package_argv(runs, unwritable),
         capture_output=True,
         text=True,
         check=False,
@@ -157,20 +152,7 @@ def test_cli_errors_are_one_line(runs, tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot write to bundle repository" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     bad_quant = subprocess.run(
-        [
-            RECSHIP,
-            "package",
-            "--retrieval",
-            str(runs[0]),
-            "--ranking",
-            str(runs[1]),
-            "--repo",
-            str(tmp_path / "r"),
-            "--name",
-            "movies",
-            "--quant",
-            "int3",
-        ],
+        [*_package_argv(runs, tmp_path / "r"), "--quant", "int3"],
         capture_output=True,
         text=True,
         check=False,
@@ -183,18 +165,7 @@ def test_kill_during_package_leaves_the_repo_unchanged(runs, tmp_path: Path) -> 
     package(_options(runs, repo))
     before = _version_files(repo)
     process = subprocess.Popen(
-        [
-            RECSHIP,
-            "package",
-            "--retrieval",
-            str(runs[0]),
-            "--ranking",
-            str(runs[1]),
-            "--repo",
-            str(repo),
-            "--name",
-            "movies",
-        ],
+        _package_argv(runs, repo),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
