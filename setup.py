@@ -15,7 +15,10 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
-FOLDERS = {"trainer": "trainer", "packager": "packager", "runtime": "runtime", "protos": "protos"}
+# Top-level folder -> `recship.<name>`: the layers of DESIGN.md, lowest first.
+FOLDERS = {
+    name: name for name in ("base", "protos", "bundle", "trainer", "packager", "runtime", "cli")
+}
 PROTO_SOURCES = ROOT / "protos" / "recship" / "v1"
 GENERATED = ROOT / "protos" / "v1"
 

@@ -64,11 +64,11 @@ async def measure_upgrade_memory(repo: Path, cycles: int) -> tuple[int, list[int
     Returns:
         (steady-state RSS with the first version loaded, RSS after each cycle), in bytes.
     """
+    from recship.bundle.store import BundleStore
     from recship.runtime.manager import VersionManager
     from recship.runtime.metrics import ServerMetrics
     from recship.runtime.policy import Pinned, VersionState
     from recship.runtime.servable import LoaderConfig
-    from recship.runtime.store import BundleStore
 
     store = BundleStore(repo)
     older, newer = store.list_versions(BUNDLE)[-2:]

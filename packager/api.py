@@ -30,13 +30,30 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from recship.packager import export, golden
+from recship.base.errors import InvalidInput, QualityGateFailed
+from recship.bundle import golden
+from recship.bundle.entrypoints import (
+    MANIFEST_FORMATS,
+    REQUIRED_LIBRARIES,
+    ExportFormat,
+    entry_point_file,
+    load_entry_point,
+)
+from recship.bundle.index import search, write_index
+from recship.bundle.item_features import write_item_features
+from recship.bundle.layout import (
+    GOLDEN_FILE,
+    INDEX_FILE,
+    ITEM_FEATURES_FILE,
+    QUERY_TOWER,
+    RANKER,
+    BundleRef,
+)
+from recship.bundle.writer import BundleWriter
+from recship.packager import export
 from recship.packager.checkpoint import LoadedCheckpoint, check_pair, load_checkpoint
 from recship.packager.entrypoints import QueryTowerEntry, RankerEntry, jagged_inputs
-from recship.packager.index import IndexParams, build_index, search, write_index
-from recship.packager.item_features import FILE_NAME as ITEM_FEATURES_FILE
-from recship.packager.item_features import write_item_features
-from recship.packager.manifest import BundleRef
+from recship.packager.index import IndexParams, build_index
 from recship.packager.options import PackageOptions
 from recship.packager.quantize import (
     QuantizedModel,
@@ -52,17 +69,11 @@ from recship.packager.verify import (
     quality_gate,
     ranked_recall,
 )
-from recship.packager.writer import BundleWriter
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput, QualityGateFailed
 from recship.trainer.data.batches import ranking_batch
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.evaluate import tower_embeddings
 
-QUERY_TOWER = "query_tower"
-RANKER = "ranker"
-GOLDEN_FILE = "golden.pt"
-INDEX_FILE = "items.faiss"
 # The runtime's self-test recomputes the exported entry points on the golden inputs; only
 # thread-count dependent float summation order may differ.
 GOLDEN_ATOL = 1e-4
@@ -79,22 +90,9 @@ _QUANT_DTYPES = {
     "fp16": manifest_pb2.QUANT_DTYPE_FP16,
     "fp32": manifest_pb2.QUANT_DTYPE_FP32,
 }
-_FORMATS = {
-    export.ExportFormat.TORCHSCRIPT: manifest_pb2.ENTRY_POINT_FORMAT_TORCHSCRIPT,
-    export.ExportFormat.AOTI: manifest_pb2.ENTRY_POINT_FORMAT_AOTI,
-}
 _EXPORTERS = {
-    export.ExportFormat.TORCHSCRIPT: export.export_torchscript,
-    export.ExportFormat.AOTI: export.export_aoti,
-}
-# fbgemm_gpu libraries a C++ host dlopens (RTLD_GLOBAL) before loading each format.
-REQUIRED_LIBRARIES = {
-    export.ExportFormat.TORCHSCRIPT: ("fbgemm_gpu_tbe_inference.so", "fbgemm_gpu_py.so"),
-    export.ExportFormat.AOTI: (
-        "fbgemm_gpu_tbe_inference.so",
-        "fbgemm_gpu_py.so",
-        "fbgemm_gpu_tbe_common.so",
-    ),
+    ExportFormat.TORCHSCRIPT: export.export_torchscript,
+    ExportFormat.AOTI: export.export_aoti,
 }
 _ROLES = {
     QUERY_TOWER: manifest_pb2.MODEL_ROLE_RETRIEVAL,
@@ -254,20 +252,20 @@ class _Packager:
     # -- stage 3 ----------------------------------------------------------------------------
     def export(self, staging: Path) -> None:
         formats = {
-            "torchscript": [export.ExportFormat.TORCHSCRIPT],
-            "aoti": [export.ExportFormat.AOTI],
-            "both": [export.ExportFormat.TORCHSCRIPT, export.ExportFormat.AOTI],
+            "torchscript": [ExportFormat.TORCHSCRIPT],
+            "aoti": [ExportFormat.AOTI],
+            "both": [ExportFormat.TORCHSCRIPT, ExportFormat.AOTI],
         }[self.options.export_format]
-        self.exported: dict[str, dict[export.ExportFormat, export.ExportResult]] = {}
+        self.exported: dict[str, dict[ExportFormat, export.ExportResult]] = {}
         self.loaded: dict[str, Callable[..., torch.Tensor]] = {}
         for entry in self.entries:
             results = {}
             for fmt in formats:
-                path = staging / f"{entry.name}{fmt.suffix}"
+                path = staging / entry_point_file(entry.name, fmt)
                 results[fmt] = _EXPORTERS[fmt](entry.quantized.module, entry.golden_inputs, path)
             self.exported[entry.name] = results
             # Verify and record golden outputs with the first format written (the default one).
-            self.loaded[entry.name] = export.load_entry_point(results[formats[0]].path, formats[0])
+            self.loaded[entry.name] = load_entry_point(results[formats[0]].path, formats[0])
 
     # -- stage 4 ----------------------------------------------------------------------------
     def index(self, staging: Path) -> None:
@@ -492,11 +490,11 @@ class _Packager:
         self,
         message: manifest_pb2.EntryPoint,
         entry: _EntryPoint,
-        fmt: export.ExportFormat,
+        fmt: ExportFormat,
         result: export.ExportResult,
     ) -> None:
         message.name = entry.name
-        message.format = _FORMATS[fmt]
+        message.format = MANIFEST_FORMATS[fmt]
         message.file = result.path.name
         message.sparse_feature_order.extend(entry.feature_order)
         message.required_libraries.extend(REQUIRED_LIBRARIES[fmt])

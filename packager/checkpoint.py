@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.checkpoint import load_unsharded, resolve_checkpoint
 from recship.trainer.config import MODEL_CONFIG_FILE, ModelConfig, read_model_config
 from recship.trainer.data.dataset import InteractionDataset

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recship.base.jagged import EntityTable
 from recship.trainer.data.batches import entity_kjt
-from recship.trainer.data.dataset import EntityTable
 
 
 class QueryTowerEntry(nn.Module):

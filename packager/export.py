@@ -1,5 +1,7 @@
 """Export inference modules as entry points a Python or C++ host can load: TorchScript and AOTI.
 
+The writing half of `recship.bundle.entrypoints` (which loads them).
+
 An entry point is an `nn.Module` (usually quantized and sharded for inference) whose `forward`
 takes plain tensors and returns one tensor, e.g. a query tower
 `forward(values: int64[N], lengths: int32[F * B]) -> float32[B, D]` or a ranker
@@ -21,22 +23,24 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import inspect
-import logging
 import time
 import typing
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from recship.runtime.errors import InvalidInput
-from recship.runtime.files import atomic_output
+from recship.base.errors import InvalidInput
+from recship.base.files import atomic_output
+from recship.bundle.entrypoints import (
+    ExportFormat,
+    first_line,
+    import_fbgemm_ops,
+    load_entry_point,
+    silenced_export_warnings,
+)
 
 # Parameter names that give an entry point input its dynamic first dimension in `export_aoti`:
 # `*lengths` holds one length per feature and example (a multiple of the batch), `*values` and
@@ -53,18 +57,6 @@ _FBGEMM_TORCHBIND_CLASSES = (
     "__torch__.torch.classes.fbgemm.AtomicCounter",
     "__torch__.torch.classes.fbgemm.TensorQueue",
 )
-
-
-class ExportFormat(enum.StrEnum):
-    """How an entry point is stored; the value is what manifests and CLI flags spell."""
-
-    TORCHSCRIPT = "torchscript"
-    AOTI = "aoti"
-
-    @property
-    def suffix(self) -> str:
-        """The file name suffix of this format: `.pt` or `.pt2`."""
-        return ".pt" if self is ExportFormat.TORCHSCRIPT else ".pt2"
 
 
 @dataclass(frozen=True)
@@ -86,37 +78,6 @@ class ExportResult:
     max_abs_diff: float
 
 
-@contextlib.contextmanager
-def silenced_export_warnings() -> Iterator[None]:
-    """Silence the deprecation and tracing chatter of torch.jit, torch.fx and torch.export.
-
-    TorchScript is deprecated upstream (torch 2.13 warns on every script/save/load) and the
-    `is_fx_tracing` notice is logged on every export; neither is actionable for a user of
-    recship. Every recship module that scripts, exports or loads entry points or golden files
-    wraps those calls in this context, so the policy lives in one place. Like
-    `warnings.catch_warnings`, it changes process-wide state: not for concurrent use.
-    """
-    fx_logger = logging.getLogger("torch.fx._symbolic_trace")
-    previous_level = fx_logger.level
-    fx_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", module=r"torch\.(jit|fx|export|_export)")
-            warnings.filterwarnings("ignore", module=r"torchrec\.fx")
-            # Raised from the ast visitor (so not attributable to torch) while scripting.
-            warnings.filterwarnings("ignore", message="The TorchScript type system")
-            yield
-    finally:
-        fx_logger.setLevel(previous_level)
-
-
-def _import_fbgemm_ops() -> None:
-    """Register fbgemm_gpu's operators and torchbind classes (quantized lookups need them)."""
-    import fbgemm_gpu  # noqa: F401
-
-
 def _register_fbgemm_fake_classes() -> None:
     """Give torch.export fake versions of fbgemm's torchbind objects held by quantized TBEs.
 
@@ -128,12 +89,6 @@ def _register_fbgemm_fake_classes() -> None:
 
     if not all(has_fake_class(name) for name in _FBGEMM_TORCHBIND_CLASSES):
         register_fake_classes()
-
-
-def _reason(error: Exception) -> str:
-    """The first line of an exception's message: the part a person reads."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
 
 
 def _max_abs_diff(actual: Tensor, expected: Tensor) -> float:
@@ -151,7 +106,7 @@ def _eager_output(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> Tens
             output = module(*example_inputs)
     except Exception as error:
         raise InvalidInput(
-            f"{type(module).__name__} fails on the example inputs: {_reason(error)}"
+            f"{type(module).__name__} fails on the example inputs: {first_line(error)}"
         ) from error
     if not isinstance(output, Tensor):
         raise InvalidInput(
@@ -205,7 +160,7 @@ def export_torchscript(
     """
     import torchrec.fx
 
-    _import_fbgemm_ops()
+    import_fbgemm_ops()
     _check_inputs(example_inputs)
     path = Path(path)
     started = time.perf_counter()
@@ -217,7 +172,7 @@ def export_torchscript(
             scripted = torch.jit.script(traced)
         except Exception as error:
             raise InvalidInput(
-                f"cannot script {type(module).__name__} for {path.name}: {_reason(error)}"
+                f"cannot script {type(module).__name__} for {path.name}: {first_line(error)}"
             ) from error
         with atomic_output(path, ".pt") as staging:
             torch.jit.save(scripted, str(staging))
@@ -323,7 +278,7 @@ def export_aoti(
         InvalidInput: The configuration cannot be exported (e.g. row-wise sharded tables), the
             example inputs do not fit the batch rules, or torch.export fails (with its reason).
     """
-    _import_fbgemm_ops()
+    import_fbgemm_ops()
     _check_inputs(example_inputs)
     path = Path(path)
     _check_aoti_sharding(module, path)
@@ -340,7 +295,7 @@ def export_aoti(
             )
         except Exception as error:
             raise InvalidInput(
-                f"torch.export cannot export {path.name}: {_reason(error)}"
+                f"torch.export cannot export {path.name}: {first_line(error)}"
             ) from error
         with atomic_output(path, ".pt2") as staging:
             torch._inductor.aoti_compile_and_package(program, package_path=str(staging))
@@ -349,63 +304,3 @@ def export_aoti(
     with torch.no_grad():
         diff = _max_abs_diff(reloaded(*example_inputs), expected)
     return ExportResult(path, ExportFormat.AOTI, seconds, diff)
-
-
-def format_of(path: Path) -> ExportFormat:
-    """The export format implied by a file name (`.pt` or `.pt2`).
-
-    Raises:
-        InvalidInput: The suffix is neither.
-    """
-    for export_format in ExportFormat:
-        if Path(path).suffix == export_format.suffix:
-            return export_format
-    raise InvalidInput(f"{path}: not an entry point file (expected a .pt or .pt2 suffix)")
-
-
-def load_entry_point(path: Path, format: ExportFormat | str | None = None) -> Callable[..., Tensor]:
-    """Load an exported entry point for inference.
-
-    fbgemm_gpu is imported first so that the quantized lookup operators and torchbind classes
-    the file refers to exist.
-
-    Args:
-        path: A `.pt` (TorchScript) or `.pt2` (AOTInductor package) file.
-        format: Its format; inferred from the suffix when omitted.
-
-    Returns:
-        A callable taking the entry point's plain tensors and returning its output tensor. A
-        TorchScript module is returned in eval mode; an AOTI model runs on the CPU it was built
-        for. Neither is documented as safe to call from several threads at once: give each
-        executor thread its own, or serialise calls.
-
-    Raises:
-        NotFound: `path` does not exist.
-        InvalidInput: The format is unknown or the file cannot be loaded (the message says why).
-    """
-    from recship.runtime.errors import NotFound
-
-    path = Path(path)
-    export_format = format_of(path) if format is None else _parse_format(format)
-    if not path.is_file():
-        raise NotFound(f"{path}: entry point file not found")
-    _import_fbgemm_ops()
-    with silenced_export_warnings():
-        try:
-            if export_format is ExportFormat.TORCHSCRIPT:
-                module = torch.jit.load(str(path))
-                module.eval()
-                return module
-            return torch._inductor.aoti_load_package(str(path))
-        except Exception as error:
-            raise InvalidInput(
-                f"{path}: cannot load as {export_format}: {_reason(error)}"
-            ) from error
-
-
-def _parse_format(value: ExportFormat | str) -> ExportFormat:
-    try:
-        return ExportFormat(value)
-    except ValueError:
-        choices = ", ".join(export_format.value for export_format in ExportFormat)
-        raise InvalidInput(f"unknown entry point format {value!r} (choose {choices})") from None

@@ -1,41 +1,34 @@
-"""FAISS indexes of candidate embeddings: build, tune against exact search, save, load, search.
+"""Build and tune the FAISS index of candidate embeddings (the writing half of `bundle/index.py`).
 
 Functions over plain numpy arrays, like FAISS's `contrib`: `build_index` turns item vectors and
 item ids into an inner-product index whose search parameter (nprobe, efSearch) is raised until
-its recall@100 against exact search reaches a floor; `write_index` / `read_index` store it
-atomically and reload it with the recorded search parameters; `search` is the typed query call.
+its recall@100 against exact search reaches a floor, and describes it as the manifest's
+`IndexSpec`; `recship.bundle.index` writes, reads and searches it.
 
 Every index keeps the item ids (IVF indexes store them natively, Flat and HNSW are wrapped in
-`IndexIDMap2`), so search results are item ids, never row numbers.
-
-Thread-safety: building is single-owner; a built or loaded CPU index may be searched from many
-threads at once (FAISS searches are read-only), but changing its search parameters while others
-search is not safe.
+`IndexIDMap2`), so search results are item ids, never row numbers. Building is single-owner.
 
 Example::
 
     built = build_index(item_vectors, item_ids, kind="auto", min_recall=0.95)
     write_index(built.index, bundle_dir / "items.faiss")
-    index = read_index(bundle_dir / "items.faiss", built.spec)
-    scores, ids = search(index, query_vectors, k=100)
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
+from recship.base.errors import InvalidInput, QualityGateFailed
+from recship.bundle.index import apply_search_params, search, unwrap
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import EnvironmentBroken, InvalidInput, NotFound, QualityGateFailed
-from recship.runtime.files import atomic_output
 
 IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
@@ -54,7 +47,6 @@ _TYPES = {
     "ivfpq": manifest_pb2.INDEX_TYPE_IVF_PQ,
     "hnsw": manifest_pb2.INDEX_TYPE_HNSW,
 }
-_IVF_TYPES = (manifest_pb2.INDEX_TYPE_IVF_FLAT, manifest_pb2.INDEX_TYPE_IVF_PQ)
 
 
 @dataclass(frozen=True)
@@ -285,7 +277,7 @@ def _pq_bits(params: IndexParams, train_count: int) -> int:
 
 def _hnsw(index: faiss.Index) -> faiss.HNSW:
     """The HNSW graph inside an `IDMap2,HNSW` index."""
-    return _unwrap(index).hnsw  # type: ignore[attr-defined]
+    return unwrap(index).hnsw  # type: ignore[attr-defined]
 
 
 def _eval_queries(
@@ -374,137 +366,3 @@ def _doublings(start: int, stop: int) -> list[int]:
         value *= 2
     values.append(stop)
     return values
-
-
-def apply_search_params(index: faiss.Index, search_params: Mapping[str, int]) -> None:
-    """Sets search-time parameters ("nprobe", "efSearch") on an index, through any ID map.
-
-    Raises:
-        InvalidInput: the index has no such parameter (e.g. "nprobe" on an HNSW index).
-    """
-    space = faiss.ParameterSpace()
-    for name, value in search_params.items():
-        try:
-            space.set_index_parameter(index, name, float(value))
-        except RuntimeError:
-            raise InvalidInput(
-                f"search parameter {name!r} does not apply to a {type(index).__name__} index"
-            ) from None
-
-
-def search(
-    index: faiss.Index, queries: npt.ArrayLike, k: int
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-k inner-product search.
-
-    Args:
-        index: A built or loaded index (CPU or GPU).
-        queries: float32 [Q, D] query vectors (other float types are converted).
-        k: Results per query, >= 1.
-
-    Returns:
-        (scores float32 [Q, k], item ids int64 [Q, k]), best first; when the index holds fewer
-        than k items (or an approximate search finds fewer), missing slots have id -1.
-
-    Raises:
-        InvalidInput: queries are not [Q, D] with the index's D, or k < 1.
-    """
-    checked = np.ascontiguousarray(queries, dtype=np.float32)
-    if checked.ndim != 2 or checked.shape[1] != index.d:
-        raise InvalidInput(f"queries must be [Q, {index.d}] vectors, got shape {checked.shape}")
-    if k < 1:
-        raise InvalidInput(f"k must be >= 1, got {k}")
-    scores, ids = index.search(checked, k)
-    return scores, ids
-
-
-def write_index(index: faiss.Index, path: Path) -> None:
-    """Writes an index atomically: temp file in the same folder, fsync, os.replace.
-
-    GPU indexes are copied to CPU first, so the file is always a CPU index.
-    """
-    path = Path(path)
-    if _is_gpu_index(index):
-        index = faiss.index_gpu_to_cpu(index)
-    with atomic_output(path) as temp:
-        faiss.write_index(index, str(temp))
-
-
-def read_index(
-    path: Path, spec: manifest_pb2.IndexSpec | None = None, *, mmap: bool = False
-) -> faiss.Index:
-    """Loads an index file and applies the spec's search parameters.
-
-    Args:
-        path: The index file.
-        spec: The manifest's IndexSpec: the file is checked against its dimension, size and
-            metric, and its `search_params` are applied. Without it the file's own defaults hold.
-        mmap: Map the vectors from the file instead of reading them into memory (fast loads,
-            pages shared between processes serving the same bundle).
-
-    Raises:
-        NotFound: the file does not exist.
-        InvalidInput: the file is not a FAISS index or does not match the spec.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"{path}: no such index file")
-    flags = 0
-    if mmap:
-        ivf = spec is None or spec.type in _IVF_TYPES
-        flags = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise InvalidInput(f"{path}: not a readable FAISS index: {reason}") from None
-    if spec is not None:
-        problems = []
-        if index.d != spec.dim:
-            problems.append(f"dimension {index.d}, the manifest says {spec.dim}")
-        if index.ntotal != spec.num_vectors:
-            problems.append(f"{index.ntotal} vectors, the manifest says {spec.num_vectors}")
-        if spec.metric == "inner_product" and index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            problems.append("metric is not inner product")
-        if problems:
-            raise InvalidInput(f"{path}: index does not match its manifest: {'; '.join(problems)}")
-        apply_search_params(index, dict(spec.search_params))
-    return index
-
-
-def gpu_count() -> int:
-    """GPUs FAISS can use here: 0 with a CPU-only FAISS build."""
-    return int(faiss.get_num_gpus())
-
-
-def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
-    """A copy of a CPU index on GPU `device` (Flat and IVF; FAISS has no GPU HNSW).
-
-    The returned index keeps its GPU resources alive for as long as it lives.
-
-    Raises:
-        EnvironmentBroken: this FAISS build has no GPU support or sees no such GPU.
-        InvalidInput: the index type has no GPU implementation.
-    """
-    if not 0 <= device < gpu_count():
-        raise EnvironmentBroken(
-            f"faiss cannot place an index on GPU {device}: it sees {gpu_count()} GPUs "
-            "(install faiss-gpu on a GPU host)"
-        )
-    if isinstance(_unwrap(index), faiss.IndexHNSW):
-        raise InvalidInput("HNSW indexes have no GPU implementation in faiss; search them on CPU")
-    resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
-    gpu_index.referenced_objects = [resources]  # type: ignore[attr-defined]
-    return gpu_index
-
-
-def _unwrap(index: faiss.Index) -> faiss.Index:
-    """The index inside an ID map, or the index itself."""
-    if isinstance(index, faiss.IndexIDMap):
-        return faiss.downcast_index(index.index)
-    return index
-
-
-def _is_gpu_index(index: faiss.Index) -> bool:
-    return gpu_count() > 0 and type(_unwrap(index)).__name__.startswith("Gpu")

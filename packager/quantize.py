@@ -24,7 +24,7 @@ from torchrec.inference.modules import (
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 
 QuantType = Literal["int8", "int4", "fp16", "fp32"]
 QUANT_TYPES: tuple[QuantType, ...] = ("int8", "int4", "fp16", "fp32")

@@ -58,7 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from recship.runtime.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from recship.base.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

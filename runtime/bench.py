@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from recship.runtime.errors import InvalidInput, Unavailable
+from recship.base.errors import InvalidInput, Unavailable
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
 
     rng = np.random.default_rng(config.seed)
     if config.repo is not None:
-        from recship.packager.manifest import published_versions, read_manifest
+        from recship.bundle.layout import published_versions
+        from recship.bundle.manifest import read_manifest
 
         bundle_dir = Path(config.repo) / config.bundle
         versions = published_versions(bundle_dir)

@@ -25,19 +25,16 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recship.base import errors
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
-from recship.runtime import errors
+from recship.runtime.grpc_errors import STATUS_CODES
 
 # A query's sparse features: name -> one id or several ids.
 Features = Mapping[str, int | Sequence[int]]
 
+# The server's status table read backwards: a status code -> the error class it stands for.
 _ERRORS: dict[grpc.StatusCode, type[errors.RecshipError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    code: error for error, code in STATUS_CODES.items()
 }
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recship.packager.item_features import read_item_features
+from recship.base.errors import InvalidInput
+from recship.base.jagged import gather_bags
+from recship.bundle.item_features import read_item_features
 from recship.protos.v1 import manifest_pb2, recommender_pb2
-from recship.runtime.errors import InvalidInput
-from recship.trainer.data.dataset import gather_bags
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096

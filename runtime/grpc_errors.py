@@ -3,8 +3,9 @@
 An exception escaping a grpc.aio handler reaches the client as UNKNOWN with the exception's
 text. Here instead:
 
-- a `RecshipError` is answered with its class's `grpc_code` and its message (messages are
-  written for the client: they name the field, bundle or version);
+- a `RecshipError` is answered with its class's code from `STATUS_CODES` (the one table of
+  the error taxonomy's gRPC codes) and its message (messages are written for the client: they
+  name the field, bundle or version);
 - any other exception is a bug: it is logged once with the method, the peer and the traceback,
   and answered INTERNAL "internal error" (never UNKNOWN, never a stack trace on the wire);
 - `asyncio.CancelledError` (the client went away, or the server is stopping) and
@@ -33,11 +34,39 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
-from recship.runtime.errors import RecshipError
+from recship.base.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    RecshipError,
+    Unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error"
+
+# The error taxonomy at the transport edge (DESIGN.md): each class -> its status code. A class
+# not listed (including subclasses' bases up to RecshipError) is INTERNAL: a bug.
+STATUS_CODES: dict[type[RecshipError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_code(error: RecshipError) -> grpc.StatusCode:
+    """The gRPC code of `error`: that of its nearest class in `STATUS_CODES`, else INTERNAL."""
+    for cls in type(error).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
 
 
 class RequestObserver(Protocol):
@@ -73,7 +102,7 @@ class _Call:
             self.report(_final_code(self.context))
             raise error
         if isinstance(error, RecshipError):
-            code, message = error.grpc_code, str(error) or type(error).__name__
+            code, message = status_code(error), str(error) or type(error).__name__
             if code is grpc.StatusCode.INTERNAL:
                 logger.error(
                     "%s failed for %s: %s",

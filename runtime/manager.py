@@ -57,14 +57,15 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import (
+from recship.base.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
     RecshipError,
     Unavailable,
 )
+from recship.bundle.store import BundleStore, ValidatedVersion
+from recship.protos.v1 import manifest_pb2
 from recship.runtime.metrics import ServerMetrics
 from recship.runtime.policy import (
     Latest,
@@ -81,7 +82,6 @@ from recship.runtime.servable import (
     load_servable,
     placement,
 )
-from recship.runtime.store import BundleStore, ValidatedVersion
 
 logger = logging.getLogger(__name__)
 

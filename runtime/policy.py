@@ -22,8 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from recship.base.errors import InvalidInput, NotFound, Unavailable
 from recship.protos.v1 import admin_pb2
-from recship.runtime.errors import InvalidInput, NotFound, Unavailable
 
 
 class VersionState(enum.Enum):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import click
 
+from recship.base.errors import FailedPrecondition, InvalidInput, RecshipError
 from recship.protos.v1 import admin_pb2
-from recship.runtime.errors import FailedPrecondition, InvalidInput, RecshipError
 
 logger = logging.getLogger(__name__)
 

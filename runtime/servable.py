@@ -38,10 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from recship.packager import golden
-from recship.packager.export import ExportFormat, load_entry_point
-from recship.packager.index import read_index
-from recship.packager.index import search as faiss_search
+from recship.base.errors import EnvironmentBroken, InvalidInput
+from recship.bundle import golden
+from recship.bundle.entrypoints import FORMATS_BY_MANIFEST, load_entry_point
+from recship.bundle.index import read_index
+from recship.bundle.index import search as faiss_search
+from recship.bundle.layout import QUERY_TOWER, RANKER
+from recship.bundle.store import ValidatedVersion
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.batcher import (
     DEFAULT_MAX_BATCH_ROWS,
@@ -49,19 +52,10 @@ from recship.runtime.batcher import (
     Batcher,
     ReplicaPool,
 )
-from recship.runtime.errors import EnvironmentBroken, InvalidInput
 from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
 from recship.runtime.metrics import ServerMetrics
-from recship.runtime.store import ValidatedVersion
 
 logger = logging.getLogger(__name__)
-
-QUERY_TOWER = "query_tower"
-RANKER = "ranker"
-_FORMATS = {
-    manifest_pb2.ENTRY_POINT_FORMAT_TORCHSCRIPT: ExportFormat.TORCHSCRIPT,
-    manifest_pb2.ENTRY_POINT_FORMAT_AOTI: ExportFormat.AOTI,
-}
 
 
 @dataclass(frozen=True)
@@ -279,7 +273,7 @@ def _entry_point(
 ) -> manifest_pb2.EntryPoint:
     entries = [e for e in version.manifest.entry_points if e.name == name]
     if wanted is not None:
-        entries = [e for e in entries if _FORMATS.get(e.format) == wanted]
+        entries = [e for e in entries if FORMATS_BY_MANIFEST.get(e.format) == wanted]
     if not entries:
         raise InvalidInput(
             f"bundle {version.ref} has no {name} entry point"
@@ -292,12 +286,7 @@ def _load_entry(
     version: ValidatedVersion, entry: manifest_pb2.EntryPoint, device: str
 ) -> Callable[..., torch.Tensor]:
     path = version.ref.path / entry.file
-    fmt = _FORMATS[entry.format]
-    if device == "cpu" or fmt is not ExportFormat.TORCHSCRIPT:
-        return load_entry_point(path, fmt)
-    module = torch.jit.load(str(path), map_location=device)
-    module.eval()
-    return module
+    return load_entry_point(path, FORMATS_BY_MANIFEST[entry.format], device=device)
 
 
 def _self_test(version: ValidatedVersion, replica: Replica) -> None:
@@ -312,16 +301,10 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
     def on_device(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         return lambda *inputs: function(*(replica._tensor(x.numpy()) for x in inputs))
 
-    results = golden.check_golden(
+    failed = golden.self_test(
         {QUERY_TOWER: on_device(replica._query_tower), RANKER: on_device(replica._ranker)},
         record,
     )
-    failed = [
-        f"{name} differs by up to {result.max_abs_diff:.3g} "
-        f"(atol {record.atol:g}, rtol {record.rtol:g})"
-        for name, result in results.items()
-        if not result.passed
-    ]
     if failed:
         raise InvalidInput(
             f"bundle {version.ref} failed its golden self-test on {replica.device}: "

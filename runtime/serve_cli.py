@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from recship.base.errors import InvalidInput
 from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
-from recship.runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
     from recship.runtime.policy import VersionPolicy

@@ -37,16 +37,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from recship.base.errors import InvalidInput, RecshipError
+from recship.bundle.store import BundleStore
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
-from recship.runtime.errors import InvalidInput, RecshipError
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.policy import VersionPolicy
 from recship.runtime.servable import BatchingConfig, LoaderConfig, configure_threads
 from recship.runtime.service import BundleAdminService, RecommenderService, ServiceLimits
-from recship.runtime.store import BundleStore
 
 logger = logging.getLogger(__name__)
 

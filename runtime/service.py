@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from recship.base.errors import InvalidInput
 from recship.protos.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -27,7 +28,6 @@ from recship.protos.v1 import (
     recommender_pb2,
     recommender_pb2_grpc,
 )
-from recship.runtime.errors import InvalidInput
 from recship.runtime.manager import BundleInfo, VersionInfo, VersionManager
 from recship.runtime.policy import policy_from_proto, policy_to_proto
 from recship.runtime.servable import Servable

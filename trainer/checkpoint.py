@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.config import ModelConfig, read_model_config, write_json_atomic
 from recship.trainer.models import build_model, build_train_module
 

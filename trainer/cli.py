@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 
 SHARDING_CHOICES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from recship.runtime.errors import InvalidInput, NotFound
-from recship.runtime.files import write_bytes_atomic
+from recship.base.errors import InvalidInput, NotFound
+from recship.base.files import write_bytes_atomic
 from recship.trainer.data.schema import DatasetSchema, SparseFeatureSpec
 
 ModelKind = Literal["two-tower", "dlrm"]

@@ -20,9 +20,10 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM
 
+from recship.base.jagged import EntityTable
 from recship.trainer.config import ModelConfig
 from recship.trainer.data.batches import entity_kjt, ranking_batches
-from recship.trainer.data.dataset import EntityTable, InteractionDataset
+from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.models import TwoTower, dlrm_logits
 
 RECALL_KS: tuple[int, ...] = (10, 50, 100)

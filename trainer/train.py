@@ -57,8 +57,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recship.runtime import errors
-from recship.runtime.errors import InvalidInput, RecshipError
+from recship.base import errors
+from recship.base.errors import InvalidInput, RecshipError
 from recship.trainer.checkpoint import (
     Progress as CheckpointProgress,
 )
@@ -824,10 +824,11 @@ def launch(config: TrainConfig) -> dict[str, Any]:
 
 def main() -> None:
     """`python -m recship.trainer.train {two-tower,dlrm} ...`: the torchrun entry point."""
-    from recship.runtime.cli import main as cli_main
+    from recship.base.commands import run
+    from recship.trainer.cli import train_command
 
     try:
-        cli_main(["train", *sys.argv[1:]])
+        run(train_command, sys.argv[1:], "recship train")
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
         _exit_now(code)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from recship.runtime.cli import cli
-from recship.runtime.doctor import run_doctor
+from recship.cli.doctor import run_doctor
+from recship.cli.main import cli
 
 RECSHIP = str(Path(sys.executable).with_name("recship"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_help_lists_commands_without_importing_torch() -> None:
     probe = (
         "import sys\n"
-        "from recship.runtime.cli import main\n"
+        "from recship.cli.main import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as done:\n"

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from recship.packager.manifest import read_manifest
+from recship.base.errors import RecshipError, Unavailable
+from recship.bundle.manifest import read_manifest
 from recship.runtime.client import Query, RecshipClient
-from recship.runtime.errors import RecshipError, Unavailable
 from recship.runtime.policy import VersionState
 from recship.runtime.servable import estimated_bytes
 

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
+from recship.base.errors import Unavailable
 from recship.runtime.client import Query, RecshipClient
-from recship.runtime.errors import Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recship.base.errors import RecshipError
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import Query, RecshipClient
-from recship.runtime.errors import RecshipError
 from recship.runtime.policy import Pinned, policy_to_proto
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from recship.bundle.golden import GoldenRecord, read_golden, write_golden
 from recship.packager.export import export_aoti, export_torchscript
-from recship.packager.golden import GoldenRecord, read_golden, write_golden
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,15 +18,9 @@ from torch import Tensor, nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.inference.modules import quantize_inference_model, shard_quant_model
 
-from recship.packager.export import (
-    ExportFormat,
-    ExportResult,
-    export_aoti,
-    export_torchscript,
-    format_of,
-    load_entry_point,
-)
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
+from recship.bundle.entrypoints import ExportFormat, format_of, load_entry_point
+from recship.packager.export import ExportResult, export_aoti, export_torchscript
 
 EXACT = 1e-6
 Case = Callable[[str, int], Any]

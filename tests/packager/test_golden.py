@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from recship.packager.export import export_torchscript, load_entry_point
-from recship.packager.golden import (
+from recship.base.errors import InvalidInput, NotFound
+from recship.bundle.entrypoints import load_entry_point
+from recship.bundle.golden import (
     GoldenRecord,
     check_golden,
     read_golden,
     write_golden,
 )
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.packager.export import export_torchscript
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -8,21 +8,17 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from recship.base.errors import InvalidInput, NotFound, QualityGateFailed
+from recship.bundle.index import gpu_count, read_index, search, to_gpu, write_index
 from recship.packager.index import (
     BuiltIndex,
     IndexKind,
     IndexParams,
     build_index,
-    gpu_count,
-    read_index,
     recall_at_k,
     resolve_kind,
-    search,
-    to_gpu,
-    write_index,
 )
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput, NotFound, QualityGateFailed
 
 N_ITEMS, DIM, CLUSTERS, N_QUERIES, K = 5000, 32, 50, 200, 100
 APPROXIMATE: list[IndexKind] = ["ivfflat", "ivfpq", "hnsw"]
@@ -294,7 +290,7 @@ def test_gpu_copy_matches_cpu(corpus: Corpus, built: dict, kind: str, tmp_path: 
 def test_to_gpu_without_gpu_support_is_a_clear_error(built: dict) -> None:
     if gpu_count() > 0:
         pytest.skip("this host has GPU faiss; the error path is for CPU-only hosts")
-    from recship.runtime.errors import EnvironmentBroken
+    from recship.base.errors import EnvironmentBroken
 
     with pytest.raises(EnvironmentBroken, match="install faiss-gpu on a GPU host"):
         to_gpu(built["flat"].index, 0)

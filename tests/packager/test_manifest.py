@@ -13,26 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from recship.packager.manifest import (
-    FORMAT_VERSION,
+from recship.base.errors import InvalidInput, NotFound
+from recship.bundle.checksums import file_digest, scan_files, verify_files
+from recship.bundle.compat import check_compatible, current_library_versions
+from recship.bundle.layout import (
     MANIFEST_FILENAME,
     BundleRef,
     check_bundle_name,
-    check_compatible,
-    current_library_versions,
-    file_digest,
-    manifest_from_json,
-    manifest_to_json,
     parse_version_name,
     published_versions,
+)
+from recship.bundle.manifest import (
+    FORMAT_VERSION,
+    manifest_from_json,
+    manifest_to_json,
     read_manifest,
-    scan_files,
     validate_manifest,
-    verify_files,
     write_manifest,
 )
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput, NotFound
 
 FILES = {
     "query_tower.pt": b"query tower bytes",

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+from recship.base.errors import InvalidInput, NotFound, QualityGateFailed
+from recship.bundle.entrypoints import load_entry_point
+from recship.bundle.index import read_index, search
+from recship.bundle.layout import published_versions
+from recship.bundle.manifest import read_manifest
 from recship.packager.api import package
 from recship.packager.checkpoint import load_checkpoint
 from recship.packager.entrypoints import jagged_inputs
-from recship.packager.export import load_entry_point
-from recship.packager.index import read_index, search
-from recship.packager.manifest import published_versions, read_manifest
 from recship.packager.options import PackageOptions, QualityThresholds
 from recship.packager.verify import exact_search, ranked_recall
-from recship.runtime.errors import InvalidInput, NotFound, QualityGateFailed
 from recship.trainer.data.batches import entity_kjt
 from recship.trainer.evaluate import tower_embeddings
 

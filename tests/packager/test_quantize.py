@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from recship.base.errors import InvalidInput
 from recship.packager.entrypoints import QueryTowerEntry, RankerEntry, jagged_inputs
 from recship.packager.quantize import quantize_for_inference, table_quant_types
-from recship.runtime.errors import InvalidInput
 from recship.trainer.config import ModelConfig, tables_for
 from recship.trainer.data.batches import ranking_batch
 from recship.trainer.data.synthetic import generate

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from recship.packager.manifest import (
-    MANIFEST_FILENAME,
-    STAGING_PREFIX,
-    published_versions,
-    read_manifest,
-    validate_manifest,
-    verify_files,
-)
-from recship.packager.writer import BundleWriter, remove_abandoned_staging
+from recship.base.errors import InvalidInput
+from recship.bundle.checksums import verify_files
+from recship.bundle.layout import MANIFEST_FILENAME, STAGING_PREFIX, published_versions
+from recship.bundle.manifest import read_manifest, validate_manifest
+from recship.bundle.writer import BundleWriter, remove_abandoned_staging
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput
 
 BUNDLE_FILES = ("query_tower.pt", "ranker.pt", "items.faiss", "item_features.npz", "golden.npz")
 

@@ -85,9 +85,10 @@ def publish_copy(repo: Path, source: int = 1, *, golden_offset: float = 0.0) -> 
     """
     import shutil
 
-    from recship.packager.golden import GoldenRecord, read_golden, write_golden
-    from recship.packager.manifest import MANIFEST_FILENAME, read_manifest
-    from recship.packager.writer import BundleWriter
+    from recship.bundle.golden import GoldenRecord, read_golden, write_golden
+    from recship.bundle.layout import MANIFEST_FILENAME
+    from recship.bundle.manifest import read_manifest
+    from recship.bundle.writer import BundleWriter
     from recship.protos.v1 import manifest_pb2
 
     source_dir = repo / BUNDLE / str(source)
@@ -217,7 +218,7 @@ class Reference:
             return self.query_tower(values, lengths).detach().numpy()
 
     def retrieve(self, users: list[dict[str, int]], k: int) -> tuple[np.ndarray, np.ndarray]:
-        from recship.packager.index import search
+        from recship.bundle.index import search
 
         return search(self.index, self.embed(users), k)
 
@@ -250,10 +251,10 @@ class Reference:
 
 @pytest.fixture(scope="session")
 def reference(bundle_repo: Path) -> Reference:
-    from recship.packager.export import load_entry_point
-    from recship.packager.index import read_index
-    from recship.packager.item_features import read_item_features
-    from recship.packager.manifest import read_manifest
+    from recship.bundle.entrypoints import load_entry_point
+    from recship.bundle.index import read_index
+    from recship.bundle.item_features import read_item_features
+    from recship.bundle.manifest import read_manifest
 
     path = bundle_repo / BUNDLE / "1"
     manifest = read_manifest(path / "MANIFEST.json")

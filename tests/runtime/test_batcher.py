@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recship.runtime.batcher import Batcher, ReplicaPool, split_rows
-from recship.runtime.errors import (
+from recship.base.errors import (
     DeadlineExceeded,
     InvalidInput,
     Overloaded,
     Unavailable,
 )
+from recship.runtime.batcher import Batcher, ReplicaPool, split_rows
 from recship.runtime.metrics import ServerMetrics
 
 LONG = 3600.0  # a max delay that never expires within a test

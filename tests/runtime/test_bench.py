@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from recship.base.errors import Unavailable
 from recship.runtime.bench import BenchConfig, bench
-from recship.runtime.errors import Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

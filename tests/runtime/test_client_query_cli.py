@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.runtime.serve_cli import parse_features, query_command
 
 pytestmark = pytest.mark.integration

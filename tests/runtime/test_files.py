@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recship.runtime.files import atomic_output, write_bytes_atomic
+from recship.base.files import atomic_output, write_bytes_atomic
 
 
 def test_written_file_replaces_the_old_one_whole_and_is_readable(tmp_path: Path) -> None:

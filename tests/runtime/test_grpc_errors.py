@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from recship.runtime.errors import (
+from recship.base.errors import (
     DeadlineExceeded,
     EnvironmentBroken,
     InvalidInput,
@@ -30,6 +30,7 @@ from recship.runtime.grpc_errors import (
     INTERNAL_MESSAGE,
     ErrorMappingInterceptor,
     map_errors,
+    status_code,
 )
 
 SERVICE = "recship.test.Errors"
@@ -157,10 +158,10 @@ def test_recship_errors_get_their_code_and_message(mode: str, name: str) -> None
         async with serving(mode) as h:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await h.unary("Echo", name.encode())
-            assert caught.value.code() == error.grpc_code
+            assert caught.value.code() == status_code(error)
             assert caught.value.details() == str(error)
             await h.reported.wait()
-            assert h.observed[0][1] == error.grpc_code
+            assert h.observed[0][1] == status_code(error)
 
     run(main())
 

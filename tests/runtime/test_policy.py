@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from recship.base.errors import InvalidInput, NotFound, Unavailable
 from recship.protos.v1 import admin_pb2
-from recship.runtime.errors import InvalidInput, NotFound, Unavailable
 from recship.runtime.policy import (
     Decision,
     Latest,

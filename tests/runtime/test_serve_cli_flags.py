@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recship.runtime.cli import main
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
+from recship.cli.main import main
 from recship.runtime.policy import Latest, LatestN, Pinned
 from recship.runtime.serve_cli import parse_label, parse_policies
 

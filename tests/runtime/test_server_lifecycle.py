@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from recship.base.errors import Unavailable
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import Query, RecshipClient
-from recship.runtime.errors import Unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_admin_labels_unload_and_policy(bundle_repo, tmp_path, make_user, server
 
 
 def test_an_unknown_bundle_fails_the_start(bundle_repo, server_factory) -> None:
-    from recship.runtime.errors import NotFound
+    from recship.base.errors import NotFound
 
     server = server_factory(bundle_repo, bundles=("books",))
     with pytest.raises(NotFound, match="books"):

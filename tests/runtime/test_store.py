@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from recship.packager.manifest import (
-    MANIFEST_FILENAME,
-    STAGING_PREFIX,
-    BundleRef,
-    current_library_versions,
-    read_manifest,
-    write_manifest,
-)
-from recship.packager.writer import BundleWriter
+from recship.base.errors import InvalidInput, NotFound
+from recship.bundle.compat import current_library_versions
+from recship.bundle.layout import MANIFEST_FILENAME, STAGING_PREFIX, BundleRef
+from recship.bundle.manifest import read_manifest, write_manifest
+from recship.bundle.store import BundleStore
+from recship.bundle.writer import BundleWriter
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput, NotFound
-from recship.runtime.store import BundleStore
 
 FILES = ("query_tower.pt", "ranker.pt", "items.faiss", "item_features.npz", "golden.npz")
 

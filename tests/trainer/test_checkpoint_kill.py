@@ -17,7 +17,7 @@ from recship.trainer.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 
-RECSHIP = [sys.executable, "-c", "from recship.runtime.cli import main; main()"]
+RECSHIP = [sys.executable, "-c", "from recship.cli.main import main; main()"]
 DATA = [
     "--data", "synthetic", "--num-users", "600", "--num-items", "200",
     "--interactions-per-user", "20",

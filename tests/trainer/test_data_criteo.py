@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.data.criteo import (
     NUM_DENSE,
     NUM_SPARSE,

@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
+from recship.base.jagged import EntityTable, JaggedColumn
 from recship.trainer.data.dataset import (
     ITEM_POPULARITY_FEATURE,
     USER_ACTIVITY_FEATURE,
-    EntityTable,
     InteractionDataset,
-    JaggedColumn,
 )
 from recship.trainer.data.schema import DatasetSchema, DenseFeatureSpec, SparseFeatureSpec
 from recship.trainer.data.synthetic import generate

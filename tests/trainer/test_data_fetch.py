@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from recship.runtime.errors import InvalidInput, Unavailable
+from recship.base.errors import InvalidInput, Unavailable
 from recship.trainer.data.fetch import MOVIELENS_100K_FILES, fetch_movielens_100k, is_complete
 from recship.trainer.data.movielens import load_movielens
 from recship.trainer.data_cli import data_command

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.data.fetch import is_complete, movielens_100k_dir
 from recship.trainer.data.movielens import (
     ITEM_GENRES,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from recship.runtime.cli import main
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
+from recship.cli.main import main
 from recship.trainer.data.criteo import CriteoSource
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.movielens import write_movielens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.synthetic import generate
 

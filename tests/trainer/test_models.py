@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.config import (
     ModelConfig,
     TrainConfig,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recship.runtime.cli import main
+from recship.cli.main import main
 
 TINY = [
     "--data",

@@ -23,8 +23,9 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from recship.runtime.errors import InvalidInput
-from recship.trainer.data.dataset import EntityTable, InteractionDataset
+from recship.base.errors import InvalidInput
+from recship.base.jagged import EntityTable
+from recship.trainer.data.dataset import InteractionDataset
 
 
 def entity_kjt(

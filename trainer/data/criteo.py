@@ -39,7 +39,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.data.batches import num_batches
 from recship.trainer.data.schema import DatasetSchema, DenseFeatureSpec, SparseFeatureSpec
 

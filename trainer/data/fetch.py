@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from recship.runtime.errors import InvalidInput, Unavailable
+from recship.base.errors import InvalidInput, Unavailable
 
 MOVIELENS_100K = "ml-100k"
 RECBOLE_REQUIREMENT = "recbole==1.2.1"

@@ -40,13 +40,12 @@ from typing import Literal
 
 import numpy as np
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
+from recship.base.jagged import EntityTable, JaggedColumn
 from recship.trainer.data.dataset import (
     ITEM_POPULARITY_FEATURE,
     USER_ACTIVITY_FEATURE,
-    EntityTable,
     InteractionDataset,
-    JaggedColumn,
 )
 from recship.trainer.data.schema import DatasetSchema, DenseFeatureSpec, SparseFeatureSpec
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 
 Side = Literal["user", "item"]
 SIDES: tuple[str, ...] = get_args(Side)

@@ -21,7 +21,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from recship.runtime.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound
 from recship.trainer.data.criteo import CriteoSource
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.fetch import is_complete, movielens_100k_dir

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from recship.runtime.errors import InvalidInput
-from recship.trainer.data.dataset import EntityTable, InteractionDataset, JaggedColumn
+from recship.base.errors import InvalidInput
+from recship.base.jagged import EntityTable, JaggedColumn
+from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.movielens import (
     AGE_BUCKETS,
     ITEM_GENRES,

@@ -7,17 +7,16 @@ The root group imports each subcommand's module only when that subcommand runs, 
 from __future__ import annotations
 
 import importlib
-import sys
 from importlib import metadata
 
 import click
 
-from recship.runtime.errors import RecshipError
+from recship.base.commands import run
 
 # Subcommand name -> "module:attribute" of its click command, imported on first use.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "doctor": ("recship.runtime.doctor", "doctor_command"),
-    "demo": ("recship.runtime.demo", "demo_command"),
+    "doctor": ("recship.cli.doctor", "doctor_command"),
+    "demo": ("recship.cli.demo", "demo_command"),
     "train": ("recship.trainer.cli", "train_command"),
     "serve": ("recship.runtime.serve_cli", "serve_command"),
     "query": ("recship.runtime.serve_cli", "query_command"),
@@ -25,8 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("recship.runtime.bench", "bench_command"),
     "data": ("recship.trainer.data_cli", "data_command"),
     "package": ("recship.packager.cli", "package_command"),
-    "inspect": ("recship.packager.cli", "inspect_command"),
-    "verify": ("recship.packager.cli", "verify_command"),
+    "inspect": ("recship.bundle.cli", "inspect_command"),
+    "verify": ("recship.bundle.cli", "verify_command"),
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -78,16 +77,4 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI; a `RecshipError` becomes one line and its exit code."""
-    try:
-        status = cli.main(args=argv, prog_name="recship", standalone_mode=False)
-    except RecshipError as error:
-        click.secho(f"error: {error}", err=True, fg="red")
-        sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    # Without standalone mode click returns the exit code of --help / --version instead of exiting.
-    sys.exit(status if isinstance(status, int) else 0)
+    run(cli, argv, "recship")

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recship.packager.export import silenced_export_warnings
-from recship.runtime.errors import InvalidInput, NotFound
-from recship.runtime.files import atomic_output
+from recship.base.errors import InvalidInput, NotFound
+from recship.base.files import atomic_output
+from recship.bundle.entrypoints import silenced_export_warnings
 
 GOLDEN_FORMAT_VERSION = 1
 INPUTS_SUFFIX = "__inputs"
@@ -222,3 +222,22 @@ def check_golden(
             actual = entry_point(*record.inputs).detach().to("cpu")
             results[name] = _compare(actual, record.output, golden.atol, golden.rtol)
     return results
+
+
+def describe_failures(results: Mapping[str, GoldenResult], golden: GoldenSet) -> list[str]:
+    """One line per failing entry point: "<name> differs by up to <diff> (atol .., rtol ..)"."""
+    return [
+        f"{name} differs by up to {result.max_abs_diff:.3g} "
+        f"(atol {golden.atol:g}, rtol {golden.rtol:g})"
+        for name, result in results.items()
+        if not result.passed
+    ]
+
+
+def self_test(entry_points: Mapping[str, Callable[..., Tensor]], golden: GoldenSet) -> list[str]:
+    """Runs `check_golden` and words every failure (`describe_failures`); empty when all pass.
+
+    The one self-test loop of recship: the runtime runs it on each replica before the replica
+    takes traffic, `recship verify` on every entry point file of a version.
+    """
+    return describe_failures(check_golden(entry_points, golden), golden)

@@ -15,8 +15,8 @@ from importlib import metadata
 
 import click
 
-from recship.packager.manifest import LIBRARY_DISTRIBUTIONS
-from recship.runtime.errors import EnvironmentBroken
+from recship.base.errors import EnvironmentBroken
+from recship.base.libraries import LIBRARY_DISTRIBUTIONS
 
 # The set this release is tested with (constraints.txt); other versions get a warning.
 KNOWN_GOOD = {

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recship.runtime.errors import InvalidInput
-from recship.runtime.files import atomic_output
-from recship.trainer.data.dataset import EntityTable, JaggedColumn
+from recship.base.errors import InvalidInput
+from recship.base.files import atomic_output
+from recship.base.jagged import EntityTable, JaggedColumn
 
 FILE_NAME = "item_features.npz"
 

@@ -1,60 +1,50 @@
-"""The error taxonomy shared by the CLI, the packager, the trainer and the gRPC service.
+"""The error taxonomy shared by every layer: what went wrong, and the CLI exit code it maps to.
 
-Each error class carries the gRPC status code and the CLI exit code it maps to, so one
-place (the service's error mapper, the CLI root) turns any `RecshipError` into the right answer.
+Each class says what kind of failure it is; the edges translate: the CLI root turns any
+`RecshipError` into one line and `exit_code`, and the runtime's status table
+(`recship.runtime.grpc_errors`) turns it into a gRPC status code. Nothing here imports gRPC,
+so training and packaging hosts never load it.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import grpc
-
 
 class RecshipError(Exception):
     """Base of every error recship reports to a person or a client; the message is the report."""
 
-    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     exit_code: ClassVar[int] = 1
 
 
 class InvalidInput(RecshipError):
     """Bad user input: a file, flag, config or request field. The message names what and where."""
 
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     exit_code = 2
 
 
 class NotFound(RecshipError):
     """An unknown bundle, version, label, checkpoint or data set."""
 
-    grpc_code = grpc.StatusCode.NOT_FOUND
     exit_code = 3
 
 
 class Overloaded(RecshipError):
     """A bounded queue is full; the caller should back off and retry."""
 
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
 
 class DeadlineExceeded(RecshipError):
     """The request's deadline passed before it could be served."""
-
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unavailable(RecshipError):
     """Nothing can serve yet (no version ready) or a remote service cannot be reached."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
     exit_code = 4
 
 
 class FailedPrecondition(RecshipError):
     """The action is not allowed in the current state (e.g. labelling an unloaded version)."""
-
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class EnvironmentBroken(RecshipError):

@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from recship.runtime.errors import RecshipError, Unavailable
+from recship.base.errors import RecshipError, Unavailable
 
 DEMO_USERS = 3
 TOP_N = 10

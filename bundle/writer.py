@@ -32,24 +32,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from recship.packager.manifest import (
-    FORMAT_VERSION,
+from recship.base.errors import InvalidInput
+from recship.base.files import fsync_directory
+from recship.base.libraries import installed_version
+from recship.bundle.checksums import scan_files
+from recship.bundle.compat import current_library_versions
+from recship.bundle.layout import (
+    LOCK_FILENAME,
     MANIFEST_FILENAME,
     STAGING_PREFIX,
     BundleRef,
     check_bundle_name,
-    current_library_versions,
-    installed_version,
     parse_version_name,
-    scan_files,
-    validate_manifest,
-    write_manifest,
 )
+from recship.bundle.manifest import FORMAT_VERSION, validate_manifest, write_manifest
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput
-from recship.runtime.files import fsync_directory
 
-LOCK_FILENAME = ".lock"
 # Staging folders nobody holds a lock on are removed once they are this old (seconds). The age
 # guards the instant between a writer's mkdir and its flock of a new staging folder.
 DEFAULT_STALE_STAGING_S = 600.0

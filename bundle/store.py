@@ -3,7 +3,7 @@
 The store is the runtime's *source* (in TF Serving's terms): it says which versions exist and
 whether one is safe to load; the loader and the version manager decide what to do with them.
 A version exists only once the packager has renamed it into place with its MANIFEST.json (see
-`recship.packager.writer`), so the store never sees a partly written version; it still checks
+`recship.bundle.writer`), so the store never sees a partly written version; it still checks
 every byte against the manifest, because files can be damaged after publishing.
 
 Example::
@@ -20,19 +20,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from recship.packager.manifest import (
+from recship.base.errors import InvalidInput, NotFound
+from recship.bundle.checksums import verify_files
+from recship.bundle.compat import check_compatible, current_library_versions
+from recship.bundle.layout import (
     MANIFEST_FILENAME,
     BundleRef,
     check_bundle_name,
-    check_compatible,
-    current_library_versions,
+    is_bundle_name,
     published_versions,
-    read_manifest,
-    validate_manifest,
-    verify_files,
 )
+from recship.bundle.manifest import read_manifest, validate_manifest
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.errors import InvalidInput, NotFound
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class BundleStore:
             raise NotFound(f"bundle repository {self._repo} does not exist") from None
         names = []
         for entry in entries:
-            if not entry.is_dir() or not _is_bundle_name(entry.name):
+            if not entry.is_dir() or not is_bundle_name(entry.name):
                 continue
             if published_versions(Path(entry.path)):
                 names.append(entry.name)
@@ -151,11 +150,3 @@ class BundleStore:
                 + "; ".join(compatibility.errors)
             )
         return ValidatedVersion(ref=ref, manifest=manifest, warnings=compatibility.warnings)
-
-
-def _is_bundle_name(folder: str) -> bool:
-    try:
-        check_bundle_name(folder)
-    except InvalidInput:
-        return False
-    return True

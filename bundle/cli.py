@@ -1,0 +1,219 @@
+"""`recship inspect` and `recship verify`: read a published version, change nothing.
+
+Thin click layers over the bundle layer, so that checking a bundle needs neither the trainer
+nor the packager. `print_summary` is the one table set describing a version; `recship
+package` prints it after publishing and `recship demo` after its packaging step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from recship.base.errors import InvalidInput, RecshipError
+from recship.bundle.layout import BundleRef
+from recship.protos.v1 import manifest_pb2
+
+
+class VerificationFailed(RecshipError):
+    """`recship verify` found a damaged or invalid version or a failing golden self-test."""
+
+    exit_code = 1
+
+
+def _size(num_bytes: float) -> str:
+    """A byte count for people: 512 B, 3.5 KiB, 1.2 MiB, 4.0 GiB."""
+    if num_bytes < 1024:
+        return f"{num_bytes:.0f} B"
+    for unit in ("KiB", "MiB"):
+        num_bytes /= 1024
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+    return f"{num_bytes / 1024:.1f} GiB"
+
+
+def print_summary(
+    console: Console,
+    ref: BundleRef,
+    manifest: manifest_pb2.BundleManifest,
+    stage_seconds: dict[str, float] | None = None,
+) -> None:
+    """Prints the tables `package` ends with and `inspect` shows: sizes, quality, timings."""
+    header = Table(title=f"bundle {ref.name} version {ref.version}", show_header=False)
+    header.add_row("path", str(ref.path))
+    header.add_row("release", manifest.release_id)
+    header.add_row("created", manifest.created_at.ToJsonString())
+    header.add_row("devices", f"{manifest.sharding.device_count} x {manifest.sharding.device_type}")
+    header.add_row(
+        "index",
+        f"{manifest.index.factory} ({manifest.index.num_vectors} items, "
+        f"recall@100 vs exact {manifest.index.recall_at_100_vs_exact:.3f})",
+    )
+    header.add_row(
+        "libraries",
+        f"torch {manifest.libraries.torch}, torchrec "
+        f"{manifest.libraries.torchrec}, fbgemm_gpu {manifest.libraries.fbgemm_gpu}, "
+        f"faiss {manifest.libraries.faiss}",
+    )
+    console.print(header)
+
+    sizes = Table(title="embedding tables")
+    for column in ("model", "table", "rows x dim", "quant", "fp32", "packaged", "ratio"):
+        sizes.add_column(
+            column, justify="right" if column in ("fp32", "packaged", "ratio") else "left"
+        )
+    dims = {(t.model, t.name): t for t in manifest.schema.tables}
+    fp32_total = packaged_total = 0
+    for table in manifest.quantization:
+        spec = dims.get((table.model, table.table))
+        shape = f"{spec.num_embeddings} x {spec.embedding_dim}" if spec else "?"
+        fp32_total += table.fp32_bytes
+        packaged_total += table.packaged_bytes
+        sizes.add_row(
+            manifest_pb2.ModelRole.Name(table.model).removeprefix("MODEL_ROLE_").lower(),
+            table.table,
+            shape,
+            manifest_pb2.QuantDtype.Name(table.dtype).removeprefix("QUANT_DTYPE_").lower(),
+            _size(table.fp32_bytes),
+            _size(table.packaged_bytes),
+            f"{table.fp32_bytes / max(table.packaged_bytes, 1):.2f}x",
+        )
+    sizes.add_row(
+        "all",
+        "",
+        "",
+        "",
+        _size(fp32_total),
+        _size(packaged_total),
+        f"{fp32_total / max(packaged_total, 1):.2f}x",
+        style="bold",
+    )
+    console.print(sizes)
+
+    files = Table(title="files")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for entry in manifest.files:
+        files.add_row(entry.path, _size(entry.size_bytes), entry.sha256[:16])
+    console.print(files)
+
+    quality = Table(title="quality gate " + ("passed" if manifest.quality.passed else "FAILED"))
+    for column in ("check", "value", "threshold", "ok"):
+        quality.add_column(column)
+    for check in manifest.quality.checks:
+        quality.add_row(
+            check.name,
+            f"{check.value:.4f}",
+            f"{check.comparison} {check.threshold:g}",
+            "yes" if check.passed else "NO",
+        )
+    console.print(quality)
+    metrics = Table(title="quality metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for key in sorted(manifest.quality.metrics):
+        metrics.add_row(key, f"{manifest.quality.metrics[key]:.4f}")
+    console.print(metrics)
+    if stage_seconds:
+        timings = Table(title="stages")
+        timings.add_column("stage")
+        timings.add_column("seconds", justify="right")
+        for stage, seconds in stage_seconds.items():
+            timings.add_row(stage, f"{seconds:.1f}")
+        timings.add_row("total", f"{sum(stage_seconds.values()):.1f}", style="bold")
+        console.print(timings)
+
+
+def _parse_bundle_path(target: str, version_required: bool) -> tuple[Path, str, int | None]:
+    """Splits REPO/NAME[/VERSION] into its parts."""
+    path = Path(target)
+    version: int | None = None
+    if path.name.isdigit():
+        version = int(path.name)
+        path = path.parent
+    if version_required and version is None:
+        raise InvalidInput(f"{target}: expected REPO/NAME/VERSION (e.g. repo/movies/3)")
+    if not path.name:
+        raise InvalidInput(f"{target}: expected REPO/NAME[/VERSION]")
+    return path.parent, path.name, version
+
+
+@click.command("inspect")
+@click.argument("target")
+def inspect_command(target: str) -> None:
+    """Summarise REPO/NAME[/VERSION]: files, sizes fp32 vs packaged, schema, quality."""
+    from recship.bundle.store import BundleStore
+
+    repo, name, version = _parse_bundle_path(target, version_required=False)
+    store = BundleStore(repo)
+    versions = store.list_versions(name)
+    if not versions:
+        raise InvalidInput(f"bundle {name!r} in {repo} has no published version")
+    chosen = version if version is not None else versions[-1]
+    validated = store.validate(name, chosen, checksums=False)
+    console = Console()
+    console.print(f"versions of {name}: {', '.join(map(str, versions))}")
+    print_summary(console, validated.ref, validated.manifest)
+    schema = Table(title="features")
+    for column in ("feature", "side", "ids", "multi-valued", "used by"):
+        schema.add_column(column)
+    for feature in validated.manifest.schema.sparse_features:
+        schema.add_row(
+            feature.name,
+            manifest_pb2.FeatureSide.Name(feature.side).removeprefix("FEATURE_SIDE_").lower(),
+            str(feature.cardinality),
+            "yes" if feature.multi_valued else "",
+            ", ".join(
+                manifest_pb2.ModelRole.Name(role).removeprefix("MODEL_ROLE_").lower()
+                for role in feature.used_by
+            ),
+        )
+    console.print(schema)
+    dense = ", ".join(validated.manifest.schema.dense_features) or "none"
+    console.print(
+        f"dense features: {dense} "
+        f"(first {validated.manifest.schema.query_dense_count} sent by clients)"
+    )
+
+
+@click.command("verify")
+@click.argument("target")
+def verify_command(target: str) -> None:
+    """Re-check REPO/NAME/VERSION as a server would, then rerun its golden self-test; exit 0/1.
+
+    The checks are the store's (`BundleStore.validate`: manifest schema, every file's size and
+    sha256, library compatibility), the ones a server runs before it loads a version, followed
+    by the golden self-test of every entry point file the manifest lists.
+    """
+    from recship.bundle.entrypoints import load_entry_point
+    from recship.bundle.golden import check_golden, describe_failures, read_golden
+    from recship.bundle.store import BundleStore
+
+    repo, name, version = _parse_bundle_path(target, version_required=True)
+    try:
+        validated = BundleStore(repo).validate(name, version or 0)
+    except InvalidInput as error:
+        raise VerificationFailed(str(error)) from None
+    ref, manifest = validated.ref, validated.manifest
+    console = Console()
+    console.print(f"checksums: {len(manifest.files)} files ok")
+    golden_set = read_golden(ref.path / manifest.golden.file)
+    results_table = Table(title=f"golden self-test of {ref}")
+    for column in ("entry point", "file", "max abs diff", "ok"):
+        results_table.add_column(column)
+    failures = []
+    for entry in manifest.entry_points:
+        results = check_golden({entry.name: load_entry_point(ref.path / entry.file)}, golden_set)
+        result = results[entry.name]
+        results_table.add_row(
+            entry.name, entry.file, f"{result.max_abs_diff:.2e}", "yes" if result.passed else "NO"
+        )
+        failures.extend(f"{entry.file}: {line}" for line in describe_failures(results, golden_set))
+    console.print(results_table)
+    if failures:
+        raise VerificationFailed(f"{ref}: " + "; ".join(failures))
+    console.print(f"{ref}: verified")
