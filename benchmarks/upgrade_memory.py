@@ -68,13 +68,13 @@ async def measure_upgrade_memory(repo: Path, cycles: int) -> tuple[int, list[int
     from recship.runtime.manager import VersionManager
     from recship.runtime.metrics import ServerMetrics
     from recship.runtime.policy import Pinned, VersionState
-    from recship.runtime.servable import LoaderConfig
+    from recship.runtime.servable import LoaderConfig, ServableLoader
 
     store = BundleStore(repo)
     older, newer = store.list_versions(BUNDLE)[-2:]
     manager = VersionManager(
         store,
-        LoaderConfig(),
+        ServableLoader(LoaderConfig()),
         ServerMetrics(),
         bundles=(BUNDLE,),
         policies={BUNDLE: Pinned((older,))},

@@ -150,13 +150,13 @@ def inspect_command(target: str) -> None:
 
     repo, name, version = _parse_bundle_path(target, version_required=False)
     store = BundleStore(repo)
-    versions = store.list_versions(name)
-    if not versions:
-        raise InvalidInput(f"bundle {name!r} in {repo} has no published version")
-    chosen = version if version is not None else versions[-1]
-    validated = store.validate(name, chosen, checksums=False)
+    validated = (
+        store.validate_latest(name, checksums=False)
+        if version is None
+        else store.validate(name, version, checksums=False)
+    )
     console = Console()
-    console.print(f"versions of {name}: {', '.join(map(str, versions))}")
+    console.print(f"versions of {name}: {', '.join(map(str, store.list_versions(name)))}")
     print_summary(console, validated.ref, validated.manifest)
     schema = Table(title="features")
     for column in ("feature", "side", "ids", "multi-valued", "used by"):

@@ -150,3 +150,15 @@ class BundleStore:
                 + "; ".join(compatibility.errors)
             )
         return ValidatedVersion(ref=ref, manifest=manifest, warnings=compatibility.warnings)
+
+    def validate_latest(self, name: str, *, checksums: bool = True) -> ValidatedVersion:
+        """`validate` of the newest published version of bundle `name`.
+
+        Raises:
+            NotFound: the bundle does not exist or has no published version.
+            InvalidInput: as `validate`.
+        """
+        versions = self.list_versions(name)
+        if not versions:
+            raise NotFound(f"bundle {name!r} in {self._repo} has no published version")
+        return self.validate(name, versions[-1], checksums=checksums)

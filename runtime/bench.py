@@ -111,14 +111,10 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
 
     rng = np.random.default_rng(config.seed)
     if config.repo is not None:
-        from recship.bundle.layout import published_versions
-        from recship.bundle.manifest import read_manifest
+        from recship.bundle.store import BundleStore
 
-        bundle_dir = Path(config.repo) / config.bundle
-        versions = published_versions(bundle_dir)
-        if not versions:
-            raise InvalidInput(f"no published version of {config.bundle} in {config.repo}")
-        manifest = read_manifest(bundle_dir / str(versions[-1]) / "MANIFEST.json")
+        store = BundleStore(Path(config.repo))
+        manifest = store.validate_latest(config.bundle, checksums=False).manifest
         query_side = [
             f for f in manifest.schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
         ]

@@ -1,11 +1,12 @@
-"""VersionManager: owns the lifecycle of every bundle version on one server.
+"""VersionManager: executes the version plans of every bundle on one server.
 
 In TF Serving's terms this is the *manager*: `BundleStore` is the source (which versions are
-published), `recship.runtime.policy.decide` is the pure policy (what to load and unload next),
-`load_servable` is the loader, and `acquire` hands out *leases*: a request holds its version's
-servable for its whole life (query tower, index and ranker of one release), and a version that
-is being unloaded first stops taking new leases (DRAINING), waits for the leases it gave out,
-then releases its memory.
+published), `recship.runtime.policy` is the pure policy (`decide`: which versions to load and
+unload next; `plan_switch`: how a version comes in within the memory budget), a `Loader`
+(`recship.runtime.loader`) loads versions, and `acquire` hands out *leases*: a request holds
+its version's servable for its whole life (query tower, index and ranker of one release), and a
+version that is being unloaded first stops taking new leases (DRAINING), waits for the leases
+it gave out, then releases its memory (`recship.runtime.heap`).
 
 Reconciling a bundle repeats "ask `decide`, carry out the decision" until the decision is empty:
 new versions load beside the serving one, the default switches atomically once a wanted version
@@ -13,23 +14,22 @@ is READY, and only then is the old one drained and unloaded. A version that fail
 loading or its golden self-test is marked FAILED with the reason and never retried, and the
 previous version keeps serving (`latest` falls back to the newest version that did not fail).
 
-Memory budget (`memory_budget_bytes`, None = unlimited): before a version loads, the manifests'
-estimates (`estimated_bytes`: host bytes once plus device bytes per replica) of every loaded
-version of every bundle plus the new one are compared with the budget. When they do not fit,
-the versions the new one replaces (those the policy unloads once it is READY) make room:
-replaced versions other than the default are unloaded first; then the default is swapped
+Before a version loads, `plan_switch` sees the memory estimates (`estimated_bytes`) of every
+loaded version of every bundle, the new one's, and those of the versions it replaces
+(`replaced_versions`), and the manager executes its plan:
 
-- replica by replica when it has >= 2 replicas: one old replica is retired (its queued work
-  finishes), one new replica loads and self-tests in its slot, and so on; the default flips to
-  the new version as soon as it has at least as many replicas as the old one has left, the old
-  one then drains and unloads, and the new one grows to its full count. Serving capacity dips
-  (never below one replica) but never reaches zero, and each request, holding a lease on one
-  servable, is served end to end by one version. If the new version fails before the flip,
+- BESIDE: load it (after unloading replaced versions other than the default, when the plan
+  says so);
+- REPLICA_BY_REPLICA (the default has >= 2 replicas): one old replica is retired (its queued
+  work finishes), one new replica loads and self-tests in its slot, and so on; the default flips
+  to the new version as soon as it has at least as many replicas as the old one has left, the
+  old one then drains and unloads, and the new one grows to its full count. Serving capacity
+  dips (never below one replica) but never reaches zero, and each request, holding a lease on
+  one servable, is served end to end by one version. If the new version fails before the flip,
   the old one's replicas are reloaded;
-- with one replica, by unloading the old version first: a WARNING is logged, requests naming
-  no version get UNAVAILABLE, and the window (unload + load + self-test, or + reload of the
-  old version when the new one fails) is logged and recorded in
-  `recship_switch_unavailable_seconds`.
+- UNLOAD_FIRST (one replica): a WARNING is logged, requests naming no version get UNAVAILABLE,
+  and the window (unload + load + self-test, or + reload of the old version when the new one
+  fails) is logged and recorded in `recship_switch_unavailable_seconds`.
 
 A version that does not fit even after the versions it replaces go is FAILED with the numbers.
 
@@ -39,7 +39,7 @@ answering (health says NOT_SERVING meanwhile). Reconciles of one bundle are seri
 
 Example::
 
-    manager = VersionManager(BundleStore(repo), LoaderConfig(), metrics)
+    manager = VersionManager(BundleStore(repo), ServableLoader(LoaderConfig()), metrics)
     await manager.start()
     async with manager.acquire("movies") as servable:
         scores, ids = await servable.retrieve(block, k=10, deadline=None)
@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 from recship.base.errors import (
     FailedPrecondition,
@@ -65,147 +63,46 @@ from recship.base.errors import (
     Unavailable,
 )
 from recship.bundle.store import BundleStore, ValidatedVersion
-from recship.protos.v1 import manifest_pb2
+from recship.runtime import heap
+from recship.runtime.loader import LoadedVersion, Loader
 from recship.runtime.metrics import ServerMetrics
 from recship.runtime.policy import (
     Latest,
+    SwitchMode,
+    SwitchPlan,
     VersionPolicy,
     VersionState,
     check_label,
     decide,
+    estimated_bytes,
+    plan_switch,
+    replaced_versions,
     resolve,
 )
-from recship.runtime.servable import (
-    LoaderConfig,
-    Servable,
-    estimated_bytes,
-    load_servable,
-    placement,
-)
+from recship.runtime.versions import BundleEntry, BundleInfo, VersionEntry, VersionInfo
 
 logger = logging.getLogger(__name__)
-
-
-def _release_free_heap() -> None:
-    """Returns the C heap's free pages to the OS (glibc `malloc_trim`), a no-op elsewhere.
-
-    Freed tensors, FAISS arrays and the executor thread's arena otherwise stay in the process's
-    resident set, so RSS would not show that an unloaded version's memory was released.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only; musl and macOS lack it
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
-
-
-def _freeze_long_lived() -> None:
-    """Collects garbage, then moves every live object out of the cycle collector's reach.
-
-    A loaded version (and torch itself) leaves hundreds of thousands of long-lived objects in
-    the oldest generation, and every full collection walks all of them: ~80-95 ms pauses of
-    the event loop, about one a second under load, measured as the whole p99 tail of
-    `recship bench`. Frozen, they are skipped; garbage made by requests is still collected.
-    The collection before freezing walks only what is not frozen yet (~0.1 s the first time).
-    """
-    gc.collect()
-    gc.freeze()
-
-
-@dataclass
-class _Version:
-    """Mutable bookkeeping of one version (event loop only)."""
-
-    version: int
-    state: VersionState = VersionState.NEW
-    servable: Servable | None = None
-    manifest: manifest_pb2.BundleManifest | None = None
-    failure_reason: str = ""
-    ready_at: float | None = None
-    leases: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-
-@dataclass
-class _Bundle:
-    name: str
-    policy: VersionPolicy
-    versions: dict[int, _Version] = field(default_factory=dict)
-    labels: dict[str, int] = field(default_factory=dict)
-    default: int | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def states(self) -> dict[int, VersionState]:
-        return {number: entry.state for number, entry in self.versions.items()}
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A snapshot of one version's status (what `BundleAdmin.ListBundles` reports).
-
-    Attributes:
-        version: version number.
-        state: lifecycle state.
-        failure_reason: why it is FAILED ("" otherwise).
-        devices: devices its replicas run on (empty unless loaded).
-        replicas: replicas serving it (0 unless loaded).
-        labels: labels pointing at it.
-        ready_at: wall-clock time (seconds since the epoch) it became READY, or None.
-        manifest: its manifest when it could be read, else None.
-        is_default: whether requests naming no version or label go to it.
-    """
-
-    version: int
-    state: VersionState
-    failure_reason: str
-    devices: tuple[str, ...]
-    replicas: int
-    labels: tuple[str, ...]
-    ready_at: float | None
-    manifest: manifest_pb2.BundleManifest | None
-    is_default: bool
-
-
-@dataclass(frozen=True)
-class BundleInfo:
-    """A snapshot of one bundle: its policy and every version seen, newest first."""
-
-    name: str
-    policy: VersionPolicy
-    versions: tuple[VersionInfo, ...]
 
 
 class VersionManager:
     """Loads, serves, drains and unloads the versions of the bundles of one repository.
 
     Args:
-        store: the repository.
-        config: placement and batching of every servable.
+        store: the repository (any object with `BundleStore`'s methods).
+        loader: turns validated versions into servables (`recship.runtime.loader.Loader`).
         metrics: version states and default versions are recorded here, and the servables'
             batch metrics.
         bundles: the bundles to serve; empty serves every bundle in the repository.
         policies: version policy per bundle; `latest` for the others.
         on_change: called on the event loop after every state change (e.g. to update health).
         memory_budget_bytes: most memory all loaded versions may take by their manifests'
-            estimates (`recship.runtime.servable.estimated_bytes`), or None for no limit.
+            estimates (`recship.runtime.policy.estimated_bytes`), or None for no limit.
     """
 
     def __init__(
         self,
         store: BundleStore,
-        config: LoaderConfig,
+        loader: Loader,
         metrics: ServerMetrics,
         *,
         bundles: Sequence[str] = (),
@@ -216,13 +113,13 @@ class VersionManager:
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
             raise InvalidInput(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
         self.store = store
-        self.config = config
+        self.loader = loader
         self.metrics = metrics
         self._requested = tuple(bundles)
         self._policies = dict(policies or {})
         self.memory_budget_bytes = memory_budget_bytes
         self._listeners: list[Callable[[], None]] = [] if on_change is None else [on_change]
-        self._bundles: dict[str, _Bundle] = {}
+        self._bundles: dict[str, BundleEntry] = {}
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -244,7 +141,7 @@ class VersionManager:
             logger.warning("no bundles in repository %s; nothing to serve", self.store.repo)
         for name in names:
             if name not in self._bundles:
-                self._bundles[name] = _Bundle(name, self._policies.get(name, Latest()))
+                self._bundles[name] = BundleEntry(name, self._policies.get(name, Latest()))
             await self._reconcile(self._bundles[name])
 
     async def close(self) -> None:
@@ -274,7 +171,7 @@ class VersionManager:
     def serving_replicas(self, name: str) -> int:
         """Replicas of bundle `name` that take new requests (those of its READY versions)."""
         return sum(
-            len(entry.servable.replicas)
+            entry.servable.replica_count
             for entry in self._bundle(name).versions.values()
             if entry.state is VersionState.READY and entry.servable is not None
         )
@@ -291,7 +188,7 @@ class VersionManager:
     @contextlib.asynccontextmanager
     async def acquire(
         self, bundle: str, version: int | None = None, label: str | None = None
-    ) -> AsyncIterator[Servable]:
+    ) -> AsyncIterator[Any]:
         """Leases the servable that serves a request, for the duration of the block.
 
         The version is resolved and leased without awaiting, so it cannot be unloaded between
@@ -306,13 +203,11 @@ class VersionManager:
         try:
             yield servable
         finally:
-            entry.leases -= 1
-            if entry.leases == 0:
-                entry.idle.set()
+            entry.release()
 
     def _lease(
         self, bundle: str, version: int | None, label: str | None
-    ) -> tuple[_Version, Servable]:
+    ) -> tuple[VersionEntry, Any]:
         state = self._bundles.get(bundle)
         if state is None:
             known = ", ".join(sorted(self._bundles)) or "none"
@@ -328,12 +223,11 @@ class VersionManager:
         entry = state.versions[number]
         if entry.servable is None:  # READY always has one; kept as a typed check
             raise Unavailable(f"version {number} of bundle {bundle!r} is not loaded")
-        entry.leases += 1
-        entry.idle.clear()
+        entry.lease()
         return entry, entry.servable
 
     # -- admin --------------------------------------------------------------------------------
-    def _bundle(self, name: str) -> _Bundle:
+    def _bundle(self, name: str) -> BundleEntry:
         if name not in self._bundles:
             known = ", ".join(sorted(self._bundles)) or "none"
             raise NotFound(f"unknown bundle {name!r} (this server serves: {known})")
@@ -422,26 +316,26 @@ class VersionManager:
         return [self._bundle_info(self._bundle(n)) for n in names]
 
     # -- internals ----------------------------------------------------------------------------
-    def _bundle_info(self, bundle: _Bundle) -> BundleInfo:
+    def _bundle_info(self, bundle: BundleEntry) -> BundleInfo:
         versions = tuple(self._info(bundle, v) for v in sorted(bundle.versions, reverse=True))
         return BundleInfo(bundle.name, bundle.policy, versions)
 
-    def _info(self, bundle: _Bundle, version: int) -> VersionInfo:
+    def _info(self, bundle: BundleEntry, version: int) -> VersionInfo:
         entry = bundle.versions[version]
         servable = entry.servable
         return VersionInfo(
             version=version,
             state=entry.state,
             failure_reason=entry.failure_reason,
-            devices=servable.placement.devices if servable else (),
-            replicas=len(servable.replicas) if servable else 0,
+            devices=servable.devices if servable else (),
+            replicas=servable.replica_count if servable else 0,
             labels=tuple(sorted(k for k, v in bundle.labels.items() if v == version)),
             ready_at=entry.ready_at,
             manifest=entry.manifest,
             is_default=bundle.default == version,
         )
 
-    def _is_ready(self, bundle: _Bundle, version: int) -> bool:
+    def _is_ready(self, bundle: BundleEntry, version: int) -> bool:
         entry = bundle.versions.get(version)
         return entry is not None and entry.state is VersionState.READY
 
@@ -449,12 +343,12 @@ class VersionManager:
         for listener in self._listeners:
             listener()
 
-    def _set_state(self, bundle: _Bundle, entry: _Version, state: VersionState) -> None:
+    def _set_state(self, bundle: BundleEntry, entry: VersionEntry, state: VersionState) -> None:
         entry.state = state
         self.metrics.set_version_state(bundle.name, entry.version, state)
         self._changed()
 
-    def _set_default(self, bundle: _Bundle, version: int | None) -> None:
+    def _set_default(self, bundle: BundleEntry, version: int | None) -> None:
         if bundle.default != version:
             logger.info(
                 "bundle %s: default version %s -> %s",
@@ -467,13 +361,13 @@ class VersionManager:
         self.metrics.set_default_version(bundle.name, version)
         self._changed()
 
-    async def _reconcile(self, bundle: _Bundle) -> None:
+    async def _reconcile(self, bundle: BundleEntry) -> None:
         async with bundle.lock:
             while not self._closed:
                 on_disk = await asyncio.to_thread(self.store.list_versions, bundle.name)
                 for number in on_disk:
                     if number not in bundle.versions:
-                        bundle.versions[number] = _Version(number)
+                        bundle.versions[number] = VersionEntry(number)
                         self._set_state(bundle, bundle.versions[number], VersionState.NEW)
                 decision = decide(on_disk, bundle.states(), bundle.policy)
                 self._set_default(bundle, decision.default_version)
@@ -495,7 +389,9 @@ class VersionManager:
                 for number in decision.to_unload:
                     await self._unload(bundle, number)
 
-    async def _load(self, bundle: _Bundle, version: int, *, on_disk: Sequence[int] | None) -> None:
+    async def _load(
+        self, bundle: BundleEntry, version: int, *, on_disk: Sequence[int] | None
+    ) -> None:
         """Loads one version (READY or FAILED afterwards), within the memory budget.
 
         Args:
@@ -507,7 +403,7 @@ class VersionManager:
             FailedPrecondition: `on_disk` is None and the version does not fit beside the
                 loaded ones; its previous state is restored.
         """
-        entry = bundle.versions.setdefault(version, _Version(version))
+        entry = bundle.versions.setdefault(version, VersionEntry(version))
         previous = entry.state
         self._set_state(bundle, entry, VersionState.LOADING)
         started = time.perf_counter()
@@ -520,7 +416,7 @@ class VersionManager:
             self._load_failed(bundle, entry, error)
             return
         try:
-            old = await self._make_room(bundle, entry, validated, on_disk)
+            plan = self._plan(bundle, entry, validated, on_disk)
         except FailedPrecondition as error:
             if on_disk is None:  # an admin load: refused, not FAILED (a later switch may fit)
                 self._set_state(bundle, entry, previous)
@@ -530,14 +426,23 @@ class VersionManager:
         except Exception as error:
             self._load_failed(bundle, entry, error)
             return
-        if old is None:
+        for number in plan.unload_before:
+            logger.info(
+                "bundle %s: unloading v%d before v%d loads (memory budget)",
+                bundle.name,
+                number,
+                version,
+            )
+            await self._unload(bundle, number)
+        old = bundle.versions[plan.swap_out] if plan.swap_out is not None else None
+        if plan.mode is SwitchMode.BESIDE or old is None or old.servable is None:
             await self._load_servable(bundle, entry, validated, started)
-        elif old.servable is not None and len(old.servable.replicas) >= 2:
+        elif plan.mode is SwitchMode.REPLICA_BY_REPLICA:
             await self._switch_by_replica(bundle, old, old.servable, entry, validated, started)
         else:
             await self._switch_with_window(bundle, old, entry, validated, started)
 
-    def _load_failed(self, bundle: _Bundle, entry: _Version, error: BaseException) -> None:
+    def _load_failed(self, bundle: BundleEntry, entry: VersionEntry, error: BaseException) -> None:
         if isinstance(error, RecshipError):
             self._fail(bundle, entry, str(error))
             return
@@ -549,21 +454,19 @@ class VersionManager:
 
     async def _load_servable(
         self,
-        bundle: _Bundle,
-        entry: _Version,
+        bundle: BundleEntry,
+        entry: VersionEntry,
         validated: ValidatedVersion,
         started: float,
         slots: tuple[int, ...] | None = None,
     ) -> bool:
         """Loads the servable (all replicas, or `slots`) and marks the version READY or FAILED."""
         try:
-            entry.servable = await asyncio.to_thread(
-                load_servable, validated, self.config, self.metrics, slots=slots
-            )
+            entry.servable = await asyncio.to_thread(self.loader.load, validated, slots)
         except Exception as error:
             self._load_failed(bundle, entry, error)
             return False
-        _freeze_long_lived()
+        heap.freeze_long_lived()
         entry.ready_at = time.time()
         entry.failure_reason = ""
         self._set_state(bundle, entry, VersionState.READY)
@@ -578,86 +481,63 @@ class VersionManager:
 
     # -- memory budget ------------------------------------------------------------------------
     @staticmethod
-    def _estimate(entry: _Version) -> int:
+    def _estimate(entry: VersionEntry) -> int:
         """Estimated memory of one version as loaded now (0 when not loaded)."""
         if entry.servable is None or entry.manifest is None:
             return 0
-        return estimated_bytes(entry.manifest, len(entry.servable.replicas))
+        return estimated_bytes(entry.manifest, entry.servable.replica_count)
 
-    def _loaded_bytes(self, exclude: _Version) -> int:
-        """Estimated memory of every loaded version of every bundle except `exclude`."""
-        return sum(
-            self._estimate(e)
-            for b in self._bundles.values()
-            for e in b.versions.values()
-            if e is not exclude
-        )
-
-    async def _make_room(
+    def _plan(
         self,
-        bundle: _Bundle,
-        entry: _Version,
+        bundle: BundleEntry,
+        entry: VersionEntry,
         validated: ValidatedVersion,
         on_disk: Sequence[int] | None,
-    ) -> _Version | None:
-        """Checks the budget before `entry` loads; frees what may go before it is READY.
+    ) -> SwitchPlan:
+        """Asks `plan_switch` how `entry` comes in, with this server's numbers.
 
-        Returns:
-            None when the new version loads beside the others; otherwise the bundle's default
-            version, which has to be swapped out while the new one loads.
+        Args:
+            on_disk: the published versions when a reconcile loads it (the versions the policy
+                replaces may then make room); None for an admin load (beside the others only).
 
         Raises:
-            FailedPrecondition: it does not fit, even once the versions it replaces are gone
-                (or, for an admin load, beside the loaded ones).
+            FailedPrecondition: from `plan_switch`: it does not fit.
         """
-        budget = self.memory_budget_bytes
-        if budget is None:
-            return None
-        replicas = len(placement(validated.manifest, self.config).replicas)
-        need = estimated_bytes(validated.manifest, replicas)
-        loaded = self._loaded_bytes(entry)
-        if loaded + need <= budget:
-            return None
-        where = (
-            f"bundle {bundle.name} v{entry.version} needs ~{need} bytes ({replicas} "
-            f"replica(s), manifest estimate) beside {loaded} bytes loaded; memory budget "
-            f"{budget} bytes"
-        )
-        if on_disk is None:
-            raise FailedPrecondition(where + "; unload a version first")
-        states = bundle.states()
-        states[entry.version] = VersionState.READY
-        replaced = [
-            bundle.versions[v]
-            for v in decide(on_disk, states, bundle.policy).to_unload
-            if v != entry.version and bundle.versions[v].servable is not None
-        ]
-        freed = sum(self._estimate(r) for r in replaced)
-        if loaded - freed + need > budget:
-            raise FailedPrecondition(
-                f"{where}; it does not fit even after unloading the version(s) it replaces "
-                f"({', '.join(str(r.version) for r in replaced) or 'none'})"
-            )
-        default = bundle.versions.get(bundle.default) if bundle.default is not None else None
-        for old in replaced:
-            if old is not default:
-                logger.info(
-                    "bundle %s: unloading v%d before v%d loads (memory budget)",
-                    bundle.name,
-                    old.version,
-                    entry.version,
+        replicas = self.loader.replicas(validated.manifest)
+        replaced = None
+        if on_disk is not None:
+            replaced = {
+                number: self._estimate(bundle.versions[number])
+                for number in replaced_versions(
+                    on_disk, bundle.states(), bundle.policy, entry.version
                 )
-                await self._unload(bundle, old.version)
-        if default in replaced and self._loaded_bytes(entry) + need > budget:
-            return default
-        return None
+                if bundle.versions[number].servable is not None
+            }
+        default = bundle.versions.get(bundle.default) if bundle.default is not None else None
+        return plan_switch(
+            what=f"bundle {bundle.name} v{entry.version}",
+            need_bytes=estimated_bytes(validated.manifest, replicas),
+            replicas=replicas,
+            loaded_bytes=sum(
+                self._estimate(e)
+                for b in self._bundles.values()
+                for e in b.versions.values()
+                if e is not entry
+            ),
+            budget_bytes=self.memory_budget_bytes,
+            replaced=replaced,
+            default=bundle.default,
+            default_replicas=default.servable.replica_count
+            if default is not None and default.servable is not None
+            else 0,
+        )
 
     async def _switch_by_replica(
         self,
-        bundle: _Bundle,
-        old: _Version,
-        previous: Servable,
-        entry: _Version,
+        bundle: BundleEntry,
+        old: VersionEntry,
+        previous: LoadedVersion,
+        entry: VersionEntry,
         validated: ValidatedVersion,
         started: float,
     ) -> None:
@@ -669,10 +549,10 @@ class VersionManager:
             bundle.name,
             entry.version,
             old.version,
-            len(previous.replicas),
+            previous.replica_count,
             extra={"bundle": bundle.name, "version": entry.version},
         )
-        original = len(previous.replicas)
+        original = previous.replica_count
         slot = await previous.retire_replica()
         self._changed()
         ok = await self._load_servable(bundle, entry, validated, started, slots=(slot,))
@@ -680,7 +560,7 @@ class VersionManager:
         try:
             while ok and new is not None:
                 free = new.free_slots
-                if len(new.replicas) >= len(previous.replicas) or not free:
+                if new.replica_count >= previous.replica_count or not free:
                     break
                 slot = await previous.retire_replica()
                 self._changed()
@@ -708,7 +588,7 @@ class VersionManager:
                     bundle.name,
                     entry.version,
                     slot,
-                    len(new.replicas),
+                    new.replica_count,
                     error,
                 )
                 break
@@ -723,12 +603,12 @@ class VersionManager:
             extra={"bundle": bundle.name, "version": entry.version},
         )
 
-    async def _restore_replicas(self, bundle: _Bundle, old: _Version, count: int) -> None:
+    async def _restore_replicas(self, bundle: BundleEntry, old: VersionEntry, count: int) -> None:
         """Reloads the replicas a failed replica-by-replica switch took from `old`."""
         servable = old.servable
         if servable is None:
             return
-        for slot in servable.free_slots[: count - len(servable.replicas)]:
+        for slot in servable.free_slots[: count - servable.replica_count]:
             try:
                 replica = await asyncio.to_thread(servable.load_replica, slot)
             except Exception as error:
@@ -745,9 +625,9 @@ class VersionManager:
 
     async def _switch_with_window(
         self,
-        bundle: _Bundle,
-        old: _Version,
-        entry: _Version,
+        bundle: BundleEntry,
+        old: VersionEntry,
+        entry: VersionEntry,
         validated: ValidatedVersion,
         started: float,
     ) -> None:
@@ -789,7 +669,7 @@ class VersionManager:
             extra={"bundle": bundle.name, "unavailable_s": seconds},
         )
 
-    def _fail(self, bundle: _Bundle, entry: _Version, reason: str) -> None:
+    def _fail(self, bundle: BundleEntry, entry: VersionEntry, reason: str) -> None:
         entry.failure_reason = reason
         self._set_state(bundle, entry, VersionState.FAILED)
         logger.error(
@@ -800,7 +680,7 @@ class VersionManager:
             extra={"bundle": bundle.name, "version": entry.version, "state": "FAILED"},
         )
 
-    async def _unload(self, bundle: _Bundle, version: int) -> None:
+    async def _unload(self, bundle: BundleEntry, version: int) -> None:
         entry = bundle.versions[version]
         self._set_state(bundle, entry, VersionState.DRAINING)
         for label in [k for k, v in bundle.labels.items() if v == version]:
@@ -811,21 +691,7 @@ class VersionManager:
             await servable.close()
             released = weakref.ref(servable)
             del servable
-            if released() is not None:
-                # Reference cycles (batcher tasks, futures) keep it: collect them now so its
-                # modules, index and item table are freed before the next version loads.
-                # They may be frozen (`_freeze_long_lived`), so this thaws everything first: a
-                # full collection that blocks the event loop (~0.2 s with torch loaded), so it
-                # runs only when reference counting alone did not free the servable.
-                gc.unfreeze()
-                _freeze_long_lived()
-            if released() is not None:
-                logger.warning(
-                    "bundle %s v%d: unloaded but still referenced; its memory is not freed",
-                    bundle.name,
-                    version,
-                )
-            _release_free_heap()
+            heap.reclaim(released, f"bundle {bundle.name} v{version}")
         entry.ready_at = None
         self._set_state(bundle, entry, VersionState.UNLOADED)
         logger.info(

@@ -1,12 +1,18 @@
-"""Version policy: which versions of a bundle to load, unload and serve by default.
+"""Version policy: *which* versions of a bundle to serve, and *how* to switch to a new one.
 
 Everything here is a pure function of plain values (versions on disk, their states, the
-policy): no threads, no disk, no clock. The `VersionManager` asks `decide` what to do next
-after every repository scan and every state change, carries the actions out, and asks again;
-requests ask `resolve` which loaded version serves them. Like TF Serving's
-`AvailabilityPreservingPolicy`, a new version loads beside the old one and the old one is
-unloaded only once a wanted version is READY, so a bundle that serves keeps serving through
-upgrades, failed loads, pin changes and removals from disk.
+policy, byte estimates): no threads, no disk, no clock. The `VersionManager` executes what
+these functions return and asks again after every change.
+
+- Which (TF Serving's aspired versions): `decide` says what to load and unload next after
+  every repository scan and state change; requests ask `resolve` which loaded version serves
+  them. Like TF Serving's `AvailabilityPreservingPolicy`, a new version loads beside the old
+  one and the old one is unloaded only once a wanted version is READY, so a bundle that serves
+  keeps serving through upgrades, failed loads, pin changes and removals from disk.
+- How (in the spirit of TF Serving's `ResourcePreservingPolicy`): `plan_switch` decides, from
+  the manifests' memory estimates (`estimated_bytes`) and a budget, whether a version loads
+  beside the loaded ones, after the versions it replaces are unloaded, replica by replica
+  against the serving default, or after the default is unloaded first (a bounded window).
 
 Example::
 
@@ -22,8 +28,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from recship.base.errors import InvalidInput, NotFound, Unavailable
-from recship.protos.v1 import admin_pb2
+from recship.base.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from recship.protos.v1 import admin_pb2, manifest_pb2
 
 
 class VersionState(enum.Enum):
@@ -318,3 +324,119 @@ def resolve(
     if current in (VersionState.NEW, VersionState.LOADING):
         raise Unavailable(f"{where} is {current.name}, not ready yet")
     raise NotFound(f"{where} is {current.name}, not serving")
+
+
+# -- how to switch: memory estimates and switch plans -----------------------------------------
+def estimated_bytes(manifest: manifest_pb2.BundleManifest, replicas: int) -> int:
+    """The memory a version needs with `replicas` replicas, from its manifest's estimate.
+
+    Counted: `resources.host_bytes` once (every file of the version: index, item features,
+    entry points, golden record; the assets replicas share) plus `sum(resources.device_bytes)`
+    (the quantized tables of one replica over all its devices) per replica. Host and device
+    memory are added into one number, a conservative bound compared with one budget: on CPU
+    both live in the process; on GPUs it over-counts the host side, never the devices. The
+    estimate is an upper bound fixed by the manifest: it never grows while a version is loaded.
+    """
+    resources = manifest.resources
+    return int(resources.host_bytes) + replicas * sum(int(b) for b in resources.device_bytes)
+
+
+def replaced_versions(
+    available_on_disk: Sequence[int],
+    states: Mapping[int, VersionState],
+    policy: VersionPolicy,
+    candidate: int,
+) -> tuple[int, ...]:
+    """The READY versions `policy` will unload once `candidate` is READY: what it replaces.
+
+    Asks `decide` about the state the bundle will be in when the candidate, still loading, has
+    loaded; the versions that decision unloads (the candidate aside) are the ones whose memory
+    the candidate may take.
+    """
+    when_ready = {**states, candidate: VersionState.READY}
+    return tuple(
+        v for v in decide(available_on_disk, when_ready, policy).to_unload if v != candidate
+    )
+
+
+class SwitchMode(enum.Enum):
+    """How a version comes in (see `plan_switch`)."""
+
+    BESIDE = "beside"
+    """Load next to the loaded versions (after `SwitchPlan.unload_before`, if any)."""
+    REPLICA_BY_REPLICA = "replica_by_replica"
+    """Retire one replica of the default version, load one of the new one, and so on."""
+    UNLOAD_FIRST = "unload_first"
+    """Unload the default version (one replica), then load: a bounded unavailable window."""
+
+
+@dataclass(frozen=True)
+class SwitchPlan:
+    """What the manager does to bring a version in within the memory budget.
+
+    Attributes:
+        mode: how the version loads.
+        unload_before: replaced versions other than the default, to unload before it loads,
+            oldest first.
+        swap_out: the default version the new one takes the place of (REPLICA_BY_REPLICA and
+            UNLOAD_FIRST), else None.
+    """
+
+    mode: SwitchMode
+    unload_before: tuple[int, ...] = ()
+    swap_out: int | None = None
+
+
+def plan_switch(
+    *,
+    what: str,
+    need_bytes: int,
+    replicas: int,
+    loaded_bytes: int,
+    budget_bytes: int | None,
+    replaced: Mapping[int, int] | None,
+    default: int | None,
+    default_replicas: int,
+) -> SwitchPlan:
+    """Decides how a version comes in without the estimates of everything loaded passing the
+    budget; prefers what keeps the most serving capacity.
+
+    1. Everything fits beside what is loaded (or there is no budget): BESIDE.
+    2. Else the versions it replaces make room: those other than the default are unloaded
+       first; if it then fits, BESIDE. Otherwise the default is swapped: REPLICA_BY_REPLICA
+       when it has >= 2 replicas (capacity dips but never reaches zero), UNLOAD_FIRST with one.
+
+    Args:
+        what: names the version in messages, e.g. "bundle movies v3".
+        need_bytes: its estimate (`estimated_bytes`) with `replicas` replicas.
+        replicas: the replicas it would load.
+        loaded_bytes: the estimates of every loaded version of every bundle.
+        budget_bytes: the budget, or None for no limit.
+        replaced: loaded versions it replaces -> their estimates, or None for an operator's
+            explicit load, which only ever loads beside the others.
+        default: the bundle's default version, or None.
+        default_replicas: the default version's replicas now.
+
+    Raises:
+        FailedPrecondition: it does not fit beside the loaded versions (explicit load), or not
+            even once the versions it replaces are gone.
+    """
+    if budget_bytes is None or loaded_bytes + need_bytes <= budget_bytes:
+        return SwitchPlan(SwitchMode.BESIDE)
+    where = (
+        f"{what} needs ~{need_bytes} bytes ({replicas} replica(s), manifest estimate) beside "
+        f"{loaded_bytes} bytes loaded; memory budget {budget_bytes} bytes"
+    )
+    if replaced is None:
+        raise FailedPrecondition(where + "; unload a version first")
+    if loaded_bytes - sum(replaced.values()) + need_bytes > budget_bytes:
+        raise FailedPrecondition(
+            f"{where}; it does not fit even after unloading the version(s) it replaces "
+            f"({', '.join(str(v) for v in replaced) or 'none'})"
+        )
+    others = tuple(v for v in replaced if v != default)
+    remaining = loaded_bytes - sum(replaced[v] for v in others)
+    if default not in replaced or remaining + need_bytes <= budget_bytes:
+        return SwitchPlan(SwitchMode.BESIDE, unload_before=others)
+    mode = SwitchMode.REPLICA_BY_REPLICA if default_replicas >= 2 else SwitchMode.UNLOAD_FIRST
+    return SwitchPlan(mode, unload_before=others, swap_out=default)

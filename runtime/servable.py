@@ -1,7 +1,8 @@
 """Loader -> Servable: one validated bundle version placed on devices, ready to compute.
 
-In TF Serving's terms this module is the *loader* and the *servable*. `load_servable` turns a
-`ValidatedVersion` (checked by `BundleStore`) into a `Servable`:
+In TF Serving's terms this module is the *loader* (`ServableLoader`, the manager's `Loader`)
+and the *servable*. `load_servable` turns a `ValidatedVersion` (checked by `BundleStore`) into a
+`Servable`:
 
 - the FAISS index and the item feature table are read **once per version** and shared by every
   replica (FAISS searches and numpy gathers are read-only, so sharing is safe);
@@ -21,7 +22,7 @@ coroutines that queue rows on the least loaded replica and await the batch resul
 
 Example::
 
-    servable = await asyncio.to_thread(load_servable, validated, LoaderConfig())
+    servable = await asyncio.to_thread(ServableLoader(LoaderConfig()).load, validated)
     scores, ids = await servable.retrieve(tower_block, k=10, deadline=None)
     await servable.close()
 """
@@ -312,19 +313,6 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
         )
 
 
-def estimated_bytes(manifest: manifest_pb2.BundleManifest, replicas: int) -> int:
-    """The memory a version needs with `replicas` replicas, from its manifest's estimate.
-
-    Counted: `resources.host_bytes` once (every file of the version: index, item features,
-    entry points, golden record; the assets replicas share) plus `sum(resources.device_bytes)`
-    (the quantized tables of one replica over all its devices) per replica. Host and device
-    memory are added into one number, a conservative bound compared with one budget: on CPU
-    both live in the process; on GPUs it over-counts the host side, never the devices.
-    """
-    resources = manifest.resources
-    return int(resources.host_bytes) + replicas * sum(int(b) for b in resources.device_bytes)
-
-
 def load_servable(
     version: ValidatedVersion,
     config: LoaderConfig,
@@ -386,6 +374,26 @@ def load_servable(
         extra={"bundle": manifest.name, "version": int(manifest.version)},
     )
     return Servable(assets, where, replicas, config.batching, metrics, version, entries)
+
+
+class ServableLoader:
+    """The runtime's `recship.runtime.loader.Loader`: placement and batching from a
+    `LoaderConfig`, batch metrics into `metrics`.
+
+    Thread-safety: stateless after construction; `load` blocks and runs on worker threads.
+    """
+
+    def __init__(self, config: LoaderConfig, metrics: ServerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+
+    def replicas(self, manifest: manifest_pb2.BundleManifest) -> int:
+        """Replicas of a version on this host (see `placement`)."""
+        return len(placement(manifest, self.config).replicas)
+
+    def load(self, version: ValidatedVersion, slots: Sequence[int] | None = None) -> Servable:
+        """`load_servable` with this loader's configuration and metrics (blocking)."""
+        return load_servable(version, self.config, self.metrics, slots=slots)
 
 
 def _load_replica(
@@ -471,6 +479,16 @@ class Servable:
             )
 
         return batcher("retrieve", replica.run_retrieve), batcher("rank", replica.run_rank)
+
+    @property
+    def replica_count(self) -> int:
+        """Replicas taking new work now."""
+        return len(self.replicas)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Devices of every replica of the placement, replica after replica."""
+        return self.placement.devices
 
     @property
     def free_slots(self) -> tuple[int, ...]:

@@ -45,7 +45,12 @@ from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.policy import VersionPolicy
-from recship.runtime.servable import BatchingConfig, LoaderConfig, configure_threads
+from recship.runtime.servable import (
+    BatchingConfig,
+    LoaderConfig,
+    ServableLoader,
+    configure_threads,
+)
 from recship.runtime.service import BundleAdminService, RecommenderService, ServiceLimits
 
 logger = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ class ServerConfig:
             version is not READY then is logged and skipped.
         memory_budget_bytes: most memory the loaded versions may take by their manifests'
             estimates (host bytes once + device bytes per replica, see
-            `recship.runtime.servable.estimated_bytes`); None (the default) is unlimited. When a
+            `recship.runtime.policy.estimated_bytes`); None (the default) is unlimited. When a
             new version does not fit beside the old one, the switch goes replica by replica
             (>= 2 replicas) or through a brief, reported unavailable window (1 replica).
     """
@@ -293,7 +298,7 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     holder: list[RecshipServer] = []
     manager = VersionManager(
         BundleStore(config.repo),
-        config.loader_config(),
+        ServableLoader(config.loader_config(), metrics),
         metrics,
         bundles=config.bundles,
         policies=config.policies,

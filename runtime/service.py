@@ -28,9 +28,10 @@ from recship.protos.v1 import (
     recommender_pb2,
     recommender_pb2_grpc,
 )
-from recship.runtime.manager import BundleInfo, VersionInfo, VersionManager
+from recship.runtime.manager import VersionManager
 from recship.runtime.policy import policy_from_proto, policy_to_proto
 from recship.runtime.servable import Servable
+from recship.runtime.versions import BundleInfo, VersionInfo
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ import pytest
 from recship.base.errors import RecshipError, Unavailable
 from recship.bundle.manifest import read_manifest
 from recship.runtime.client import Query, RecshipClient
-from recship.runtime.policy import VersionState
-from recship.runtime.servable import estimated_bytes
+from recship.runtime.policy import VersionState, estimated_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
