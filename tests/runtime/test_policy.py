@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from recship.base.errors import InvalidInput, NotFound, Unavailable
-from recship.protos.v1 import admin_pb2
+from recship.base.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from recship.protos.v1 import admin_pb2, manifest_pb2
 from recship.runtime.policy import (
     Decision,
     Latest,
     LatestN,
     Pinned,
+    SwitchMode,
+    SwitchPlan,
     VersionState,
     check_label,
     decide,
+    estimated_bytes,
     parse_policy,
+    plan_switch,
     policy_from_proto,
     policy_to_proto,
+    replaced_versions,
     resolve,
 )
 
@@ -247,3 +252,101 @@ def test_resolve(
     else:
         with pytest.raises(expected, match=r"movies|version|model"):
             call()
+
+
+# -- how to switch --------------------------------------------------------------------------
+BESIDE, BY_REPLICA, UNLOAD_FIRST = (
+    SwitchMode.BESIDE,
+    SwitchMode.REPLICA_BY_REPLICA,
+    SwitchMode.UNLOAD_FIRST,
+)
+
+# (case, need, loaded, budget, replaced {version: bytes} or None, default, default replicas,
+#  expected plan or the error's message fragment)
+SWITCH_TABLE = [
+    ("no budget: always beside",
+     100, 10_000, None, {1: 100}, 1, 1, SwitchPlan(BESIDE)),
+    ("fits beside everything loaded",
+     100, 100, 250, {1: 100}, 1, 1, SwitchPlan(BESIDE)),
+    ("fits exactly",
+     100, 150, 250, {1: 100}, 1, 1, SwitchPlan(BESIDE)),
+    ("replaced non-default versions make room: unload them, then beside",
+     100, 300, 300, {1: 100, 2: 100}, 3, 2, SwitchPlan(BESIDE, unload_before=(1, 2))),
+    ("only the default makes room, it has 2 replicas: replica by replica",
+     100, 200, 250, {3: 200}, 3, 2, SwitchPlan(BY_REPLICA, swap_out=3)),
+    ("only the default makes room, one replica: unload it first",
+     100, 100, 150, {3: 100}, 3, 1, SwitchPlan(UNLOAD_FIRST, swap_out=3)),
+    ("older ones go first, then the default is still needed",
+     100, 300, 250, {1: 100, 3: 200}, 3, 2, SwitchPlan(BY_REPLICA, (1,), swap_out=3)),
+    ("older ones going is enough: default keeps serving beside",
+     100, 300, 250, {1: 150, 3: 150}, 3, 2, SwitchPlan(BESIDE, unload_before=(1,))),
+    ("does not fit even after the replaced ones go",
+     500, 100, 250, {1: 100}, 1, 1, "even after unloading the version(s) it replaces (1)"),
+    ("nothing replaced and no room",
+     100, 200, 250, {}, 1, 1, "replaces (none)"),
+    ("an operator's load only goes beside",
+     100, 200, 250, None, 1, 2, "unload a version first"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("need", "loaded", "budget", "replaced", "default", "replicas", "expected"),
+    [case[1:] for case in SWITCH_TABLE],
+    ids=[case[0] for case in SWITCH_TABLE],
+)
+def test_plan_switch(
+    need: int,
+    loaded: int,
+    budget: int | None,
+    replaced: dict[int, int] | None,
+    default: int | None,
+    replicas: int,
+    expected: SwitchPlan | str,
+) -> None:
+    def call() -> SwitchPlan:
+        return plan_switch(
+            what="bundle movies v9",
+            need_bytes=need,
+            replicas=2,
+            loaded_bytes=loaded,
+            budget_bytes=budget,
+            replaced=replaced,
+            default=default,
+            default_replicas=replicas,
+        )
+
+    if isinstance(expected, SwitchPlan):
+        assert call() == expected
+    else:
+        with pytest.raises(FailedPrecondition, match="bundle movies v9 needs ~") as caught:
+            call()
+        assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("on_disk", "states", "policy", "candidate", "expected"),
+    [
+        ([1, 2], {1: READY, 2: LOADING}, Latest(), 2, (1,)),
+        ([1, 2, 3], {1: READY, 2: READY, 3: LOADING}, Latest(), 3, (1, 2)),
+        ([1, 2, 3], {2: READY, 3: LOADING}, LatestN(2), 3, ()),
+        ([1, 2, 3], {1: READY, 2: READY, 3: LOADING}, LatestN(2), 3, (1,)),
+        ([1, 2, 3], {3: READY, 1: LOADING}, Pinned((1,)), 1, (3,)),
+        ([1, 2], {1: READY, 2: READY}, Pinned((1, 2)), 2, ()),
+    ],
+)
+def test_replaced_versions(
+    on_disk: list[int],
+    states: dict[int, VersionState],
+    policy: Latest | LatestN | Pinned,
+    candidate: int,
+    expected: tuple[int, ...],
+) -> None:
+    assert replaced_versions(on_disk, states, policy, candidate) == expected
+
+
+def test_estimated_bytes_counts_host_once_and_devices_per_replica() -> None:
+    manifest = manifest_pb2.BundleManifest(
+        resources=manifest_pb2.ResourceEstimate(host_bytes=1000, device_bytes=[30, 20])
+    )
+    assert estimated_bytes(manifest, 1) == 1050
+    assert estimated_bytes(manifest, 3) == 1150
