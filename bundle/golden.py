@@ -5,15 +5,8 @@ exported, plus the tolerances the outputs must meet. `recship verify`, the runti
 self-test and the C++ example (`examples/cpp/`) rerun the bundle's entry points on those inputs
 and compare.
 
-The file (`golden.pt`) is a TorchScript module without methods, saved with `torch.jit.save`, so
-that libtorch alone reads it (`torch::jit::load(path).attr(...)`); its attributes are:
-
-- `format_version: int` (1),
-- `names: List[str]`, the entry point names, e.g. `["query_tower", "ranker"]`,
-- `atol: float`, `rtol: float`: an output passes when
-  `|actual - expected| <= atol + rtol * |expected|` element-wise (`torch.allclose`),
-- per name `<name>__inputs: List[Tensor]` (the forward's positional arguments) and
-  `<name>__output: Tensor`.
+The file (`golden.pt`) is a method-less TorchScript module so that libtorch alone reads it; its
+attributes are listed in `bundle/FORMAT.md` (golden.pt).
 
 Example::
 

@@ -1,8 +1,7 @@
-"""The per-item features a bundle carries so the runtime can join them onto any candidate id.
+"""item_features.npz: the per-item features the runtime joins onto any candidate id.
 
-Stored as `item_features.npz` (numpy, uncompressed so it loads fast): for every item-side
-sparse feature `sparse.<name>.values` (int64) and `sparse.<name>.offsets` (int64 [items + 1],
-row r = item id r), `dense` (float32 [items, item-side dense features]) and the feature names.
+Row r is item id r; the arrays of the archive are listed in `bundle/FORMAT.md`
+(item_features.npz). Uncompressed, so it loads fast; read without pickle.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import numpy as np
 from recship.base.errors import InvalidInput
 from recship.base.files import atomic_output
 from recship.base.jagged import EntityTable, JaggedColumn
-
-FILE_NAME = "item_features.npz"
 
 
 def write_item_features(

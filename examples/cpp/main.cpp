@@ -152,7 +152,7 @@ struct Golden {
 };
 
 // golden.pt is a TorchScript module without methods; its attributes hold the recording
-// (see packager/golden.py for the layout).
+// (layout: bundle/FORMAT.md, golden.pt).
 Golden read_golden(const fs::path& path) {
   if (!fs::is_regular_file(path)) {
     throw std::runtime_error(path.string() + ": golden file not found");
