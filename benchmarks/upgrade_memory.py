@@ -32,29 +32,12 @@ def rss_bytes() -> int:
 
 def build_large_bundle(root: Path) -> Path:
     """Trains the larger synthetic models once and packages them twice (versions 1 and 2)."""
-    from recship.packager.api import package
-    from recship.packager.options import PackageOptions, QualityThresholds
-    from recship.trainer.config import TrainConfig
-    from recship.trainer.train import launch
+    from recship.cli.pipeline import SMOKE_GATE, package_runs, train_models
 
     repo = root / "repo"
-    for model in ("two-tower", "dlrm"):
-        if not (root / model / "model_config.json").is_file():
-            launch(
-                TrainConfig(
-                    model=model,
-                    data="synthetic",
-                    out=root / model,
-                    epochs=1,
-                    nproc=1,
-                    embedding_dim=64,
-                    data_options=dict(LARGE_SYNTHETIC),
-                )
-            )
-    thresholds = QualityThresholds(max_recall_loss=1.0, max_auc_loss=1.0, min_index_recall=0.5)
+    runs = train_models(root, "synthetic", LARGE_SYNTHETIC, reuse=True, epochs=1, embedding_dim=64)
     while len(sorted((repo / BUNDLE).glob("[0-9]*"))) < 2:
-        package(PackageOptions(root / "two-tower", root / "dlrm", repo, BUNDLE, quant="fp32",
-                               thresholds=thresholds))  # fmt: skip
+        package_runs(runs, repo, BUNDLE, quant="fp32", thresholds=SMOKE_GATE)
     return repo
 
 

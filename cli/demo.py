@@ -48,34 +48,18 @@ def run_demo(out: Path, console: Console) -> None:
     """Runs every stage into `out` (replaced if it exists) and prints the recommendations."""
     import shutil
 
-    from recship.packager.api import package
-    from recship.packager.cli import print_summary
-    from recship.packager.options import PackageOptions
+    from recship.bundle.cli import print_summary
+    from recship.cli.pipeline import package_runs, train_models
     from recship.runtime.client import RecshipClient
-    from recship.trainer.config import TrainConfig
     from recship.trainer.data.sources import open_source
-    from recship.trainer.train import launch
 
     if out.exists():
         shutil.rmtree(out)
     source, options = _data_source(console)
-    runs = {}
-    for model in ("two-tower", "dlrm"):
-        console.rule(f"recship train {model} --data {source} --nproc 2")
-        runs[model] = out / "runs" / model
-        launch(
-            TrainConfig(model=model, data=source, out=runs[model], nproc=2, data_options=options)
-        )
+    console.rule(f"recship train two-tower, dlrm --data {source} --nproc 2")
+    runs = train_models(out / "runs", source, options, nproc=2)
     console.rule("recship package")
-    report = package(
-        PackageOptions(
-            retrieval=runs["two-tower"],
-            ranking=runs["dlrm"],
-            repo=out / "repo",
-            name="movies",
-        ),
-        console,
-    )
+    report = package_runs(runs, out / "repo", "movies", console)
     print_summary(console, report.ref, report.manifest, report.stage_seconds)
 
     data = open_source(source, **options)

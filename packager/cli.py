@@ -9,18 +9,17 @@ from rich.console import Console
 
 from recship.base.errors import InvalidInput
 from recship.bundle.cli import print_summary
-
-QUANT_CHOICES = ("int8", "int4", "fp16", "fp32")
+from recship.packager.options import DEVICE_TYPES, EXPORT_CHOICES, INDEX_KINDS, QUANT_TYPES
 
 
 def _parse_table_quant(values: tuple[str, ...]) -> dict[str, str]:
     overrides = {}
     for value in values:
         table, sep, quant = value.partition("=")
-        if not sep or not table or quant not in QUANT_CHOICES:
+        if not sep or not table or quant not in QUANT_TYPES:
             raise InvalidInput(
                 f"--table-quant {value!r}: expected TABLE=TYPE with TYPE one of "
-                + ", ".join(QUANT_CHOICES)
+                + ", ".join(QUANT_TYPES)
             )
         overrides[table] = quant
     return overrides
@@ -52,7 +51,7 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--name", required=True, help="Bundle name; published as REPO/NAME/<next version>.")
 @click.option(
     "--quant",
-    type=click.Choice(QUANT_CHOICES),
+    type=click.Choice(QUANT_TYPES),
     default="int8",
     show_default=True,
     help="Quantization of every embedding table.",
@@ -72,21 +71,21 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
 )
 @click.option(
     "--device-type",
-    type=click.Choice(["cpu", "cuda"]),
+    type=click.Choice(DEVICE_TYPES),
     default=None,
     help="Target devices [default: cuda when a GPU is visible, else cpu].",
 )
 @click.option(
     "--format",
     "export_format",
-    type=click.Choice(["torchscript", "aoti", "both"]),
+    type=click.Choice(EXPORT_CHOICES),
     default="torchscript",
     show_default=True,
     help="Entry-point file formats.",
 )
 @click.option(
     "--index",
-    type=click.Choice(["auto", "flat", "ivfflat", "ivfpq", "hnsw"]),
+    type=click.Choice(INDEX_KINDS),
     default="auto",
     show_default=True,
     help="FAISS index family.",

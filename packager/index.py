@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import faiss
 import numpy as np
@@ -28,10 +27,8 @@ import numpy.typing as npt
 
 from recship.base.errors import InvalidInput, QualityGateFailed
 from recship.bundle.index import apply_search_params, search, unwrap
+from recship.packager.options import INDEX_KINDS, IndexKind
 from recship.protos.v1 import manifest_pb2
-
-IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
 
 # Progress callback: (stage, done, total), stage one of "train", "add", "tune".
 ProgressFn = Callable[[str, int, int], None]

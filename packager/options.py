@@ -6,10 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from recship.packager.quantize import QuantType
-
-ExportFormat = Literal["torchscript", "aoti", "both"]
-IndexKind = Literal["auto", "flat", "ivfflat", "ivfpq", "hnsw"]
+# The choices of `recship package`, stated once (the CLI, the stages and the tests read them here;
+# this module imports nothing heavy, so `recship package --help` stays fast).
+QuantType = Literal["int8", "int4", "fp16", "fp32"]
+QUANT_TYPES: tuple[QuantType, ...] = ("int8", "int4", "fp16", "fp32")
+ExportChoice = Literal["torchscript", "aoti", "both"]
+EXPORT_CHOICES: tuple[ExportChoice, ...] = ("torchscript", "aoti", "both")
+IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
+INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class PackageOptions:
     table_quant: dict[str, QuantType] = field(default_factory=dict)
     devices: int = 1
     device_type: str | None = None
-    export_format: ExportFormat = "torchscript"
+    export_format: ExportChoice = "torchscript"
     index: IndexKind = "auto"
     index_params: dict[str, int] = field(default_factory=dict)
     thresholds: QualityThresholds = field(default_factory=QualityThresholds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -25,9 +24,7 @@ from torchrec.inference.modules import (
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recship.base.errors import InvalidInput
-
-QuantType = Literal["int8", "int4", "fp16", "fp32"]
-QUANT_TYPES: tuple[QuantType, ...] = ("int8", "int4", "fp16", "fp32")
+from recship.packager.options import QUANT_TYPES, QuantType
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.qint8,

@@ -68,6 +68,10 @@ Result = TypeVar("Result")
 DEFAULT_MAX_BATCH_ROWS = 4096
 #: Default rows waiting per replica and model: eight full batches.
 DEFAULT_MAX_QUEUE_ROWS = 8 * DEFAULT_MAX_BATCH_ROWS
+#: Default longest wait of the oldest queued item for its batch to fill: none. A batch runs as
+#: soon as the replica is free and still forms from what queues while it is busy; measured on
+#: ML-100K with 2 CPU cores, 2 ms made concurrency-1 throughput 3.6x worse than unbatched.
+DEFAULT_MAX_DELAY_S = 0.0
 
 
 class BatchObserver(Protocol):

@@ -49,6 +49,7 @@ from recship.bundle.store import ValidatedVersion
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.batcher import (
     DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_DELAY_S,
     DEFAULT_MAX_QUEUE_ROWS,
     Batcher,
     ReplicaPool,
@@ -71,7 +72,7 @@ class BatchingConfig:
     """
 
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
-    max_delay_s: float = 0.002
+    max_delay_s: float = DEFAULT_MAX_DELAY_S
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     enabled: bool = True
 

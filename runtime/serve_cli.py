@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 import click
 
 from recship.base.errors import InvalidInput
-from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
+from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_QUEUE_ROWS,
+)
 
 if TYPE_CHECKING:
     from recship.runtime.policy import VersionPolicy
@@ -27,7 +31,7 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: any).")
 @click.option("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
-@click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
+@click.option("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_S * 1000.0, show_default=True,
               help="Longest wait for a batch to fill. 0 runs a batch as soon as the replica is "
                    "free, and batches still form from what queues while it is busy (best on "
                    "CPU); raise it on GPUs, where larger batches pay.")  # fmt: skip

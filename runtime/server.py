@@ -40,7 +40,11 @@ from grpc_reflection.v1alpha import reflection
 from recship.base.errors import InvalidInput, RecshipError
 from recship.bundle.store import BundleStore
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
-from recship.runtime.batcher import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_ROWS
+from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_QUEUE_ROWS,
+)
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
@@ -73,9 +77,8 @@ class ServerConfig:
         port: gRPC port; 0 picks a free one (`build_server` returns it).
         metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
         max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
-        max_delay_ms: longest wait of a queued request for its batch to fill; 0 flushes as
-            soon as the replica is free (measured on ML-100K, 2 CPU cores: 2 ms made
-            concurrency-1 throughput 3.6x worse than unbatched, 0 matches it).
+        max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
+            `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free.
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
         batching: False runs every request part alone (for `recship bench --compare-unbatched`).
         replicas: CPU replicas (default 1); on GPUs it follows from the devices.
@@ -102,7 +105,7 @@ class ServerConfig:
     port: int = 8500
     metrics_port: int | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
-    max_delay_ms: float = 0.0
+    max_delay_ms: float = DEFAULT_MAX_DELAY_S * 1000.0
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     batching: bool = True
     replicas: int | None = None

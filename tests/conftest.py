@@ -1,13 +1,31 @@
-"""Shared pytest set-up: GPU marker handling and real training runs to package."""
+"""Shared pytest set-up: GPU marker handling, real training runs, one real bundle, live servers.
+
+- `train_synthetic` / `trained_runs`: real TorchRec training on small synthetic data
+  (`recship.cli.pipeline`, the recipe `recship demo` and the benchmarks use too).
+- `bundle_repo`: one bundle trained and packaged once per session, under the session's temp
+  folder, shared by the serving and integration tests; `publish_copy` republishes its files as
+  the next version in a second.
+- `live_server` / `client`: one server over it for the session; `server_factory` starts more.
+  A server runs its own event loop on a background thread and listens on a free port on
+  127.0.0.1; tests talk to it over real gRPC channels, like any client.
+- `reference`: the packaged bundle called directly (entry points, index, item table).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import shutil
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 # Small synthetic data the packaging tests train on (seconds per model on 2 cores).
 PACKAGING_DATA = {"num_users": 400, "num_items": 300, "interactions_per_user": 12}
@@ -15,21 +33,11 @@ PACKAGING_DATA = {"num_users": 400, "num_items": 300, "interactions_per_user": 1
 
 def _train_synthetic(out: Path, model: str, nproc: int, **data: int) -> Path:
     """Trains `model` on synthetic data with real TorchRec ranks; returns the output folder."""
-    from recship.trainer.config import TrainConfig
-    from recship.trainer.train import launch
+    from recship.cli.pipeline import train_model
 
-    launch(
-        TrainConfig(
-            model=model,
-            data="synthetic",
-            out=out,
-            nproc=nproc,
-            epochs=3,
-            batch_size=64,
-            data_options={**PACKAGING_DATA, **data},
-        )
+    return train_model(
+        out, model, "synthetic", {**PACKAGING_DATA, **data}, nproc=nproc, epochs=3, batch_size=64
     )
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +54,276 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         _train_synthetic(root / "tt", "two-tower", 2),
         _train_synthetic(root / "dlrm", "dlrm", 1),
     )
+
+
+BUNDLE = "movies"
+SYNTHETIC = {"num_users": 300, "num_items": 200, "interactions_per_user": 8}
+# The session bundle's query features (all query-side sparse features of the synthetic schema).
+QUERY_FEATURES = ("user_id", "user_age_bucket", "user_gender", "user_occupation", "user_zip_prefix")
+
+
+def build_bundle(root: Path) -> Path:
+    """Trains two tiny models and packages them into `<root>/repo` (once per folder).
+
+    Returns:
+        The repository root (`<root>/repo`, holding `movies/1`).
+    """
+    from recship.cli.pipeline import SMOKE_GATE, package_runs, train_models
+
+    root.mkdir(parents=True, exist_ok=True)
+    repo = root / "repo"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (repo / BUNDLE / "1" / "MANIFEST.json").is_file():
+            return repo
+        # One epoch on 300 users is enough to serve; the quality gate is the packager's concern.
+        runs = train_models(root, "synthetic", SYNTHETIC, epochs=1, embedding_dim=8)
+        package_runs(runs, repo, BUNDLE, thresholds=SMOKE_GATE)
+    return repo
+
+
+def _publish_copy(repo: Path, source: int = 1, *, golden_offset: float = 0.0) -> int:
+    """Publishes the files of `movies/<source>` again as the bundle's next version.
+
+    The copy goes through `BundleWriter` like any packaged bundle (staging folder, checksums,
+    MANIFEST.json last, rename), so it takes a second, not a training run. With a non-zero
+    `golden_offset`, golden.pt is rewritten first with every recorded output shifted by that
+    much: the manifest's checksums then match the changed file, so the version validates and
+    loads but fails its golden self-test.
+
+    Returns:
+        The published version number.
+    """
+    import shutil
+
+    from recship.bundle.golden import GoldenRecord, read_golden, write_golden
+    from recship.bundle.layout import MANIFEST_FILENAME
+    from recship.bundle.manifest import read_manifest
+    from recship.bundle.writer import BundleWriter
+    from recship.protos.v1 import manifest_pb2
+
+    source_dir = repo / BUNDLE / str(source)
+    original = read_manifest(source_dir / MANIFEST_FILENAME)
+    with BundleWriter(repo, BUNDLE) as staged:
+        for entry in original.files:
+            target = staged.path / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / entry.path, target)
+        if golden_offset:
+            golden_path = staged.path / original.golden.file
+            golden = read_golden(golden_path)
+            shifted = {
+                name: GoldenRecord(record.inputs, record.output + golden_offset)
+                for name, record in golden.records.items()
+            }
+            write_golden(golden_path, shifted, golden.atol, golden.rtol)
+
+        def fill(manifest: manifest_pb2.BundleManifest) -> None:
+            merged = manifest_pb2.BundleManifest()
+            merged.CopyFrom(original)
+            for name in ("format_version", "name", "version", "release_id", "created_by"):
+                setattr(merged, name, getattr(manifest, name))
+            merged.created_at.CopyFrom(manifest.created_at)
+            merged.libraries.CopyFrom(manifest.libraries)
+            del merged.files[:]
+            merged.files.extend(manifest.files)
+            manifest.CopyFrom(merged)
+
+        return staged.publish(fill).version
+
+
+@pytest.fixture(scope="session")
+def publish_copy() -> Callable[..., int]:
+    """`publish_copy(repo, source=1, *, golden_offset=0.0) -> version` (see `_publish_copy`)."""
+    return _publish_copy
+
+
+@pytest.fixture(scope="session")
+def bundle_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one published bundle version, `movies/1`."""
+    return build_bundle(tmp_path_factory.getbasetemp() / "recship-serving-bundle")
+
+
+class ServerThread:
+    """A recship server on its own event loop thread; `call` runs coroutines on that loop."""
+
+    def __init__(self, config: Any) -> None:
+        from recship.runtime.server import build_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:
+            server, _ = build_server(config)
+            await server.start()
+            return server
+
+        self.server = self.call(build())
+        self.port: int = self.server.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self.call(self.server.wait_ready(timeout), timeout + 5)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops the server and its loop; a second call does nothing."""
+        if self.loop.is_closed():
+            return
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def server_config(repo: Path, **overrides: Any) -> Any:
+    from recship.runtime.server import ServerConfig
+
+    # Batches far smaller than the default, so that ordinary test requests get split.
+    values: dict[str, Any] = {
+        "repo": repo,
+        "port": 0,
+        "metrics_port": 0,
+        "max_delay_ms": 5.0,
+        "max_batch_size": 256,
+    }
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def live_server(bundle_repo: Path) -> Iterator[ServerThread]:
+    """One server over the session bundle, SERVING, shared by the whole session."""
+    server = ServerThread(server_config(bundle_repo))
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(live_server: ServerThread) -> Iterator[Any]:
+    from recship.runtime.client import RecshipClient
+
+    with RecshipClient(live_server.target, timeout=30) as connected:
+        connected.wait_until_serving(60)
+        yield connected
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The packaged bundle called directly: entry points, index and item table, no server."""
+
+    path: Path
+    query_tower: Any
+    ranker: Any
+    index: Any
+    items: Any
+    item_sparse: tuple[str, ...]
+    user_dense: int
+
+    def sparse(self, users: list[dict[str, int]], names: tuple[str, ...]) -> list[np.ndarray]:
+        return [np.array([user[name] for user in users], dtype=np.int64) for name in names]
+
+    def embed(self, users: list[dict[str, int]]) -> np.ndarray:
+        values = torch.from_numpy(np.concatenate(self.sparse(users, QUERY_FEATURES)))
+        lengths = torch.ones(len(users) * len(QUERY_FEATURES), dtype=torch.int32)
+        with torch.no_grad():
+            return self.query_tower(values, lengths).detach().numpy()
+
+    def retrieve(self, users: list[dict[str, int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        from recship.bundle.index import search
+
+        return search(self.index, self.embed(users), k)
+
+    def rank(self, user: dict[str, int], dense: list[float], item_ids: list[int]) -> np.ndarray:
+        """Probabilities of `item_ids` for one user (features joined by hand, not by the codec)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        count = ids.size
+        values, lengths = [], []
+        for name in QUERY_FEATURES:
+            values.append(np.full(count, user[name], dtype=np.int64))
+            lengths.append(np.ones(count, dtype=np.int32))
+        for name in self.item_sparse:
+            column = self.items.sparse[name]
+            for item in ids:
+                bag = column.values[column.offsets[item] : column.offsets[item + 1]]
+                values.append(bag.astype(np.int64))
+            lengths.append(np.diff(column.offsets)[ids].astype(np.int32))
+        dense_rows = np.concatenate(
+            [np.tile(np.asarray(dense, dtype=np.float32), (count, 1)), self.items.dense[ids]],
+            axis=1,
+        )
+        with torch.no_grad():
+            logits = self.ranker(
+                torch.from_numpy(dense_rows.astype(np.float32)),
+                torch.from_numpy(np.concatenate(values)),
+                torch.from_numpy(np.concatenate(lengths)),
+            )
+        return torch.sigmoid(logits.detach()).numpy()
+
+
+@pytest.fixture(scope="session")
+def reference(bundle_repo: Path) -> Reference:
+    from recship.bundle.entrypoints import load_entry_point
+    from recship.bundle.index import read_index
+    from recship.bundle.item_features import read_item_features
+    from recship.bundle.manifest import read_manifest
+
+    path = bundle_repo / BUNDLE / "1"
+    manifest = read_manifest(path / "MANIFEST.json")
+    entries = {e.name: e for e in manifest.entry_points}
+    assert tuple(entries["query_tower"].sparse_feature_order) == QUERY_FEATURES
+    items, sparse_names, _ = read_item_features(path / manifest.item_features.file)
+    ranker_order = tuple(entries["ranker"].sparse_feature_order)
+    assert ranker_order == QUERY_FEATURES + tuple(sparse_names)
+    return Reference(
+        path,
+        load_entry_point(path / entries["query_tower"].file),
+        load_entry_point(path / entries["ranker"].file),
+        read_index(path / manifest.index.file, manifest.index),
+        items,
+        tuple(sparse_names),
+        int(manifest.schema.query_dense_count),
+    )
+
+
+def user(user_id: int) -> dict[str, int]:
+    """Valid query features for a user of the synthetic schema (deterministic per id)."""
+    return {
+        "user_id": user_id,
+        "user_age_bucket": user_id % 7,
+        "user_gender": user_id % 2,
+        "user_occupation": user_id % 21,
+        "user_zip_prefix": user_id % 11,
+    }
+
+
+@pytest.fixture(scope="session")
+def make_user():
+    """`make_user(user_id) -> features`: valid query features of one synthetic user."""
+    return user
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    """`server_factory(repo, **config)`: starts a server for one test; stopped afterwards."""
+    started: list[ServerThread] = []
+
+    def start(repo: Path, **overrides: Any) -> ServerThread:
+        server = ServerThread(server_config(repo, **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def _nvidia_gpu_present() -> bool:

@@ -22,8 +22,7 @@ from typing import Any
 import click
 
 from recship.base.errors import InvalidInput
-
-SHARDING_CHOICES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+from recship.trainer.config import DEFAULT_TEMPERATURE, SHARDINGS
 
 
 def _layers(flag: str) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -80,7 +79,7 @@ def _common_options(function: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--sharding",
-            type=click.Choice(SHARDING_CHOICES),
+            type=click.Choice(SHARDINGS),
             default="auto",
             show_default=True,
             help="How every table is sharded; auto lets the planner choose.",
@@ -153,7 +152,11 @@ def train_command() -> None:
     type=click.Choice(("softmax", "bce")),
     help="In-batch sampled softmax with logQ correction, or BCE [softmax].",
 )
-@click.option("--temperature", type=float, help="Logits are divided by it in training [0.05].")
+@click.option(
+    "--temperature",
+    type=float,
+    help=f"Logits are divided by it in training [{DEFAULT_TEMPERATURE}].",
+)
 @click.option(
     "--tower-layers",
     callback=_layers("--tower-layers"),

@@ -29,6 +29,8 @@ LOSS_KINDS: tuple[str, ...] = ("softmax", "bce")
 SHARDINGS: tuple[str, ...] = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
 
 MODEL_CONFIG_FILE = "model_config.json"
+# Two-tower softmax temperature: logits are divided by it in training (a default, stated once).
+DEFAULT_TEMPERATURE = 0.05
 METRICS_FILE = "metrics.json"
 # Bumped when the meaning of a field in model_config.json changes.
 MODEL_CONFIG_FORMAT = 1
@@ -115,7 +117,7 @@ class ModelConfig:
     tower_layers: tuple[int, ...] = ()
     normalize: bool = True
     loss: LossKind = "softmax"
-    temperature: float = 0.05
+    temperature: float = DEFAULT_TEMPERATURE
     dense_arch_layers: tuple[int, ...] = ()
     over_arch_layers: tuple[int, ...] = ()
 
@@ -299,7 +301,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "dense_lr": 1e-3,
         "weight_decay": 0.0,
         "loss": "softmax",
-        "temperature": 0.05,
+        "temperature": DEFAULT_TEMPERATURE,
         "tower_layers": (128, 64),
     },
     # ML-100K, 2 ranks: AUC by epoch peaks at 5 with these (0.784); a lower table learning rate
@@ -357,7 +359,7 @@ def model_config_for(config: TrainConfig, schema: DatasetSchema) -> ModelConfig:
             tower_layers=tuple(config.tower_layers or ()),
             normalize=True,
             loss=config.loss or "softmax",
-            temperature=float(config.temperature or 0.05),
+            temperature=float(config.temperature or DEFAULT_TEMPERATURE),
         )
     return ModelConfig(
         kind="dlrm",

@@ -1,13 +1,7 @@
-"""Integration fixtures: the session bundle of tests/runtime and `recship serve` subprocesses.
-
-The bundle builder lives in tests/runtime/conftest.py; it is loaded here by path (test folders
-are not packages) and builds into the same session folder, so a session running both folders
-trains and packages once.
-"""
+"""Integration fixtures: `recship serve` subprocesses; the session bundle is tests/conftest.py's."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,27 +12,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "recship_tests_runtime_fixtures", Path(__file__).parents[1] / "runtime" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-runtime_fixtures = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = runtime_fixtures  # dataclasses look their module up there
-_spec.loader.exec_module(runtime_fixtures)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RECSHIP = Path(sys.executable).parent / "recship"
-
-
-@pytest.fixture(scope="session")
-def bundle_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's repository with `movies/1` (shared with tests/runtime)."""
-    return runtime_fixtures.build_bundle(tmp_path_factory.getbasetemp() / "recship-serving-bundle")
-
-
-@pytest.fixture(scope="session")
-def make_user():
-    return runtime_fixtures.user
 
 
 @dataclass

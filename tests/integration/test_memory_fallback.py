@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,7 @@ from recship.runtime.policy import VersionState, estimated_bytes
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # tests/runtime/conftest.py, loaded by tests/integration/conftest.py under this name.
-runtime_fixtures = sys.modules["recship_tests_runtime_fixtures"]
-BUNDLE = runtime_fixtures.BUNDLE
+BUNDLE = "movies"
 CLIENTS = 4
 
 
@@ -40,6 +39,7 @@ class Load:
     """Closed-loop Recommend callers; counts answers by version and errors by type."""
 
     target: str
+    make_user: Callable[[int], dict[str, int]]
     served: dict[int, int] = field(default_factory=dict)
     errors: list[RecshipError] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +60,7 @@ class Load:
         with RecshipClient(self.target, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
-                query = Query(runtime_fixtures.user((worker * 37 + n) % 300), [0.5])
+                query = Query(self.make_user((worker * 37 + n) % 300), [0.5])
                 n += 1
                 try:
                     response = client.recommend(BUNDLE, [query], retrieve_k=20, top_n=5)
@@ -86,10 +86,8 @@ class Watch:
         return Watch(list(self.serving), list(self.loaded), list(self.replicas))
 
 
-def start_server(repo: Path, **config: Any) -> tuple[Any, Watch]:
-    server = runtime_fixtures.ServerThread(
-        runtime_fixtures.server_config(repo, poll_interval_s=0.0, **config)
-    )
+def start_server(server_factory: Any, repo: Path, **config: Any) -> tuple[Any, Watch]:
+    server = server_factory(repo, poll_interval_s=0.0, **config)
     server.wait_ready()
     manager = server.server.manager
     watch = Watch()
@@ -122,13 +120,17 @@ def copy_repo(bundle_repo: Path, tmp_path: Path) -> Path:
     return repo
 
 
-def test_budget_for_two_versions_loads_beside(bundle_repo: Path, tmp_path: Path) -> None:
+def test_budget_for_two_versions_loads_beside(
+    bundle_repo: Path, tmp_path: Path, server_factory, publish_copy
+) -> None:
     repo = copy_repo(bundle_repo, tmp_path)
     budget = 2 * one_version_bytes(repo, 1) + 1
-    server, watch = start_server(repo, memory_budget_bytes=budget, metrics_port=None)
+    server, watch = start_server(
+        server_factory, repo, memory_budget_bytes=budget, metrics_port=None
+    )
     try:
         with RecshipClient(server.target, timeout=120) as admin:
-            runtime_fixtures.publish_copy(repo)
+            publish_copy(repo)
             admin.refresh_repository()
             assert default_version(admin) == 2
             watch = watch.until_now()
@@ -139,18 +141,20 @@ def test_budget_for_two_versions_loads_beside(bundle_repo: Path, tmp_path: Path)
 
 
 def test_budget_for_one_version_switches_replica_by_replica(
-    bundle_repo: Path, tmp_path: Path
+    bundle_repo: Path, tmp_path: Path, server_factory, publish_copy, make_user
 ) -> None:
     repo = copy_repo(bundle_repo, tmp_path)
     budget = one_version_bytes(repo, 2) + 1  # two full versions do not fit
-    server, watch = start_server(repo, memory_budget_bytes=budget, replicas=2, metrics_port=None)
-    load = Load(server.target)
+    server, watch = start_server(
+        server_factory, repo, memory_budget_bytes=budget, replicas=2, metrics_port=None
+    )
+    load = Load(server.target, make_user)
     try:
         with RecshipClient(server.target, timeout=120) as admin:
             admin.wait_until_serving(60)
             load.start()
             load.stop.wait(0.5)
-            runtime_fixtures.publish_copy(repo)
+            publish_copy(repo)
             admin.refresh_repository()
             load.stop.wait(0.5)
             status = {v.version: v for v in admin.bundle_status(BUNDLE).versions}
@@ -172,26 +176,31 @@ def test_budget_for_one_version_switches_replica_by_replica(
 
 
 def test_one_replica_switch_has_a_bounded_reported_window(
-    bundle_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    bundle_repo: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    server_factory,
+    publish_copy,
+    make_user,
 ) -> None:
     repo = copy_repo(bundle_repo, tmp_path)
     budget = one_version_bytes(repo, 1) + 1
-    server, watch = start_server(repo, memory_budget_bytes=budget)
-    load = Load(server.target)
+    server, watch = start_server(server_factory, repo, memory_budget_bytes=budget)
+    load = Load(server.target, make_user)
     caplog.set_level(logging.INFO, logger="recship.runtime.manager")
     try:
         with RecshipClient(server.target, timeout=120) as admin:
             admin.wait_until_serving(60)
             load.start()
             load.stop.wait(0.3)
-            runtime_fixtures.publish_copy(repo)
+            publish_copy(repo)
             started = time.perf_counter()
             admin.refresh_repository()
             first_switch_s = time.perf_counter() - started
             assert default_version(admin) == 2
             load.stop.wait(0.3)
             # v3 fails its self-test during the window: v2 is reloaded and serves again.
-            runtime_fixtures.publish_copy(repo, golden_offset=1.0)
+            publish_copy(repo, golden_offset=1.0)
             admin.refresh_repository()
             status = {v.version: v for v in admin.bundle_status(BUNDLE).versions}
             load.stop.wait(0.3)

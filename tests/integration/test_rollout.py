@@ -7,7 +7,6 @@ version 3 can be good on the first and fail its golden self-test on the second.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from recship.runtime.rollout import rollout, rollout_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-runtime_fixtures = sys.modules["recship_tests_runtime_fixtures"]
-BUNDLE = runtime_fixtures.BUNDLE
+BUNDLE = "movies"
 
 
 def default_version(target: str) -> int:
@@ -29,16 +27,16 @@ def default_version(target: str) -> int:
     return next(v.version for v in status.versions if v.is_default)
 
 
-def test_rollout_moves_both_then_rolls_back_a_bad_version(bundle_repo: Path, tmp_path: Path):
+def test_rollout_moves_both_then_rolls_back_a_bad_version(
+    bundle_repo: Path, tmp_path: Path, server_factory, publish_copy
+):
     repos = [tmp_path / "a", tmp_path / "b"]
     for repo in repos:
         shutil.copytree(bundle_repo / BUNDLE / "1", repo / BUNDLE / "1")
-        assert runtime_fixtures.publish_copy(repo) == 2
+        assert publish_copy(repo) == 2
     servers = [
-        runtime_fixtures.ServerThread(
-            runtime_fixtures.server_config(
-                repo, poll_interval_s=0.0, metrics_port=None, policies={BUNDLE: Pinned((1,))}
-            )
+        server_factory(
+            repo, poll_interval_s=0.0, metrics_port=None, policies={BUNDLE: Pinned((1,))}
         )
         for repo in repos
     ]
@@ -55,8 +53,8 @@ def test_rollout_moves_both_then_rolls_back_a_bad_version(bundle_repo: Path, tmp
         assert moved.output.count("moved") == 2
         assert [default_version(t) for t in targets] == [2, 2]
 
-        assert runtime_fixtures.publish_copy(repos[0]) == 3
-        assert runtime_fixtures.publish_copy(repos[1], golden_offset=1.0) == 3
+        assert publish_copy(repos[0]) == 3
+        assert publish_copy(repos[1], golden_offset=1.0) == 3
         result = rollout(targets, BUNDLE, 3, timeout_s=120)
         assert not result.ok
         first, second = result.steps

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-runtime_fixtures = sys.modules["recship_tests_runtime_fixtures"]
 _spec = importlib.util.spec_from_file_location(
     "recship_benchmarks_upgrade_memory",
     Path(__file__).parents[2] / "benchmarks" / "upgrade_memory.py",
@@ -26,10 +24,12 @@ upgrade_memory = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(upgrade_memory)
 
 
-def test_rss_returns_to_steady_state_over_upgrade_cycles(bundle_repo: Path, tmp_path: Path):
+def test_rss_returns_to_steady_state_over_upgrade_cycles(
+    bundle_repo: Path, tmp_path: Path, publish_copy
+):
     repo = tmp_path / "repo"
-    shutil.copytree(bundle_repo / runtime_fixtures.BUNDLE / "1", repo / "movies" / "1")
-    runtime_fixtures.publish_copy(repo)
+    shutil.copytree(bundle_repo / "movies" / "1", repo / "movies" / "1")
+    publish_copy(repo)
     steady, after = asyncio.run(upgrade_memory.measure_upgrade_memory(repo, cycles=10))
     print(f"\nsteady {steady / 2**20:.1f} MiB, after each cycle (MiB):",
           [round(v / 2**20, 1) for v in after])  # fmt: skip

@@ -11,9 +11,9 @@ printed next to the steady state.
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,7 @@ from recship.runtime.policy import Pinned, policy_to_proto
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # tests/runtime/conftest.py, loaded by tests/integration/conftest.py under this name.
-runtime_fixtures = sys.modules["recship_tests_runtime_fixtures"]
-
-BUNDLE = runtime_fixtures.BUNDLE
+BUNDLE = "movies"
 CLIENTS = 16
 READY = admin_pb2.VERSION_STATE_READY
 FAILED = admin_pb2.VERSION_STATE_FAILED
@@ -48,6 +46,7 @@ class Load:
     """Closed-loop Recommend callers on threads, recording every outcome."""
 
     target: str
+    make_user: Callable[[int], dict[str, int]]
     calls: list[Call] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -57,7 +56,7 @@ class Load:
         with RecshipClient(self.target, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
-                user = Query(runtime_fixtures.user((worker * 37 + n) % 300), [0.5])
+                user = Query(self.make_user((worker * 37 + n) % 300), [0.5])
                 n += 1
                 started = time.time()
                 try:
@@ -117,14 +116,14 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_upgrades_under_load_never_fail_a_request(bundle_repo: Path, tmp_path: Path) -> None:
+def test_upgrades_under_load_never_fail_a_request(
+    bundle_repo: Path, tmp_path: Path, server_factory, publish_copy, make_user
+) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(bundle_repo / BUNDLE / "1", repo / BUNDLE / "1")
-    server = runtime_fixtures.ServerThread(
-        runtime_fixtures.server_config(repo, poll_interval_s=0.0, metrics_port=None)
-    )
+    server = server_factory(repo, poll_interval_s=0.0, metrics_port=None)
     threads: list[threading.Thread] = []
-    load = Load(server.target)
+    load = Load(server.target, make_user)
     watch = StatusWatch(server.target)
     windows: list[tuple[str, float, float]] = []
     try:
@@ -153,13 +152,13 @@ def test_upgrades_under_load_never_fail_a_request(bundle_repo: Path, tmp_path: P
         for expected in (2, 3):
             status = step(
                 f"switch to v{expected}",
-                lambda: (runtime_fixtures.publish_copy(repo), admin.refresh_repository()),
+                lambda: (publish_copy(repo), admin.refresh_repository()),
             )
             assert default(status) == expected
             assert versions(status)[expected - 1].state == admin_pb2.VERSION_STATE_UNLOADED
 
         def publish_corrupt() -> None:
-            version = runtime_fixtures.publish_copy(repo)
+            version = publish_copy(repo)
             flip_a_byte(repo / BUNDLE / str(version) / "ranker.pt")
             admin.refresh_repository()
 
@@ -171,7 +170,7 @@ def test_upgrades_under_load_never_fail_a_request(bundle_repo: Path, tmp_path: P
         status = step(
             "v5 fails self-test",
             lambda: (
-                runtime_fixtures.publish_copy(repo, golden_offset=1.0),
+                publish_copy(repo, golden_offset=1.0),
                 admin.refresh_repository(),
             ),
         )

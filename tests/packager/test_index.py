@@ -12,12 +12,12 @@ from recship.base.errors import InvalidInput, NotFound, QualityGateFailed
 from recship.bundle.index import gpu_count, read_index, search, to_gpu, write_index
 from recship.packager.index import (
     BuiltIndex,
-    IndexKind,
     IndexParams,
     build_index,
     recall_at_k,
     resolve_kind,
 )
+from recship.packager.options import IndexKind
 from recship.protos.v1 import manifest_pb2
 
 N_ITEMS, DIM, CLUSTERS, N_QUERIES, K = 5000, 32, 50, 200, 100
