@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import faiss
@@ -48,29 +48,81 @@ def apply_search_params(index: faiss.Index, search_params: Mapping[str, int]) ->
 
 
 def search(
-    index: faiss.Index, queries: npt.ArrayLike, k: int
+    index: faiss.Index,
+    queries: npt.ArrayLike,
+    k: int,
+    exclude: Sequence[npt.NDArray[np.int64]] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-k inner-product search.
+    """Top-k inner-product search, optionally never returning some item ids per query.
+
+    With exclusions, the index is asked for k plus the longest exclusion list, the excluded ids
+    are dropped and each row keeps its best k; rows an approximate search left short are asked
+    again with twice as many results, up to the whole index. So a query whose exclusions leave
+    at least k items gets k results from an exact index, and from an approximate one as many as
+    its search reaches (as without exclusions).
 
     Args:
         index: A built or loaded index (CPU or GPU).
         queries: float32 [Q, D] query vectors (other float types are converted).
         k: Results per query, >= 1.
+        exclude: per query, int64 item ids never to return (Q arrays, any may be empty), or
+            None.
 
     Returns:
         (scores float32 [Q, k], item ids int64 [Q, k]), best first; when the index holds fewer
         than k items (or an approximate search finds fewer), missing slots have id -1.
 
     Raises:
-        InvalidInput: queries are not [Q, D] with the index's D, or k < 1.
+        InvalidInput: queries are not [Q, D] with the index's D, k < 1, or `exclude` does not
+            have one entry per query.
     """
     checked = np.ascontiguousarray(queries, dtype=np.float32)
     if checked.ndim != 2 or checked.shape[1] != index.d:
         raise InvalidInput(f"queries must be [Q, {index.d}] vectors, got shape {checked.shape}")
     if k < 1:
         raise InvalidInput(f"k must be >= 1, got {k}")
-    scores, ids = index.search(checked, k)
-    return scores, ids
+    if exclude is None or not any(len(row) for row in exclude):
+        scores, ids = index.search(checked, k)
+        return scores, ids
+    if len(exclude) != len(checked):
+        raise InvalidInput(f"exclude has {len(exclude)} entries for {len(checked)} queries")
+    fetch = min(k + max(len(row) for row in exclude), max(int(index.ntotal), k))
+    scores, ids = index.search(checked, fetch)
+    best_scores, best_ids = _drop_excluded(scores, ids, exclude, k)
+    short = np.flatnonzero((best_ids < 0).any(axis=1))
+    while short.size and fetch < index.ntotal:
+        fetch = min(2 * fetch, int(index.ntotal))
+        scores, ids = index.search(checked[short], fetch)
+        best_scores[short], best_ids[short] = _drop_excluded(
+            scores, ids, [exclude[row] for row in short], k
+        )
+        short = short[(best_ids[short] < 0).any(axis=1)]
+    return best_scores, best_ids
+
+
+def _drop_excluded(
+    scores: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int64],
+    exclude: Sequence[npt.NDArray[np.int64]],
+    k: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The best k results of each row that are neither missing (-1) nor excluded, in order."""
+    rows = len(ids)
+    banned_ids = np.concatenate([np.asarray(row, dtype=np.int64) for row in exclude])
+    banned_rows = np.repeat(np.arange(rows, dtype=np.int64), [len(row) for row in exclude])
+    # One key per (row, id): ids are >= -1, so row * span + id never collides across rows.
+    span = int(max(ids.max(initial=0), banned_ids.max(initial=0))) + 2
+    keys = np.arange(rows, dtype=np.int64)[:, None] * span + ids
+    keep = (ids >= 0) & ~np.isin(keys, banned_rows * span + banned_ids)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, axis=1)
+    best_ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
+    best_scores = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf)
+    if best_ids.shape[1] < k:  # the index holds fewer than k items
+        pad = k - best_ids.shape[1]
+        best_ids = np.pad(best_ids, ((0, 0), (0, pad)), constant_values=-1)
+        best_scores = np.pad(best_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return best_scores.astype(np.float32), best_ids.astype(np.int64)
 
 
 def write_index(index: faiss.Index, path: Path) -> None:

@@ -135,7 +135,9 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
     for query in queries:
         if config.rpc == "retrieve":
             message = recommender_pb2.RetrieveRequest(
-                model=spec, queries=[query_proto(query)], top_k=config.retrieve_k
+                model=spec,
+                queries=[recommender_pb2.RetrieveQuery(query=query_proto(query))],
+                top_k=config.retrieve_k,
             )
         else:
             message = recommender_pb2.RecommendRequest(

@@ -212,14 +212,19 @@ class RecshipClient:
         queries: Sequence[Query | Features],
         top_k: int,
         *,
+        exclude: Sequence[Sequence[int]] | None = None,
         version: int | None = None,
         label: str | None = None,
         timeout: float | None = None,
     ) -> RetrieveResponse:
-        """Top-k candidates per query."""
+        """Top-k candidates per query, never `exclude[i]` for query i."""
+        excluded = exclude if exclude is not None else [()] * len(queries)
         request = recommender_pb2.RetrieveRequest(
             model=model_spec(bundle, version, label),
-            queries=[query_proto(q) for q in queries],
+            queries=[
+                recommender_pb2.RetrieveQuery(query=query_proto(q), exclude_item_ids=list(e))
+                for q, e in zip(queries, excluded, strict=True)
+            ],
             top_k=top_k,
         )
         response = self._call(self.recommender.Retrieve, request, timeout)
@@ -263,7 +268,8 @@ class RecshipClient:
         label: str | None = None,
         timeout: float | None = None,
     ) -> RecommendResponse:
-        """Retrieve `retrieve_k`, drop `exclude[i]`, rank, and return the best `top_n`."""
+        """Retrieve `retrieve_k` candidates other than `exclude[i]`, rank them and return the best
+        `top_n`; `retrieve_k` 0 uses the bundle's default."""
         excluded = exclude if exclude is not None else [()] * len(queries)
         request = recommender_pb2.RecommendRequest(
             model=model_spec(bundle, version, label),

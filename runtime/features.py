@@ -19,8 +19,8 @@ from recship.protos.v1 import manifest_pb2, recommender_pb2
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096
-_NO_IDS = np.zeros(0, dtype=np.int64)
-_NO_IDS.flags.writeable = False
+NO_IDS = np.zeros(0, dtype=np.int64)
+NO_IDS.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class FeatureCodec:
     def check_item_ids(self, ids: Sequence[int], where: str) -> np.ndarray:
         """Validates item ids (candidates, exclusions); returns them as int64."""
         if not ids:
-            return _NO_IDS
+            return NO_IDS
         array = np.fromiter(ids, dtype=np.int64, count=len(ids))
         bad = np.flatnonzero((array < 0) | (array >= self.num_items))
         if bad.size:

@@ -54,7 +54,7 @@ from recship.runtime.batcher import (
     Batcher,
     ReplicaPool,
 )
-from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
+from recship.runtime.features import NO_IDS, FeatureCodec, JaggedBlock, join_blocks
 from recship.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,11 @@ def placement(manifest: manifest_pb2.BundleManifest, config: LoaderConfig) -> Pl
 # -- work items (what the batchers queue) --------------------------------------------------------
 @dataclass(frozen=True)
 class RetrievePart:
-    """Queries to embed and search: `rows` rows of `block`, top `k` each."""
+    """Queries to embed and search: the rows of `block`, top `k` each, never `exclude[row]`."""
 
     block: JaggedBlock
     k: int
+    exclude: tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,14 @@ class Replica:
         """One retrieval batch: embed every part's queries together, search once.
 
         The index is searched with the largest k of the batch and each part keeps its own
-        prefix; for Flat and IVF indexes the top-k is a prefix of the top-k' for k' > k.
+        prefix; for Flat and IVF indexes the top-k is a prefix of the top-k' for k' > k. Each
+        query's exclusions are applied inside the search, so it still fills its k.
         """
         values, lengths = JaggedBlock.concat([part.block for part in parts]).feature_major()
         embeddings = self.embed(values, lengths)
         k = max(part.k for part in parts)
-        scores, ids = faiss_search(self._assets.index, embeddings, k)
+        exclude = [row for part in parts for row in part.exclude]
+        scores, ids = faiss_search(self._assets.index, embeddings, k, exclude)
         bounds = np.cumsum([part.block.rows for part in parts[:-1]])
         return [
             (part_scores[:, : part.k], part_ids[:, : part.k])
@@ -558,15 +561,25 @@ class Servable:
     def codec(self) -> FeatureCodec:
         return self.assets.codec
 
+    @property
+    def default_retrieve_k(self) -> int:
+        """Candidates Recommend retrieves when a request leaves it to the bundle (0 if unset)."""
+        return int(self.assets.manifest.serving.retrieve_k)
+
     async def retrieve(
-        self, block: JaggedBlock, k: int, deadline: float | None
+        self,
+        block: JaggedBlock,
+        k: int,
+        deadline: float | None,
+        exclude: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k candidates of each query of `block`.
+        """Top-k candidates of each query of `block`, never an excluded item.
 
         Args:
             block: query tower features of n queries (`FeatureCodec.encode_queries`).
             k: candidates per query.
             deadline: absolute `time.monotonic()` after which the result is useless, or None.
+            exclude: per query, validated int64 item ids never to return; None for none.
 
         Returns:
             (scores float32 [n, k], item ids int64 [n, k]), best first; id -1 marks a slot the
@@ -575,9 +588,10 @@ class Servable:
         Raises:
             Overloaded, DeadlineExceeded, Unavailable: from the batcher.
         """
+        excluded = tuple(exclude) if exclude is not None else (NO_IDS,) * block.rows
         parts = await self._retrieval.submit_split(
             block.rows,
-            lambda rows: RetrievePart(block.slice(rows), k),
+            lambda rows: RetrievePart(block.slice(rows), k, excluded[rows]),
             deadline,
         )
         return (

@@ -177,7 +177,9 @@ def parse_features(text: str) -> dict[str, list[int]]:
 @click.option("--dense", default="", help="Query-side dense features, comma-separated.")
 @click.option("--rpc", type=click.Choice(["recommend", "retrieve"]), default="recommend",
               show_default=True)  # fmt: skip
-@click.option("--retrieve-k", type=int, default=100, show_default=True)
+@click.option("--retrieve-k", type=int, default=0, show_default=True,
+              help="Candidates to retrieve; 0: the bundle's default (Recommend) or --top-n "
+                   "(Retrieve).")  # fmt: skip
 @click.option("--top-n", type=int, default=10, show_default=True)
 @click.option("--exclude", default="", help="Item ids never to return, comma-separated.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
@@ -208,7 +210,10 @@ def query_command(
     query = Query(parse_features(user_features), dense_values)
     with RecshipClient(server, timeout=timeout) as client:
         if rpc == "retrieve":
-            retrieved = client.retrieve(bundle, [query], retrieve_k, version=version, label=label)
+            retrieved = client.retrieve(
+                bundle, [query], retrieve_k or top_n, exclude=[excluded], version=version,
+                label=label,
+            )  # fmt: skip
             served, rows = retrieved.served_by, retrieved.results[0]
             table = Table("rank", "item_id", "retrieval score")
             for position, item in enumerate(rows, 1):

@@ -42,6 +42,7 @@ class ServiceLimits:
         max_top_k: largest `top_k` / `retrieve_k`.
         max_queries: most queries in one request.
         max_candidates: most candidate ids of one Rank query.
+        max_exclusions: most item ids one Retrieve or Recommend query may exclude.
         max_request_bytes: largest serialized request. The transport limit is set above it
             (see `recship.runtime.server`), so a request between the two is answered
             INVALID_ARGUMENT by this check rather than RESOURCE_EXHAUSTED by gRPC.
@@ -50,6 +51,7 @@ class ServiceLimits:
     max_top_k: int = 1000
     max_queries: int = 1024
     max_candidates: int = 4096
+    max_exclusions: int = 1024
     max_request_bytes: int = 4 * 1024 * 1024
 
 
@@ -110,6 +112,17 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         if queries > self.limits.max_queries:
             raise InvalidInput(f"queries: {queries} queries, at most {self.limits.max_queries}")
 
+    def _exclusions(self, codec, queries: Sequence[Message], where: str) -> list[np.ndarray]:
+        """Each query's validated `exclude_item_ids` (bounded by `limits.max_exclusions`)."""
+        excluded = []
+        for i, query in enumerate(queries):
+            field = f"{where}[{i}].exclude_item_ids"
+            _check_bound(
+                f"{field} (count)", len(query.exclude_item_ids), 0, self.limits.max_exclusions
+            )
+            excluded.append(codec.check_item_ids(query.exclude_item_ids, field))
+        return excluded
+
     async def Retrieve(
         self, request: recommender_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> recommender_pb2.RetrieveResponse:
@@ -118,9 +131,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         bundle, version, label = _model(request.model)
         deadline = _deadline(context)
         async with self.manager.acquire(bundle, version, label) as servable:
-            paths = [f"queries[{i}]" for i in range(len(request.queries))]
-            block, _, _ = servable.codec.encode_queries(request.queries, paths)
-            scores, ids = await servable.retrieve(block, request.top_k, deadline)
+            paths = [f"queries[{i}].query" for i in range(len(request.queries))]
+            block, _, _ = servable.codec.encode_queries([q.query for q in request.queries], paths)
+            excluded = self._exclusions(servable.codec, request.queries, "queries")
+            scores, ids = await servable.retrieve(block, request.top_k, deadline, excluded)
             response = recommender_pb2.RetrieveResponse(served_by=_served_by(servable))
         for row_scores, row_ids in zip(scores, ids, strict=True):
             result = response.results.add()
@@ -164,25 +178,21 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> recommender_pb2.RecommendResponse:
         self._check_request(request, len(request.queries))
-        _check_bound("retrieve_k", request.retrieve_k, 1, self.limits.max_top_k)
-        _check_bound("top_n", request.top_n, 1, request.retrieve_k)
         bundle, version, label = _model(request.model)
         deadline = _deadline(context)
         async with self.manager.acquire(bundle, version, label) as servable:
+            retrieve_k = request.retrieve_k or servable.default_retrieve_k
+            field = "retrieve_k" if request.retrieve_k else "retrieve_k (the bundle's default)"
+            _check_bound(field, retrieve_k, 1, self.limits.max_top_k)
+            _check_bound("top_n", request.top_n, 1, retrieve_k)
             codec = servable.codec
             paths = [f"queries[{i}].query" for i in range(len(request.queries))]
             tower_block, ranker_block, dense = codec.encode_queries(
                 [q.query for q in request.queries], paths
             )
-            excluded = [
-                codec.check_item_ids(q.exclude_item_ids, f"queries[{i}].exclude_item_ids")
-                for i, q in enumerate(request.queries)
-            ]
-            scores, ids = await servable.retrieve(tower_block, request.retrieve_k, deadline)
-            keep = [
-                (row_ids >= 0) & ~np.isin(row_ids, drop) if drop.size else row_ids >= 0
-                for row_ids, drop in zip(ids, excluded, strict=True)
-            ]
+            excluded = self._exclusions(codec, request.queries, "queries")
+            scores, ids = await servable.retrieve(tower_block, retrieve_k, deadline, excluded)
+            keep = ids >= 0
             candidates = [row_ids[mask] for row_ids, mask in zip(ids, keep, strict=True)]
             retrieval = [row[mask] for row, mask in zip(scores, keep, strict=True)]
             row_query, starts = _rows([c.size for c in candidates])

@@ -61,19 +61,21 @@ def test_rank_scores_equal_the_packaged_ranker(client, reference, make_user) -> 
 
 def test_recommend_is_retrieve_then_rank_with_exclusions(client, reference, make_user) -> None:
     features = make_user(11)
-    _, ids = reference.retrieve([features], 30)
+    _, ids = reference.retrieve([features], 35)
     excluded = ids[0][:5].tolist()
     response = client.recommend(
         "movies", [Query(features, DENSE)], retrieve_k=30, top_n=8, exclude=[excluded]
     )
     items = response.results[0]
     assert len(items) == 8
+    # Retrieval skips the excluded ids: the 30 candidates are the best 30 of the others.
     kept = [i for i in ids[0].tolist() if i not in excluded]
+    assert len(kept) == 30
     probabilities = reference.rank(features, DENSE, kept)
     order = np.argsort(-probabilities, kind="stable")[:8]
     assert [item.item_id for item in items] == [kept[j] for j in order]
     np.testing.assert_allclose([i.rank_score for i in items], probabilities[order], atol=ATOL)
-    scores, found = reference.retrieve([features], 30)
+    scores, found = reference.retrieve([features], 35)
     by_id = dict(zip(found[0].tolist(), scores[0].tolist(), strict=True))
     for item in items:
         assert item.item_id not in excluded
@@ -81,13 +83,34 @@ def test_recommend_is_retrieve_then_rank_with_exclusions(client, reference, make
     assert [i.rank_score for i in items] == sorted((i.rank_score for i in items), reverse=True)
 
 
-def test_recommend_returns_fewer_when_exclusions_leave_fewer(client, reference, make_user) -> None:
+def test_exclusions_still_fill_top_n_and_fewer_only_past_the_catalogue(
+    client, reference, make_user
+) -> None:
     features = make_user(3)
-    _, ids = reference.retrieve([features], 4)
+    _, ids = reference.retrieve([features], 200)  # the session bundle has 200 items
     response = client.recommend(
         "movies", [Query(features, DENSE)], retrieve_k=4, top_n=4, exclude=[ids[0][:3].tolist()]
     )
-    assert [item.item_id for item in response.results[0]] == [int(ids[0][3])]
+    assert len(response.results[0]) == 4
+    assert not {item.item_id for item in response.results[0]} & set(ids[0][:3].tolist())
+    # Excluding all but two items of the catalogue leaves two to return.
+    leave = ids[0][:198].tolist()
+    response = client.recommend("movies", [Query(features, DENSE)], 10, 10, exclude=[leave])
+    assert sorted(item.item_id for item in response.results[0]) == sorted(ids[0][198:].tolist())
+    retrieved = client.retrieve("movies", [Query(features, DENSE)], 10, exclude=[leave])
+    assert [item.item_id for item in retrieved.results[0]] == ids[0][198:].tolist()
+
+
+def test_retrieve_with_exclusions_is_the_exact_top_k_of_the_other_items(
+    client, reference, make_user
+) -> None:
+    users = [make_user(u) for u in (5, 6, 7)]
+    _, ids = reference.retrieve(users, 60)
+    exclude = [ids[0][:50].tolist(), [], ids[2][::2].tolist()]
+    response = client.retrieve("movies", [Query(u, DENSE) for u in users], 10, exclude=exclude)
+    for row, (result, banned) in enumerate(zip(response.results, exclude, strict=True)):
+        expected = [i for i in ids[row].tolist() if i not in banned][:10]
+        assert [item.item_id for item in result] == expected
 
 
 def test_version_and_label_select_the_same_release(client, make_user) -> None:

@@ -31,7 +31,10 @@ def retrieve(make_user, queries=None, top_k: int = 5, **spec) -> recommender_pb2
     spec = spec or {"bundle": "movies"}
     return recommender_pb2.RetrieveRequest(
         model=model_spec(**spec),
-        queries=[good(make_user)] if queries is None else queries,
+        queries=[
+            recommender_pb2.RetrieveQuery(query=query)
+            for query in ([good(make_user)] if queries is None else queries)
+        ],
         top_k=top_k,
     )
 
@@ -47,16 +50,31 @@ def with_features(make_user, **changes) -> recommender_pb2.Query:
 
 
 INVALID_QUERIES = [
-    ("unknown feature", {"user_colour": [1]}, [], 'queries[1].sparse["user_colour"]: unknown'),
-    ("missing feature", {"user_gender": None}, [], 'queries[1].sparse["user_gender"]: missing'),
-    ("id too large", {"user_id": [300]}, [], 'queries[1].sparse["user_id"].ids[0]: id 300 is out'),
+    (
+        "unknown feature",
+        {"user_colour": [1]},
+        [],
+        'queries[1].query.sparse["user_colour"]: unknown',
+    ),
+    (
+        "missing feature",
+        {"user_gender": None},
+        [],
+        'queries[1].query.sparse["user_gender"]: missing',
+    ),
+    (
+        "id too large",
+        {"user_id": [300]},
+        [],
+        'queries[1].query.sparse["user_id"].ids[0]: id 300 is out',
+    ),
     (
         "negative id",
         {"user_age_bucket": [1, -1]},
         [],
-        'queries[1].sparse["user_age_bucket"].ids[1]',
+        'queries[1].query.sparse["user_age_bucket"].ids[1]',
     ),
-    ("dense width", {}, [0.1, 0.2], "queries[1].dense: 2 values, the bundle expects 1"),
+    ("dense width", {}, [0.1, 0.2], "queries[1].query.dense: 2 values, the bundle expects 1"),
 ]
 
 
@@ -78,7 +96,7 @@ def test_weights_on_an_unweighted_feature_are_rejected(client, make_user) -> Non
     bad.sparse["user_id"].weights.append(0.5)
     error = call_error(client, "Retrieve", retrieve(make_user, [bad]))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert 'queries[0].sparse["user_id"].weights' in error.details()
+    assert 'queries[0].query.sparse["user_id"].weights' in error.details()
 
 
 @pytest.mark.parametrize(
@@ -118,8 +136,12 @@ def test_recommend_bounds_and_exclusions(client, make_user) -> None:
     cases = [
         (recommend(10, 11), "top_n: 11 is out of bounds [1, 10]"),
         (recommend(10, 0), "top_n: 0 is out of bounds"),
-        (recommend(0, 0), "retrieve_k: 0 is out of bounds"),
+        (recommend(5000, 5), "retrieve_k: 5000 is out of bounds [1, 1000]"),
         (recommend(10, 5, [3, 200]), "queries[0].exclude_item_ids[1]: item id 200 is out of range"),
+        (
+            recommend(10, 5, list(range(100)) * 11),
+            "queries[0].exclude_item_ids (count): 1100 is out of bounds [0, 1024]",
+        ),
     ]
     for request, message in cases:
         error = call_error(client, "Recommend", request)
@@ -175,7 +197,9 @@ def test_too_many_ids_in_one_feature(client, make_user) -> None:
     bad.sparse["user_age_bucket"].ids.extend([1] * 5000)
     error = call_error(client, "Retrieve", retrieve(make_user, [good(make_user), bad]))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert 'queries[1].sparse["user_age_bucket"].ids: 5001 ids, at most 4096' in error.details()
+    assert 'queries[1].query.sparse["user_age_bucket"].ids: 5001 ids, at most 4096' in (
+        error.details()
+    )
 
 
 def test_bad_requests_do_not_change_good_ones_in_the_same_batches(
