@@ -15,6 +15,10 @@ import numpy as np
 
 from recship.base.errors import InvalidInput
 
+#: An empty, read-only id array: "no ids" (a bag without ids, a query without exclusions).
+NO_IDS = np.zeros(0, dtype=np.int64)
+NO_IDS.flags.writeable = False
+
 
 @dataclass
 class JaggedColumn:

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from recship.base.errors import EnvironmentBroken, InvalidInput, NotFound
 from recship.base.files import atomic_output
+from recship.base.jagged import NO_IDS
 from recship.protos.v1 import manifest_pb2
 
 _IVF_TYPES = (manifest_pb2.INDEX_TYPE_IVF_FLAT, manifest_pb2.INDEX_TYPE_IVF_PQ)
@@ -56,10 +57,10 @@ def search(
     """Top-k inner-product search, optionally never returning some item ids per query.
 
     With exclusions, the index is asked for k plus the longest exclusion list, the excluded ids
-    are dropped and each row keeps its best k; rows an approximate search left short are asked
-    again with twice as many results, up to the whole index. So a query whose exclusions leave
-    at least k items gets k results from an exact index, and from an approximate one as many as
-    its search reaches (as without exclusions).
+    are dropped and each row keeps its best k. Rows left short (by exclusions, or by IVF lists
+    holding fewer than k items) are searched again, wider (more lists, a larger HNSW beam)
+    and for more results, until full or the index has nothing more: a query gets k results
+    whenever the index holds k items it may return.
 
     Args:
         index: A built or loaded index (CPU or GPU).
@@ -81,23 +82,64 @@ def search(
         raise InvalidInput(f"queries must be [Q, {index.d}] vectors, got shape {checked.shape}")
     if k < 1:
         raise InvalidInput(f"k must be >= 1, got {k}")
-    if exclude is None or not any(len(row) for row in exclude):
-        scores, ids = index.search(checked, k)
-        return scores, ids
-    if len(exclude) != len(checked):
+    if exclude is None:
+        exclude = [NO_IDS] * len(checked)
+    elif len(exclude) != len(checked):
         raise InvalidInput(f"exclude has {len(exclude)} entries for {len(checked)} queries")
-    fetch = min(k + max(len(row) for row in exclude), max(int(index.ntotal), k))
-    scores, ids = index.search(checked, fetch)
-    best_scores, best_ids = _drop_excluded(scores, ids, exclude, k)
-    short = np.flatnonzero((best_ids < 0).any(axis=1))
-    while short.size and fetch < index.ntotal:
-        fetch = min(2 * fetch, int(index.ntotal))
-        scores, ids = index.search(checked[short], fetch)
-        best_scores[short], best_ids[short] = _drop_excluded(
-            scores, ids, [exclude[row] for row in short], k
+    total = int(index.ntotal)
+    most = max((len(row) for row in exclude), default=0)
+    fetch = min(k + most, max(total, k))
+    # An IVF index tuned for the top k reaches the top k + most only with as many more lists.
+    depth = -(-fetch // k)
+    scores, ids = index.search(checked, fetch, params=_search_params(index, fetch, depth))
+    if most:
+        scores, ids = _drop_excluded(scores, ids, exclude, k)
+    # Rows left short (exclusions, or IVF lists holding fewer than k items): ask again for more
+    # results from a wider search (more IVF lists, a larger HNSW beam), doubling until the row
+    # is full or the index holds nothing more to find.
+    short = np.flatnonzero((ids[:, : min(k, total)] < 0).any(axis=1))
+    widen = depth
+    while short.size and (fetch < total or _can_widen(index, widen)):
+        fetch, widen = min(2 * fetch, max(total, k)), 2 * widen
+        found_scores, found_ids = index.search(
+            checked[short], fetch, params=_search_params(index, fetch, widen)
         )
-        short = short[(best_ids[short] < 0).any(axis=1)]
-    return best_scores, best_ids
+        scores[short], ids[short] = _drop_excluded(
+            found_scores, found_ids, [exclude[row] for row in short], k
+        )
+        short = short[(ids[short, : min(k, total)] < 0).any(axis=1)]
+    return scores, ids
+
+
+def _search_params(index: faiss.Index, k: int, widen: int) -> faiss.SearchParameters | None:
+    """Per-call search parameters: the tuned ones, widened `widen` times, able to return k.
+
+    Widening multiplies the IVF lists probed and the HNSW beam by `widen`.
+
+    FAISS's HNSW does not raise efSearch to k by itself (faiss 1.15: with efSearch 100 a
+    search for 600 returns ~590 results), so the beam is at least k. A fresh parameter object
+    starts from FAISS defaults (nprobe 1, efSearch 16), so the tuned values are copied in.
+    """
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(inner.hnsw.efSearch * widen, k)
+        return params
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and widen > 1:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(ivf.nprobe * widen, ivf.nlist)
+        return params
+    return None
+
+
+def _can_widen(index: faiss.Index, widen: int) -> bool:
+    """Whether `_search_params(index, ., 2 * widen)` searches more than `widen` does."""
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return inner.hnsw.efSearch * widen < index.ntotal
+    ivf = faiss.try_extract_index_ivf(inner)
+    return ivf is not None and ivf.nprobe * widen < ivf.nlist
 
 
 def _drop_excluded(

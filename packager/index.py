@@ -327,8 +327,8 @@ def _tune(
     expected = np.where(rows >= 0, item_ids[rows], -1)
     if kind == "hnsw":
         name = "efSearch"
-        # efSearch below k would be raised to k by FAISS at k=100 but not for smaller requests:
-        # start at k so that the recorded value is the one measured.
+        # Searches use a beam of at least k (FAISS does not raise efSearch to k itself, see
+        # `recship.bundle.index.search`): start at k so that the recorded value is the one used.
         candidates = _doublings(k, max(k, params.max_ef_search))
     else:
         name = "nprobe"

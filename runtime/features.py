@@ -13,14 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from recship.base.errors import InvalidInput
-from recship.base.jagged import gather_bags
+from recship.base.jagged import NO_IDS, gather_bags
 from recship.bundle.item_features import read_item_features
 from recship.protos.v1 import manifest_pb2, recommender_pb2
 
 # Largest number of ids one sparse feature of one query may carry.
 MAX_IDS_PER_FEATURE = 4096
-NO_IDS = np.zeros(0, dtype=np.int64)
-NO_IDS.flags.writeable = False
 
 
 @dataclass(frozen=True)

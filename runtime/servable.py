@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from recship.base.errors import EnvironmentBroken, InvalidInput
+from recship.base.jagged import NO_IDS
 from recship.bundle import golden
 from recship.bundle.entrypoints import FORMATS_BY_MANIFEST, load_entry_point
 from recship.bundle.index import read_index
@@ -54,7 +55,7 @@ from recship.runtime.batcher import (
     Batcher,
     ReplicaPool,
 )
-from recship.runtime.features import NO_IDS, FeatureCodec, JaggedBlock, join_blocks
+from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
 from recship.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
