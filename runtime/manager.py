@@ -83,6 +83,10 @@ from recship.runtime.versions import BundleEntry, BundleInfo, VersionEntry, Vers
 
 logger = logging.getLogger(__name__)
 
+# A failure reason is cut to this many characters: it may quote what a hostile bundle holds,
+# and it travels in every ListBundles answer and log line.
+MAX_REASON_CHARS = 2000
+
 
 class VersionManager:
     """Loads, serves, drains and unloads the versions of the bundles of one repository.
@@ -450,7 +454,7 @@ class VersionManager:
         logger.error(
             "bundle %s v%d: unexpected load failure", bundle.name, entry.version, exc_info=error
         )
-        self._fail(bundle, entry, f"{type(error).__name__}: {error}")
+        self._fail(bundle, entry, f"{type(error).__name__}: {str(error)[:MAX_REASON_CHARS]}")
 
     async def _load_servable(
         self,
@@ -670,6 +674,9 @@ class VersionManager:
         )
 
     def _fail(self, bundle: BundleEntry, entry: VersionEntry, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:
+            cut = len(reason) - MAX_REASON_CHARS
+            reason = f"{reason[:MAX_REASON_CHARS]}... ({cut} more characters)"
         entry.failure_reason = reason
         self._set_state(bundle, entry, VersionState.FAILED)
         logger.error(
