@@ -95,3 +95,12 @@ def shown(value: str, limit: int = 80) -> str:
     if len(value) <= limit and _PLAIN.fullmatch(value):
         return value
     return untrusted(value, limit)
+
+
+def clip(text: str, limit: int = 240) -> str:
+    """A library's error text for a message: control characters replaced, at most `limit`.
+
+    Unlike `untrusted` it does not quote, so the text reads as the library wrote it.
+    """
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[: limit * 2])
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

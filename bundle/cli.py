@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from recship.base.errors import InvalidInput, RecshipError, untrusted
+from recship.base.errors import InvalidInput, RecshipError, clip
 from recship.bundle.layout import BundleRef
 from recship.protos.v1 import manifest_pb2
 
@@ -252,7 +252,7 @@ def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.Bun
             results = check_golden({entry.name: module}, golden_set)
         except Exception as error:  # an entry point that cannot run its own golden inputs
             raise InvalidInput(
-                f"{entry.file}: fails on its golden inputs: {untrusted(first_line(error), 200)}"
+                f"{entry.file}: fails on its golden inputs: {clip(first_line(error), 200)}"
             ) from None
         result = results[entry.name]
         results_table.add_row(

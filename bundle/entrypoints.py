@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from recship.base.errors import InvalidInput, NotFound, untrusted
+from recship.base.errors import InvalidInput, NotFound, clip, shown
 from recship.protos.v1 import manifest_pb2
 
 # A TorchScript or AOTI file is a zip archive. Tensors are stored uncompressed; code and debug
@@ -139,7 +139,7 @@ def check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise InvalidInput(f"{path}: not a model archive: {untrusted(str(error), 120)}") from None
+        raise InvalidInput(f"{path}: not a model archive: {clip(str(error), 120)}") from None
     if len(members) > _MAX_ARCHIVE_MEMBERS:
         raise InvalidInput(
             f"{path}: {len(members)} archive members, at most {_MAX_ARCHIVE_MEMBERS}"
@@ -227,7 +227,7 @@ def check_embedding_tables(
         for t in manifest.schema.tables
         if t.model == model and features.intersection(t.feature_names)
     ]
-    where = f"{untrusted(entry.file)}"
+    where = shown(entry.file)
     if sorted(d for d, _ in declared) != sorted(d for d, _, _ in found):
         raise InvalidInput(
             f"{where}: its embedding tables have dimensions {sorted(d for d, _, _ in found)}, "
@@ -283,7 +283,7 @@ def load_entry_point(
             return torch._inductor.aoti_load_package(str(path))
         except Exception as error:
             raise InvalidInput(
-                f"{path}: cannot load as {export_format}: {untrusted(first_line(error), 200)}"
+                f"{path}: cannot load as {export_format}: {clip(first_line(error), 200)}"
             ) from error
 
 

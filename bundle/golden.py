@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recship.base.errors import InvalidInput, NotFound, untrusted
+from recship.base.errors import InvalidInput, NotFound, clip, untrusted
 from recship.base.files import atomic_output
 from recship.bundle.entrypoints import check_archive, silenced_export_warnings
 from recship.protos.v1 import manifest_pb2
@@ -155,7 +155,7 @@ def read_golden(path: Path) -> GoldenSet:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as error:
             raise InvalidInput(
-                f"{path}: not a TorchScript golden file ({untrusted(str(error), 160)})"
+                f"{path}: not a TorchScript golden file ({clip(str(error), 160)})"
             ) from error
     version = _attribute(module, "format_version", path)
     if version != GOLDEN_FORMAT_VERSION:

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from recship.base.errors import EnvironmentBroken, InvalidInput, NotFound, untrusted
+from recship.base.errors import EnvironmentBroken, InvalidInput, NotFound, clip, untrusted
 from recship.base.files import NotARegularFile, atomic_output, open_regular
 from recship.base.jagged import NO_IDS
 from recship.protos.v1 import manifest_pb2
@@ -299,9 +299,7 @@ def read_index(
     except (RuntimeError, MemoryError) as error:
         text = str(error).strip()
         reason = text.splitlines()[-1] if text else type(error).__name__
-        raise InvalidInput(
-            f"{path}: not a readable FAISS index: {untrusted(reason, 200)}"
-        ) from None
+        raise InvalidInput(f"{path}: not a readable FAISS index: {clip(reason, 200)}") from None
     if num_items is not None:
         _check_ids(path, index, num_items)
     if spec is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recship.base.errors import InvalidInput, untrusted
+from recship.base.errors import InvalidInput, clip, untrusted
 from recship.base.files import atomic_output
 from recship.base.jagged import EntityTable, JaggedColumn
 from recship.protos.v1 import manifest_pb2
@@ -83,9 +83,7 @@ def check_archive(path: Path) -> None:
             for member in members:
                 _check_member(path, archive, member)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise InvalidInput(
-            f"{path}: not a valid .npz archive: {untrusted(str(error), 120)}"
-        ) from None
+        raise InvalidInput(f"{path}: not a valid .npz archive: {clip(str(error), 120)}") from None
 
 
 def _check_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
@@ -104,7 +102,7 @@ def _check_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo)
             else:
                 raise ValueError(f"unknown .npy version {version}")
         except ValueError as error:
-            raise InvalidInput(f"{path}: array {name}: {untrusted(str(error), 120)}") from None
+            raise InvalidInput(f"{path}: array {name}: {clip(str(error), 120)}") from None
         header_bytes = handle.tell()
     if dtype.hasobject:
         raise InvalidInput(f"{path}: array {name} holds Python objects (pickle); refused")
@@ -147,7 +145,7 @@ def read_item_features(
             }
     except (OSError, KeyError, ValueError, MemoryError) as error:
         raise InvalidInput(
-            f"{path}: not a valid item feature table ({untrusted(str(error), 160)})"
+            f"{path}: not a valid item feature table ({clip(str(error), 160)})"
         ) from None
     if dense.ndim != 2:
         raise InvalidInput(f"{path}: dense must be a [items, features] array, found {dense.shape}")

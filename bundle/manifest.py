@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format
 
-from recship.base.errors import InvalidInput, NotFound, untrusted
+from recship.base.errors import InvalidInput, NotFound, clip, untrusted
 from recship.base.files import NotARegularFile, read_regular_file, write_bytes_atomic
 from recship.bundle.checksums import is_safe_relative_path
 from recship.bundle.layout import MANIFEST_FILENAME, RESERVED_FILENAMES, is_bundle_name
@@ -71,7 +71,7 @@ def manifest_from_json(text: str, source: str = MANIFEST_FILENAME) -> manifest_p
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as error:
-        raise InvalidInput(f"{source}: not valid JSON: {untrusted(str(error), 160)}") from None
+        raise InvalidInput(f"{source}: not valid JSON: {clip(str(error), 160)}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"{source}: expected a JSON object, found {type(document).__name__}")
     # Check the format first: a newer writer may add fields this code would call unknown.
@@ -87,7 +87,7 @@ def manifest_from_json(text: str, source: str = MANIFEST_FILENAME) -> manifest_p
         json_format.ParseDict(document, manifest)
     except (json_format.ParseError, RecursionError, ValueError, TypeError) as error:
         raise InvalidInput(
-            f"{source}: not a valid BundleManifest: {untrusted(str(error), 200)}"
+            f"{source}: not a valid BundleManifest: {clip(str(error), 200)}"
         ) from None
     return manifest
 

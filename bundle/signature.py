@@ -26,7 +26,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from recship.base.errors import EnvironmentBroken, InvalidInput, untrusted
+from recship.base.errors import EnvironmentBroken, InvalidInput, clip
 from recship.base.files import FILE_MODE, fsync_directory, read_regular_file
 from recship.bundle.checksums import MAX_SIGNATURE_BYTES
 from recship.bundle.layout import SIGNATURE_FILENAME
@@ -73,7 +73,7 @@ def _load_key(path: Path, *, private: bool):
         )
     except (ValueError, TypeError) as error:
         raise InvalidInput(
-            f"{path}: not an unencrypted PEM {what} key: {untrusted(str(error), 120)}"
+            f"{path}: not an unencrypted PEM {what} key: {clip(str(error), 120)}"
         ) from None
     wanted = ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey
     if not isinstance(key, wanted):
@@ -122,7 +122,7 @@ def sign_version(version_dir: Path, private_key: Path) -> Path:
         os.replace(temp, target)
         fsync_directory(version_dir)
     except (OSError, ValueError) as error:
-        raise InvalidInput(f"{version_dir}: cannot sign: {untrusted(str(error), 200)}") from None
+        raise InvalidInput(f"{version_dir}: cannot sign: {clip(str(error), 200)}") from None
     finally:
         temp.unlink(missing_ok=True)
     return target
@@ -162,7 +162,7 @@ def verify_signature(version_dir: Path, public_key: Path) -> None:
     try:
         config.verify(version_dir, signature)
     except Exception as error:  # the library raises ValueError, cryptography and parse errors
-        reason = untrusted(_first_line(error), 240)
+        reason = clip(_first_line(error), 240)
         raise InvalidInput(
             f"{SIGNATURE_FILENAME} does not verify with {Path(public_key).name}: {reason}"
         ) from None
