@@ -131,8 +131,8 @@ def read_manifest(path: Path) -> manifest_pb2.BundleManifest:
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise NotFound(f"{path}: no such manifest") from None
-    except NotARegularFile:
-        raise InvalidInput(f"{path}: not a regular file") from None
+    except NotARegularFile as error:
+        raise InvalidInput(str(error)) from None
     except ValueError as error:  # too large, or not UTF-8 (UnicodeDecodeError)
         reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
         raise InvalidInput(f"{path}: cannot read the manifest: {reason}") from None

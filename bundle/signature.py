@@ -23,10 +23,11 @@ The library is imported on first use, so hosts that never sign or verify do not 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from recship.base.errors import EnvironmentBroken, InvalidInput, clip
+from recship.base.errors import EnvironmentBroken, InvalidInput, clip, shown
 from recship.base.files import FILE_MODE, fsync_directory, read_regular_file
 from recship.bundle.checksums import MAX_SIGNATURE_BYTES
 from recship.bundle.layout import SIGNATURE_FILENAME
@@ -162,7 +163,7 @@ def verify_signature(version_dir: Path, public_key: Path) -> None:
     try:
         config.verify(version_dir, signature)
     except Exception as error:  # the library raises ValueError, cryptography and parse errors
-        reason = clip(_first_line(error), 240)
+        reason = _mismatch(str(error)) or clip(_first_line(error), 240)
         raise InvalidInput(
             f"{SIGNATURE_FILENAME} does not verify with {Path(public_key).name}: {reason}"
         ) from None
@@ -193,6 +194,22 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(private_pem)
     Path(public_path).write_bytes(public_pem)
+
+
+def _mismatch(text: str) -> str:
+    """The files a valid signature disagrees with, from model-signing's "Signature mismatch"
+    text (which quotes digests as reprs), or "" for any other failure."""
+    if not text.startswith("Signature mismatch"):
+        return ""
+    changed = sorted(set(re.findall(r"Hash mismatch for \\*'([^'\\]+)\\*'", text)))
+    parts = (
+        [f"changed since signing: {', '.join(shown(name) for name in changed)}"] if changed else []
+    )
+    if "Extra files found" in text:
+        parts.append("files added since signing")
+    if "Missing files" in text:
+        parts.append("files removed since signing")
+    return "; ".join(parts) or "the files differ from what was signed"
 
 
 def _first_line(error: Exception) -> str:
