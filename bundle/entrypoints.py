@@ -124,30 +124,34 @@ def format_of(path: Path) -> ExportFormat:
     raise InvalidInput(f"{path}: not an entry point file (expected a .pt or .pt2 suffix)")
 
 
-def check_archive(path: Path) -> None:
+def check_archive(path: Path, *, context: str = "") -> None:
     """Checks that a TorchScript / AOTI file is a zip archive that inflates to about its size.
 
     Reads only the zip directory: the members' declared sizes must add up to at most the
     archive's size plus `_MAX_INFLATED_BYTES`, so loading cannot decompress a small file into
     gigabytes.
 
+    Args:
+        path: the archive.
+        context: what the caller was doing, to start the message with (e.g. "cannot load as
+            torchscript").
+
     Raises:
         InvalidInput: not a zip archive, too many members, or a zip bomb.
     """
     path = Path(path)
+    where = f"{path}: {context}: " if context else f"{path}: "
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise InvalidInput(f"{path}: not a model archive: {clip(str(error), 120)}") from None
+        raise InvalidInput(f"{where}not a model archive ({clip(str(error), 120)})") from None
     if len(members) > _MAX_ARCHIVE_MEMBERS:
-        raise InvalidInput(
-            f"{path}: {len(members)} archive members, at most {_MAX_ARCHIVE_MEMBERS}"
-        )
+        raise InvalidInput(f"{where}{len(members)} archive members, at most {_MAX_ARCHIVE_MEMBERS}")
     inflated = sum(member.file_size for member in members)
     if inflated > path.stat().st_size + _MAX_INFLATED_BYTES:
         raise InvalidInput(
-            f"{path}: its members inflate to {inflated} bytes from {path.stat().st_size}; refused"
+            f"{where}its members inflate to {inflated} bytes from {path.stat().st_size}; refused"
         )
 
 
@@ -272,7 +276,7 @@ def load_entry_point(
     export_format = format_of(path) if format is None else _parse_format(format)
     if not path.is_file():
         raise NotFound(f"{path}: entry point file not found")
-    check_archive(path)
+    check_archive(path, context=f"cannot load as {export_format}")
     import_fbgemm_ops()
     with silenced_export_warnings():
         try:

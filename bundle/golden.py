@@ -149,7 +149,7 @@ def read_golden(path: Path) -> GoldenSet:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"{path}: golden file not found")
-    check_archive(path)
+    check_archive(path, context="not a TorchScript golden file")
     with silenced_export_warnings():
         try:
             module = torch.jit.load(str(path), map_location="cpu")

@@ -40,6 +40,10 @@ _HEADER = struct.Struct("<4siqqqBi")
 _READ_LOCK = threading.Lock()
 # Limits are never set below this, so that tiny legitimate files keep their headroom.
 _MIN_READ_LIMIT = 1 << 16
+# An IVF-PQ index precomputes a table of nlist x M x ksub floats when it loads: derived from
+# what the file holds, it exceeds the file's size by at most about ksub / dsub (256 at most
+# for 8-bit codes), so such an index may allocate this much more than its size.
+_IVF_PQ_GROWTH = 256
 
 
 def check_index_header(path: Path, spec: manifest_pb2.IndexSpec) -> None:
@@ -74,14 +78,15 @@ def check_index_header(path: Path, spec: manifest_pb2.IndexSpec) -> None:
         raise InvalidInput(f"{path}: index does not match its manifest: {'; '.join(problems)}")
 
 
-def _read_bounded(path: Path, flags: int) -> faiss.Index:
-    """`faiss.read_index` that allocates no vector larger than the file.
+def _read_bounded(path: Path, flags: int, growth: int = 1) -> faiss.Index:
+    """`faiss.read_index` that allocates no vector larger than `growth` times the file.
 
     FAISS sizes each vector it reads from a count in the file and allocates it before reading
     the data, so a 1 KB file declaring a billion floats would cost gigabytes; with the
-    deserialization limits set to the file's size, such a count fails at once.
+    deserialization limits set to the file's size, such a count fails at once. `growth` is
+    above 1 only for IVF-PQ, whose precomputed table is derived, not read (`_IVF_PQ_GROWTH`).
     """
-    size = max(path.stat().st_size, _MIN_READ_LIMIT)
+    size = max(path.stat().st_size * growth, _MIN_READ_LIMIT)
     with _READ_LOCK:
         old_bytes = faiss.get_deserialization_vector_byte_limit()
         old_loops = faiss.get_deserialization_loop_limit()
@@ -294,8 +299,11 @@ def read_index(
     if mmap:
         ivf = spec is None or spec.type in _IVF_TYPES
         flags = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
+    # Without a spec nothing says what the file holds (a caller that trusts it, e.g. the
+    # packager reading back its own index): allow the IVF-PQ growth.
+    ivf_pq = spec is None or spec.type == manifest_pb2.INDEX_TYPE_IVF_PQ
     try:
-        index = _read_bounded(path, flags)
+        index = _read_bounded(path, flags, _IVF_PQ_GROWTH if ivf_pq else 1)
     except (RuntimeError, MemoryError) as error:
         text = str(error).strip()
         reason = text.splitlines()[-1] if text else type(error).__name__

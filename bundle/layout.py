@@ -105,11 +105,14 @@ def published_versions(bundle_dir: Path) -> list[int]:
     versions: list[int] = []
     try:
         entries = list(os.scandir(bundle_dir))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: no versions, never an error
         return []
     for entry in entries:
         number = parse_version_name(entry.name)
-        if number is None or not entry.is_dir(follow_symlinks=False):
+        try:
+            if number is None or not entry.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
             continue
         if _is_regular_file(Path(entry.path) / MANIFEST_FILENAME):
             versions.append(number)

@@ -61,6 +61,7 @@ from recship.base.errors import (
     NotFound,
     RecshipError,
     Unavailable,
+    untrusted,
 )
 from recship.bundle.store import BundleStore, ValidatedVersion
 from recship.runtime import heap
@@ -215,7 +216,7 @@ class VersionManager:
         state = self._bundles.get(bundle)
         if state is None:
             known = ", ".join(sorted(self._bundles)) or "none"
-            raise NotFound(f"unknown bundle {bundle!r} (this server serves: {known})")
+            raise NotFound(f"unknown bundle {untrusted(bundle)} (this server serves: {known})")
         number = resolve(
             bundle,
             version=version,
@@ -234,7 +235,7 @@ class VersionManager:
     def _bundle(self, name: str) -> BundleEntry:
         if name not in self._bundles:
             known = ", ".join(sorted(self._bundles)) or "none"
-            raise NotFound(f"unknown bundle {name!r} (this server serves: {known})")
+            raise NotFound(f"unknown bundle {untrusted(name)} (this server serves: {known})")
         return self._bundles[name]
 
     async def load_version(self, name: str, version: int) -> VersionInfo:

@@ -272,3 +272,15 @@ def test_the_writer_signs_in_staging_and_the_store_verifies(tmp_path: Path, sche
         BundleStore(repo, require_signature=True)
     with pytest.raises(NotFound, match="not a version number"):
         store.validate("movies", MAX_VERSION + 1)
+
+
+def test_keygen_writes_a_pair_it_never_overwrites(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from recship.bundle.cli import keygen_command
+
+    result = CliRunner().invoke(keygen_command, ["--out", str(tmp_path / "key.pem")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "key.pub.pem").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    again = CliRunner().invoke(keygen_command, ["--out", str(tmp_path / "key.pem")])
+    assert again.exit_code != 0
