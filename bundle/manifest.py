@@ -383,6 +383,13 @@ def _component_problems(
             f"index.num_vectors {manifest.index.num_vectors} is not in [1, schema.num_items "
             f"{schema.num_items}]"
         )
+    if manifest.HasField("serving") and manifest.HasField("index"):
+        default_k = manifest.serving.retrieve_k
+        if default_k > manifest.index.num_vectors:
+            problems.append(
+                f"serving.retrieve_k {default_k} exceeds the index's "
+                f"{manifest.index.num_vectors} vectors"
+            )
     if manifest.HasField("item_features"):
         table = manifest.item_features
         if table.num_items != schema.num_items:
