@@ -8,7 +8,11 @@ so training and packaging hosts never load it.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+# Names that can be shown as they are: letters, digits and . _ / - only.
+_PLAIN = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 class RecshipError(Exception):
@@ -43,6 +47,18 @@ class Unavailable(RecshipError):
     exit_code = 4
 
 
+class Unauthenticated(RecshipError):
+    """The caller sent no credentials, or credentials that are not well formed."""
+
+    exit_code = 7
+
+
+class PermissionDenied(RecshipError):
+    """The caller's credentials are well formed but do not grant the action (a wrong token)."""
+
+    exit_code = 7
+
+
 class FailedPrecondition(RecshipError):
     """The action is not allowed in the current state (e.g. labelling an unloaded version)."""
 
@@ -57,3 +73,34 @@ class QualityGateFailed(RecshipError):
     """A packaged bundle did not meet its quality thresholds; nothing was published."""
 
     exit_code = 6
+
+
+def untrusted(value: object, limit: int = 80) -> str:
+    """`value` quoted for an error message, at most about `limit` characters.
+
+    Strings from a bundle or a request (paths, names, ids) may be hostile: arbitrarily long, or
+    holding control characters and terminal escapes. This quotes them with `repr` (so control
+    characters show as escapes) and cuts the middle of long ones, saying how much was cut, so a
+    status message or a log line never echoes an unbounded string.
+    """
+    text = repr(value if isinstance(value, str) else str(value))
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 24, 8)
+    return f"{text[: keep // 2]}...({len(text) - keep} characters cut)...{text[-(keep // 2) :]}"
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A file or feature name for a message: as it is when plain and short, else `untrusted`."""
+    if len(value) <= limit and _PLAIN.fullmatch(value):
+        return value
+    return untrusted(value, limit)
+
+
+def clip(text: str, limit: int = 240) -> str:
+    """A library's error text for a message: control characters replaced, at most `limit`.
+
+    Unlike `untrusted` it does not quote, so the text reads as the library wrote it.
+    """
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[: limit * 2])
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

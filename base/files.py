@@ -8,12 +8,19 @@ packager) and renamed into place, and the folder entry is fsynced too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 FILE_MODE = 0o644
+
+# How a file of untrusted provenance is opened: never through a symbolic link (O_NOFOLLOW), and
+# without blocking on a FIFO or device (O_NONBLOCK); `open_regular` then refuses anything that
+# is not a regular file, so checking and reading see the same inode.
+_SAFE_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def fsync_directory(directory: Path) -> None:
@@ -62,3 +69,54 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Writes `data` to `path` through `atomic_output`."""
     with atomic_output(path) as temp:
         temp.write_bytes(data)
+
+
+class NotARegularFile(OSError):
+    """A path names a symbolic link, FIFO, socket, device or folder where a file was expected."""
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """Opens a regular file for reading without following a link or blocking on a FIFO.
+
+    Returns:
+        (file descriptor, its fstat); the caller closes the descriptor.
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        NotARegularFile: a symbolic link, FIFO, socket, device or folder is there.
+        OSError: it cannot be opened.
+    """
+    try:
+        descriptor = os.open(path, _SAFE_OPEN_FLAGS)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # the last component is a symbolic link
+            raise NotARegularFile(f"{path}: a symbolic link") from None
+        raise
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise NotARegularFile(f"{path}: not a regular file")
+    return descriptor, info
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The contents of a regular file of at most `max_bytes` bytes (see `open_regular`).
+
+    The size is checked before anything is read, and at most `max_bytes + 1` bytes are read, so
+    a file that grows meanwhile cannot make the caller read more.
+
+    Raises:
+        FileNotFoundError, NotARegularFile, OSError: as `open_regular`.
+        ValueError: the file is larger than `max_bytes`.
+    """
+    descriptor, info = open_regular(path)
+    try:
+        if info.st_size > max_bytes:
+            raise ValueError(f"{info.st_size} bytes, more than the {max_bytes} allowed")
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(max_bytes + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise ValueError(f"more than the {max_bytes} bytes allowed")
+    return data

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from recship.base.errors import InvalidInput, RecshipError
+from recship.base.errors import InvalidInput, RecshipError, clip
 from recship.bundle.layout import BundleRef
 from recship.protos.v1 import manifest_pb2
 
@@ -182,38 +183,103 @@ def inspect_command(target: str) -> None:
 
 @click.command("verify")
 @click.argument("target")
-def verify_command(target: str) -> None:
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="PEM public key: the version must carry a MANIFEST.sig that verifies "
+                   "with it.")  # fmt: skip
+def verify_command(target: str, public_key: Path | None) -> None:
     """Re-check REPO/NAME/VERSION as a server would, then rerun its golden self-test; exit 0/1.
 
-    The checks are the store's (`BundleStore.validate`: manifest schema, every file's size and
-    sha256, library compatibility), the ones a server runs before it loads a version, followed
-    by the golden self-test of every entry point file the manifest lists.
+    The checks are the server's: the store's (`BundleStore.validate`: manifest bounds, schema
+    and declared shapes, every file's kind, size and sha256, the signature with --public-key,
+    library compatibility, file headers), then what the server checks as it loads the files
+    (index ids and shape, item table arrays, golden record shapes, embedding table sizes),
+    then the golden self-test of every entry point file the manifest lists. A problem exits
+    non-zero with one line naming it.
     """
-    from recship.bundle.entrypoints import load_entry_point
-    from recship.bundle.golden import check_golden, describe_failures, read_golden
     from recship.bundle.store import BundleStore
 
     repo, name, version = _parse_bundle_path(target, version_required=True)
+    store = BundleStore(repo, public_key=public_key, require_signature=public_key is not None)
     try:
-        validated = BundleStore(repo).validate(name, version or 0)
+        validated = store.validate(name, version or 0)
     except InvalidInput as error:
         raise VerificationFailed(str(error)) from None
     ref, manifest = validated.ref, validated.manifest
     console = Console()
     console.print(f"checksums: {len(manifest.files)} files ok")
+    if validated.signed:
+        console.print(f"signature: MANIFEST.sig verified with {public_key}")
+    for warning in validated.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    try:
+        failures = _check_contents(console, ref, manifest)
+    except InvalidInput as error:
+        raise VerificationFailed(f"{ref}: {error}") from None
+    if failures:
+        raise VerificationFailed(f"{ref}: " + "; ".join(failures))
+    console.print(f"{ref}: verified")
+
+
+def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.BundleManifest):
+    """What a server checks while loading the files, then the golden self-test.
+
+    Returns the self-test failures; raises InvalidInput for a file that disagrees with the
+    manifest.
+    """
+    from recship.bundle.entrypoints import check_embedding_tables, first_line, load_entry_point
+    from recship.bundle.golden import (
+        check_golden,
+        check_golden_shapes,
+        describe_failures,
+        read_golden,
+    )
+    from recship.bundle.index import read_index
+    from recship.bundle.item_features import read_item_features
+
+    read_index(ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items)
+    read_item_features(ref.path / manifest.item_features.file, manifest)
     golden_set = read_golden(ref.path / manifest.golden.file)
+    check_golden_shapes(golden_set, manifest)
+    console.print("contents: index, item table and golden record match the manifest")
     results_table = Table(title=f"golden self-test of {ref}")
     for column in ("entry point", "file", "max abs diff", "ok"):
         results_table.add_column(column)
     failures = []
     for entry in manifest.entry_points:
-        results = check_golden({entry.name: load_entry_point(ref.path / entry.file)}, golden_set)
+        module = load_entry_point(ref.path / entry.file)
+        check_embedding_tables(module, entry, manifest)
+        try:
+            results = check_golden({entry.name: module}, golden_set)
+        except Exception as error:  # an entry point that cannot run its own golden inputs
+            raise InvalidInput(
+                f"{entry.file}: fails on its golden inputs: {clip(first_line(error), 200)}"
+            ) from None
         result = results[entry.name]
         results_table.add_row(
-            entry.name, entry.file, f"{result.max_abs_diff:.2e}", "yes" if result.passed else "NO"
+            escape(entry.name),
+            escape(entry.file),
+            f"{result.max_abs_diff:.2e}",
+            "yes" if result.passed else "NO",
         )
         failures.extend(f"{entry.file}: {line}" for line in describe_failures(results, golden_set))
     console.print(results_table)
-    if failures:
-        raise VerificationFailed(f"{ref}: " + "; ".join(failures))
-    console.print(f"{ref}: verified")
+    return failures
+
+
+@click.command("keygen")
+@click.option("--out", "private_key", type=click.Path(path_type=Path), required=True,
+              help="Where the private signing key goes (PEM, mode 0600); never "
+                   "overwritten.")  # fmt: skip
+@click.option("--public-out", "public_key", type=click.Path(path_type=Path), default=None,
+              help="Where its public key goes [default: OUT with .pub.pem].")  # fmt: skip
+def keygen_command(private_key: Path, public_key: Path | None) -> None:
+    """Create an EC P-256 key pair for `recship package --sign-key` and `--public-key`."""
+    from recship.bundle.signature import generate_key_pair
+
+    public_key = public_key or private_key.with_name(private_key.stem + ".pub.pem")
+    generate_key_pair(private_key, public_key)
+    Console().print(
+        f"private key {private_key} (keep it secret; `recship package --sign-key`)\n"
+        f"public key  {public_key} (`recship serve --require-signature --public-key`, "
+        "`recship verify --public-key`)"
+    )

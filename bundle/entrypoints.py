@@ -18,14 +18,26 @@ import contextlib
 import enum
 import logging
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from recship.base.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound, clip, shown
 from recship.protos.v1 import manifest_pb2
+
+# A TorchScript or AOTI file is a zip archive. Tensors are stored uncompressed; code and debug
+# records may be deflated, and together they decompress to far less than this.
+_MAX_INFLATED_BYTES = 64 * 1024 * 1024
+_MAX_ARCHIVE_MEMBERS = 100_000
+# fbgemm's EmbeddingLocation.HOST: a CPU table, rows packed without alignment (row_alignment 1);
+# tables on a GPU (DEVICE, MANAGED) pad each row to 16 bytes.
+_HOST_PLACEMENT = 3
+_GPU_ROW_ALIGNMENT = 16
+# fbgemm aligns each table's start; a table's bytes exceed its rows' by less than this.
+_TABLE_PADDING_BYTES = 256
 
 
 class ExportFormat(enum.StrEnum):
@@ -112,6 +124,130 @@ def format_of(path: Path) -> ExportFormat:
     raise InvalidInput(f"{path}: not an entry point file (expected a .pt or .pt2 suffix)")
 
 
+def check_archive(path: Path, *, context: str = "") -> None:
+    """Checks that a TorchScript / AOTI file is a zip archive that inflates to about its size.
+
+    Reads only the zip directory: the members' declared sizes must add up to at most the
+    archive's size plus `_MAX_INFLATED_BYTES`, so loading cannot decompress a small file into
+    gigabytes.
+
+    Args:
+        path: the archive.
+        context: what the caller was doing, to start the message with (e.g. "cannot load as
+            torchscript").
+
+    Raises:
+        InvalidInput: not a zip archive, too many members, or a zip bomb.
+    """
+    path = Path(path)
+    where = f"{path}: {context}: " if context else f"{path}: "
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise InvalidInput(f"{where}not a model archive ({clip(str(error), 120)})") from None
+    if len(members) > _MAX_ARCHIVE_MEMBERS:
+        raise InvalidInput(f"{where}{len(members)} archive members, at most {_MAX_ARCHIVE_MEMBERS}")
+    inflated = sum(member.file_size for member in members)
+    if inflated > path.stat().st_size + _MAX_INFLATED_BYTES:
+        raise InvalidInput(
+            f"{where}its members inflate to {inflated} bytes from {path.stat().st_size}; refused"
+        )
+
+
+def embedding_tables(module: Callable[..., Tensor]) -> list[tuple[int, int, int]]:
+    """(dim, row bytes, table bytes) of every quantized embedding table of a TorchScript module.
+
+    Read from the buffers of fbgemm's inference TBEs (`weights_offsets`, `weights_tys`,
+    `D_offsets`, `weights_placements` and the weight buffers), in no particular order. A
+    module that is not TorchScript (an AOTI package) yields [].
+    """
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+        rounded_row_size_in_bytes,
+    )
+
+    if not isinstance(module, torch.jit.ScriptModule):
+        return []
+    state = module.state_dict()
+    tables = []
+    for key in sorted(state):
+        if not key.endswith(".weights_offsets"):
+            continue
+        prefix = key.removesuffix(".weights_offsets")
+        offsets = state[key].tolist()
+        types = state[f"{prefix}.weights_tys"].tolist()
+        dims = torch.diff(state[f"{prefix}.D_offsets"]).tolist()
+        placements = state[f"{prefix}.weights_placements"].tolist()
+        for table, offset in enumerate(offsets):
+            host = placements[table] == _HOST_PLACEMENT
+            buffer = (
+                "weights_host"
+                if host
+                else ("weights_dev" if placements[table] == 0 else "weights_uvm")
+            )
+            size = state[f"{prefix}.{buffer}"].numel()
+            ends = [
+                o
+                for o, p in zip(offsets, placements, strict=True)
+                if p == placements[table] and o > offset
+            ]
+            end = min(ends, default=size)
+            row = rounded_row_size_in_bytes(
+                int(dims[table]),
+                SparseType.from_int(int(types[table])),
+                1 if host else _GPU_ROW_ALIGNMENT,
+            )
+            tables.append((int(dims[table]), int(row), int(end - offset)))
+    return tables
+
+
+def check_embedding_tables(
+    module: Callable[..., Tensor],
+    entry: manifest_pb2.EntryPoint,
+    manifest: manifest_pb2.BundleManifest,
+) -> None:
+    """Compares a loaded entry point's embedding tables with the manifest's schema.
+
+    The entry point's tables (those of its model whose features it takes) must match the
+    module's quantized tables one to one by dimension, and each must hold at least its declared
+    rows (so no valid id reads outside the table's bytes) and not many more (so the manifest
+    did not shrink it either). Tables of one dimension are paired by size, so a manifest that
+    swaps two same-dimension tables' sizes (and their features' cardinalities) consistently is
+    not caught: only a signature covers that. AOTI packages are not inspected.
+
+    Raises:
+        InvalidInput: naming the entry point and the mismatch.
+    """
+    from recship.bundle.manifest import ENTRY_POINT_MODELS
+
+    found = embedding_tables(module)
+    if not found:
+        return
+    model = ENTRY_POINT_MODELS.get(entry.name)
+    features = set(entry.sparse_feature_order)
+    declared = [
+        (int(t.embedding_dim), int(t.num_embeddings))
+        for t in manifest.schema.tables
+        if t.model == model and features.intersection(t.feature_names)
+    ]
+    where = shown(entry.file)
+    if sorted(d for d, _ in declared) != sorted(d for d, _, _ in found):
+        raise InvalidInput(
+            f"{where}: its embedding tables have dimensions {sorted(d for d, _, _ in found)}, "
+            f"the manifest declares {sorted(d for d, _ in declared)}"
+        )
+    for dim in sorted({d for d, _ in declared}):
+        rows = sorted(r for d, r in declared if d == dim)
+        spans = sorted((span, row) for d, row, span in found if d == dim)
+        for want, (span, row) in zip(rows, spans, strict=True):
+            if want * row > span or span - want * row >= _TABLE_PADDING_BYTES + row:
+                raise InvalidInput(
+                    f"{where}: a {dim}-dimension table holds {span // row} rows where the "
+                    f"manifest declares {want}"
+                )
+
+
 def load_entry_point(
     path: Path, format: ExportFormat | str | None = None, *, device: str = "cpu"
 ) -> Callable[..., Tensor]:
@@ -140,6 +276,7 @@ def load_entry_point(
     export_format = format_of(path) if format is None else _parse_format(format)
     if not path.is_file():
         raise NotFound(f"{path}: entry point file not found")
+    check_archive(path, context=f"cannot load as {export_format}")
     import_fbgemm_ops()
     with silenced_export_warnings():
         try:
@@ -150,7 +287,7 @@ def load_entry_point(
             return torch._inductor.aoti_load_package(str(path))
         except Exception as error:
             raise InvalidInput(
-                f"{path}: cannot load as {export_format}: {first_line(error)}"
+                f"{path}: cannot load as {export_format}: {clip(first_line(error), 200)}"
             ) from error
 
 

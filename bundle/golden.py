@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recship.base.errors import InvalidInput, NotFound
+from recship.base.errors import InvalidInput, NotFound, clip, untrusted
 from recship.base.files import atomic_output
-from recship.bundle.entrypoints import silenced_export_warnings
+from recship.bundle.entrypoints import check_archive, silenced_export_warnings
+from recship.protos.v1 import manifest_pb2
 
 GOLDEN_FORMAT_VERSION = 1
 INPUTS_SUFFIX = "__inputs"
@@ -148,17 +149,22 @@ def read_golden(path: Path) -> GoldenSet:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"{path}: golden file not found")
+    check_archive(path, context="not a TorchScript golden file")
     with silenced_export_warnings():
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as error:
-            raise InvalidInput(f"{path}: not a TorchScript golden file ({error})") from error
+            raise InvalidInput(
+                f"{path}: not a TorchScript golden file ({clip(str(error), 160)})"
+            ) from error
     version = _attribute(module, "format_version", path)
     if version != GOLDEN_FORMAT_VERSION:
         raise InvalidInput(
             f"{path}: golden format_version {version} is not {GOLDEN_FORMAT_VERSION}"
         )
     names = _attribute(module, "names", path)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InvalidInput(f"{path}: attribute 'names' is not a list of strings")
     records = {
         name: GoldenRecord(
             inputs=tuple(_attribute(module, name + INPUTS_SUFFIX, path)),
@@ -171,6 +177,71 @@ def read_golden(path: Path) -> GoldenSet:
         atol=float(_attribute(module, "atol", path)),
         rtol=float(_attribute(module, "rtol", path)),
     )
+
+
+def check_golden_shapes(golden: GoldenSet, manifest: manifest_pb2.BundleManifest) -> None:
+    """Checks the recorded inputs and outputs against the manifest's schema.
+
+    Per entry point of the manifest: `GoldenSet.examples` rows, the entry point's feature
+    order (F features: lengths [F * B], values as many as the lengths add up to, each feature's
+    ids within its cardinality), the ranker's dense width (`schema.dense_features`) and the
+    outputs' shapes ([B, retrieval_dim] embeddings, [B] logits). The self-test then shows that
+    the entry point files compute those outputs from those inputs, which ties the files to the
+    schema.
+
+    Raises:
+        InvalidInput: naming the entry point and the first disagreement.
+    """
+    schema = manifest.schema
+    rows = int(manifest.golden.examples)
+    cardinality = {f.name: int(f.cardinality) for f in schema.sparse_features}
+    for entry in manifest.entry_points:
+        record = golden.records.get(entry.name)
+        where = f"golden record {untrusted(entry.name)}"
+        if record is None:
+            raise InvalidInput(f"{where}: missing")
+        inputs = list(record.inputs)
+        ranker = entry.name == "ranker"
+        if len(inputs) != (3 if ranker else 2) or not all(isinstance(t, Tensor) for t in inputs):
+            raise InvalidInput(f"{where}: {len(inputs)} inputs, expected {3 if ranker else 2}")
+        if ranker:
+            dense = inputs.pop(0)
+            width = len(schema.dense_features)
+            if dense.dtype != torch.float32 or tuple(dense.shape) != (rows, width):
+                raise InvalidInput(
+                    f"{where}: dense is {dense.dtype} {tuple(dense.shape)}, expected "
+                    f"float32 ({rows}, {width})"
+                )
+        values, lengths = inputs
+        order = list(entry.sparse_feature_order)
+        if (
+            values.dtype != torch.int64
+            or lengths.dtype != torch.int32
+            or values.dim() != 1
+            or tuple(lengths.shape) != (len(order) * rows,)
+        ):
+            raise InvalidInput(
+                f"{where}: values {values.dtype} {tuple(values.shape)} and lengths "
+                f"{lengths.dtype} {tuple(lengths.shape)} do not fit {len(order)} features x {rows}"
+            )
+        if (lengths < 0).any() or int(lengths.sum()) != values.numel():
+            raise InvalidInput(f"{where}: lengths do not add up to the values")
+        per_feature = torch.split(values, lengths.view(len(order), rows).sum(dim=1).tolist())
+        for name, ids in zip(order, per_feature, strict=True):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cardinality.get(name, 0)):
+                raise InvalidInput(
+                    f"{where}: ids of {untrusted(name)} outside its cardinality "
+                    f"[0, {cardinality.get(name, 0)})"
+                )
+        expected = (rows,) if ranker else (rows, int(schema.retrieval_dim))
+        output = record.output
+        if (
+            not isinstance(output, Tensor)
+            or output.dtype != torch.float32
+            or tuple(output.shape) != expected
+        ):
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise InvalidInput(f"{where}: output {shape}, expected float32 {expected}")
 
 
 def _compare(actual: Tensor, expected: Tensor, atol: float, rtol: float) -> GoldenResult:

@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import struct
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,12 +26,94 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from recship.base.errors import EnvironmentBroken, InvalidInput, NotFound
-from recship.base.files import atomic_output
+from recship.base.errors import EnvironmentBroken, InvalidInput, NotFound, clip, untrusted
+from recship.base.files import NotARegularFile, atomic_output, open_regular
 from recship.base.jagged import NO_IDS
 from recship.protos.v1 import manifest_pb2
 
 _IVF_TYPES = (manifest_pb2.INDEX_TYPE_IVF_FLAT, manifest_pb2.INDEX_TYPE_IVF_PQ)
+# The header every FAISS index file starts with (faiss/impl/index_write.cpp,
+# write_index_header): fourcc, d (int32), ntotal (int64), two dummies (int64), is_trained
+# (uint8), metric_type (int32).
+_HEADER = struct.Struct("<4siqqqBi")
+# faiss's deserialization limits are process-wide: one read at a time sets them.
+_READ_LOCK = threading.Lock()
+# Limits are never set below this, so that tiny legitimate files keep their headroom.
+_MIN_READ_LIMIT = 1 << 16
+# An IVF-PQ index precomputes a table of nlist x M x ksub floats when it loads: derived from
+# what the file holds, it exceeds the file's size by at most about ksub / dsub (256 at most
+# for 8-bit codes), so such an index may allocate this much more than its size.
+_IVF_PQ_GROWTH = 256
+
+
+def check_index_header(path: Path, spec: manifest_pb2.IndexSpec) -> None:
+    """Compares the header of an index file with the manifest's IndexSpec, reading 37 bytes.
+
+    Cheap enough for every validation: it catches an index whose dimension, vector count or
+    metric differs from what the manifest declares before FAISS reads (and allocates) anything.
+
+    Raises:
+        InvalidInput: not a FAISS index file, or its header disagrees with `spec`.
+    """
+    path = Path(path)
+    try:
+        descriptor, _ = open_regular(path)
+        with open(descriptor, "rb") as handle:
+            header = handle.read(_HEADER.size)
+    except (OSError, NotARegularFile) as error:
+        raise InvalidInput(f"{path}: cannot read the index: {error}") from None
+    if len(header) < _HEADER.size:
+        raise InvalidInput(f"{path}: too short to be a FAISS index ({len(header)} bytes)")
+    fourcc, dim, ntotal, _, _, _, metric = _HEADER.unpack(header)
+    if not fourcc.isalnum():
+        raise InvalidInput(f"{path}: not a FAISS index (header {untrusted(fourcc)})")
+    problems = []
+    if dim != spec.dim:
+        problems.append(f"dimension {dim}, the manifest says {spec.dim}")
+    if ntotal != spec.num_vectors:
+        problems.append(f"{ntotal} vectors, the manifest says {spec.num_vectors}")
+    if spec.metric == "inner_product" and metric != faiss.METRIC_INNER_PRODUCT:
+        problems.append("metric is not inner product")
+    if problems:
+        raise InvalidInput(f"{path}: index does not match its manifest: {'; '.join(problems)}")
+
+
+def _read_bounded(path: Path, flags: int, growth: int = 1) -> faiss.Index:
+    """`faiss.read_index` that allocates no vector larger than `growth` times the file.
+
+    FAISS sizes each vector it reads from a count in the file and allocates it before reading
+    the data, so a 1 KB file declaring a billion floats would cost gigabytes; with the
+    deserialization limits set to the file's size, such a count fails at once. `growth` is
+    above 1 only for IVF-PQ, whose precomputed table is derived, not read (`_IVF_PQ_GROWTH`).
+    """
+    size = max(path.stat().st_size * growth, _MIN_READ_LIMIT)
+    with _READ_LOCK:
+        old_bytes = faiss.get_deserialization_vector_byte_limit()
+        old_loops = faiss.get_deserialization_loop_limit()
+        faiss.set_deserialization_vector_byte_limit(size)
+        faiss.set_deserialization_loop_limit(size)
+        try:
+            return faiss.read_index(str(path), flags)
+        finally:
+            faiss.set_deserialization_vector_byte_limit(old_bytes)
+            faiss.set_deserialization_loop_limit(old_loops)
+
+
+def index_ids(index: faiss.Index) -> npt.NDArray[np.int64]:
+    """Every id an index can return, in storage order: the ID map's, the inverted lists', or
+    0..ntotal-1 for an index that stores none."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        lists = ivf.invlists
+        parts = []
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            if size:
+                parts.append(faiss.rev_swig_ptr(lists.get_ids(number), size).copy())
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return np.arange(index.ntotal, dtype=np.int64)
 
 
 def apply_search_params(index: faiss.Index, search_params: Mapping[str, int]) -> None:
@@ -180,9 +264,17 @@ def write_index(index: faiss.Index, path: Path) -> None:
 
 
 def read_index(
-    path: Path, spec: manifest_pb2.IndexSpec | None = None, *, mmap: bool = False
+    path: Path,
+    spec: manifest_pb2.IndexSpec | None = None,
+    *,
+    mmap: bool = False,
+    num_items: int | None = None,
 ) -> faiss.Index:
-    """Loads an index file and applies the spec's search parameters.
+    """Loads an index file, checks it against the manifest and applies the search parameters.
+
+    No vector FAISS reads may be larger than the file (`_read_bounded`), and with a spec the
+    header is compared first (`check_index_header`), so a hostile file costs at most about its
+    own size in memory.
 
     Args:
         path: The index file.
@@ -190,23 +282,34 @@ def read_index(
             metric, and its `search_params` are applied. Without it the file's own defaults hold.
         mmap: Map the vectors from the file instead of reading them into memory (fast loads,
             pages shared between processes serving the same bundle).
+        num_items: The catalogue size (`schema.num_items`): every id of the index must then be
+            a distinct item id in [0, num_items), so a search never returns an id the item
+            table lacks.
 
     Raises:
         NotFound: the file does not exist.
-        InvalidInput: the file is not a FAISS index or does not match the spec.
+        InvalidInput: the file is not a FAISS index or does not match the spec or the items.
     """
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"{path}: no such index file")
+    if spec is not None:
+        check_index_header(path, spec)
     flags = 0
     if mmap:
         ivf = spec is None or spec.type in _IVF_TYPES
         flags = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
+    # Without a spec nothing says what the file holds (a caller that trusts it, e.g. the
+    # packager reading back its own index): allow the IVF-PQ growth.
+    ivf_pq = spec is None or spec.type == manifest_pb2.INDEX_TYPE_IVF_PQ
     try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise InvalidInput(f"{path}: not a readable FAISS index: {reason}") from None
+        index = _read_bounded(path, flags, _IVF_PQ_GROWTH if ivf_pq else 1)
+    except (RuntimeError, MemoryError) as error:
+        text = str(error).strip()
+        reason = text.splitlines()[-1] if text else type(error).__name__
+        raise InvalidInput(f"{path}: not a readable FAISS index: {clip(reason, 200)}") from None
+    if num_items is not None:
+        _check_ids(path, index, num_items)
     if spec is not None:
         problems = []
         if index.d != spec.dim:
@@ -219,6 +322,18 @@ def read_index(
             raise InvalidInput(f"{path}: index does not match its manifest: {'; '.join(problems)}")
         apply_search_params(index, dict(spec.search_params))
     return index
+
+
+def _check_ids(path: Path, index: faiss.Index, num_items: int) -> None:
+    ids = index_ids(index)
+    if ids.size != index.ntotal:
+        raise InvalidInput(f"{path}: {ids.size} ids for {index.ntotal} vectors")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_items):
+        raise InvalidInput(
+            f"{path}: index ids span [{ids.min()}, {ids.max()}], outside the items [0, {num_items})"
+        )
+    if np.unique(ids).size != ids.size:
+        raise InvalidInput(f"{path}: an item id appears twice in the index")
 
 
 def gpu_count() -> int:

@@ -2,18 +2,32 @@
 
 Row r is item id r; the arrays of the archive are listed in `bundle/FORMAT.md`
 (item_features.npz). Uncompressed, so it loads fast; read without pickle.
+
+Reading checks the archive before numpy allocates anything (`check_archive`: every member
+stored uncompressed, each array's declared shape and dtype no larger than the bytes it
+occupies, no object arrays) and, given the manifest, every array against it
+(`read_item_features`): the feature names, one row per item, offsets that index the values,
+ids inside each feature's cardinality and bags no longer than `MAX_BAG_IDS`.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from recship.base.errors import InvalidInput
+from recship.base.errors import InvalidInput, clip, untrusted
 from recship.base.files import atomic_output
 from recship.base.jagged import EntityTable, JaggedColumn
+from recship.protos.v1 import manifest_pb2
+
+# The most ids one item's bag of one feature may hold: a ranking row joins every candidate's
+# bags, so a longer bag would multiply a request's cost by its length.
+MAX_BAG_IDS = 4096
+# Arrays the archive may hold: the names, the dense block and two per sparse feature.
+_MAX_MEMBERS = 1024
 
 
 def write_item_features(
@@ -50,15 +64,76 @@ def write_item_features(
         np.savez(handle, **arrays)
 
 
-def read_item_features(path: Path) -> tuple[EntityTable, list[str], list[str]]:
+def check_archive(path: Path) -> None:
+    """Checks the structure of the `.npz` archive without loading an array.
+
+    Every member must be a `.npy` file stored uncompressed (so its size on disk is its size in
+    memory: no zip bomb), and its header must declare a non-object dtype and a shape whose
+    bytes fit in the member. Reads only the zip directory and each member's header.
+
+    Raises:
+        InvalidInput: naming the member and the problem.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > _MAX_MEMBERS:
+                raise InvalidInput(f"{path}: {len(members)} arrays, at most {_MAX_MEMBERS}")
+            for member in members:
+                _check_member(path, archive, member)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise InvalidInput(f"{path}: not a valid .npz archive: {clip(str(error), 120)}") from None
+
+
+def _check_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    name = untrusted(member.filename)
+    if member.compress_type != zipfile.ZIP_STORED:
+        raise InvalidInput(f"{path}: array {name} is compressed; item tables are stored")
+    if not member.filename.endswith(".npy"):
+        raise InvalidInput(f"{path}: member {name} is not a .npy array")
+    with archive.open(member) as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+        except ValueError as error:
+            raise InvalidInput(f"{path}: array {name}: {clip(str(error), 120)}") from None
+        header_bytes = handle.tell()
+    if dtype.hasobject:
+        raise InvalidInput(f"{path}: array {name} holds Python objects (pickle); refused")
+    if any(int(extent) < 0 for extent in shape):
+        raise InvalidInput(f"{path}: array {name} declares a negative extent {tuple(shape)}")
+    count = 1
+    for extent in shape:
+        count *= int(extent)
+    if count * dtype.itemsize + header_bytes > member.file_size:
+        raise InvalidInput(
+            f"{path}: array {name} declares shape {tuple(shape)} of {dtype}, more than its "
+            f"{member.file_size} bytes hold"
+        )
+
+
+def read_item_features(
+    path: Path, manifest: manifest_pb2.BundleManifest | None = None
+) -> tuple[EntityTable, list[str], list[str]]:
     """Loads the item table written by `write_item_features`.
+
+    The archive's structure is checked first (`check_archive`); with `manifest`, every array is
+    checked against it too (`check_item_table`).
 
     Returns:
         (items, sparse feature names, dense feature names).
 
     Raises:
-        InvalidInput: the file is not a valid item feature table.
+        InvalidInput: the file is not a valid item feature table, or not the one the manifest
+            describes.
     """
+    check_archive(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             sparse_names = [str(name) for name in data["sparse_names"]]
@@ -68,10 +143,64 @@ def read_item_features(path: Path) -> tuple[EntityTable, list[str], list[str]]:
                 name: JaggedColumn(data[f"sparse.{name}.values"], data[f"sparse.{name}.offsets"])
                 for name in sparse_names
             }
-    except (OSError, KeyError, ValueError) as error:
-        raise InvalidInput(f"{path}: not a valid item feature table ({error})") from error
-    return (
-        EntityTable(num_rows=dense.shape[0], sparse=sparse, dense=dense),
-        sparse_names,
-        dense_names,
-    )
+    except (OSError, KeyError, ValueError, MemoryError) as error:
+        raise InvalidInput(
+            f"{path}: not a valid item feature table ({clip(str(error), 160)})"
+        ) from None
+    if dense.ndim != 2:
+        raise InvalidInput(f"{path}: dense must be a [items, features] array, found {dense.shape}")
+    items = EntityTable(num_rows=dense.shape[0], sparse=sparse, dense=dense)
+    if manifest is not None:
+        check_item_table(path, items, sparse_names, dense_names, manifest)
+    return items, sparse_names, dense_names
+
+
+def check_item_table(
+    path: Path,
+    items: EntityTable,
+    sparse_names: Sequence[str],
+    dense_names: Sequence[str],
+    manifest: manifest_pb2.BundleManifest,
+) -> None:
+    """Checks a loaded item table against the manifest, so that joining any valid item id
+    onto a ranking row can neither fail nor read outside an array.
+
+    Raises:
+        InvalidInput: naming the first array that disagrees.
+    """
+    schema = manifest.schema
+    declared = manifest.item_features
+    num_items = int(schema.num_items)
+    if list(sparse_names) != list(declared.sparse_features):
+        raise InvalidInput(f"{path}: sparse features differ from the manifest's item_features")
+    if list(dense_names) != list(declared.dense_features):
+        raise InvalidInput(f"{path}: dense features differ from the manifest's item_features")
+    if items.dense.shape != (num_items, len(dense_names)) or items.dense.dtype != np.float32:
+        raise InvalidInput(
+            f"{path}: dense is {items.dense.dtype} {items.dense.shape}, the manifest declares "
+            f"float32 ({num_items}, {len(dense_names)})"
+        )
+    if not np.isfinite(items.dense).all():
+        raise InvalidInput(f"{path}: dense holds NaN or infinite values")
+    cardinality = {f.name: int(f.cardinality) for f in schema.sparse_features}
+    for name in sparse_names:
+        column = items.sparse[name]
+        values, offsets = column.values, column.offsets
+        label = untrusted(name)
+        if values.dtype != np.int64 or offsets.dtype != np.int64 or values.ndim != 1:
+            raise InvalidInput(f"{path}: feature {label}: values and offsets must be int64 vectors")
+        if offsets.shape != (num_items + 1,):
+            raise InvalidInput(
+                f"{path}: feature {label}: {offsets.size} offsets, {num_items + 1} expected"
+            )
+        lengths = np.diff(offsets)
+        if offsets[0] != 0 or offsets[-1] != values.size or (lengths < 0).any():
+            raise InvalidInput(f"{path}: feature {label}: offsets do not index its values")
+        if lengths.size and lengths.max() > MAX_BAG_IDS:
+            raise InvalidInput(
+                f"{path}: feature {label}: an item holds {lengths.max()} ids, at most {MAX_BAG_IDS}"
+            )
+        if values.size and (values.min() < 0 or values.max() >= cardinality[name]):
+            raise InvalidInput(
+                f"{path}: feature {label}: ids outside its cardinality [0, {cardinality[name]})"
+            )

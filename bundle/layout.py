@@ -17,6 +17,11 @@ from pathlib import Path
 from recship.base.errors import InvalidInput
 
 MANIFEST_FILENAME = "MANIFEST.json"
+# The optional signature over the manifest and every file (bundle/signature.py). It is the one
+# file besides MANIFEST.json that the manifest does not list: it is written after the manifest.
+SIGNATURE_FILENAME = "MANIFEST.sig"
+# Files of a version that the manifest's `files` list never names.
+RESERVED_FILENAMES = frozenset({MANIFEST_FILENAME, SIGNATURE_FILENAME})
 # The FAISS index of every candidate item (bundle/index.py).
 INDEX_FILE = "items.faiss"
 # The item table the runtime joins onto ranking candidates (bundle/item_features.py).
@@ -30,6 +35,11 @@ RANKER = "ranker"
 STAGING_PREFIX = ".staging-"
 # The per-bundle lock file publishers allocate version numbers under (bundle/writer.py).
 LOCK_FILENAME = ".lock"
+
+# The largest version number: 2**53 - 1, so that every reader (JSON doubles, JavaScript numbers,
+# int64 fields) holds it exactly. A folder named by a larger number is not a version.
+MAX_VERSION = 2**53 - 1
+_MAX_VERSION_DIGITS = len(str(MAX_VERSION))
 
 # Bundle names become folder names and appear in requests: keep them portable and unambiguous.
 _NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
@@ -70,12 +80,16 @@ def check_bundle_name(name: str) -> str:
 def parse_version_name(folder_name: str) -> int | None:
     """The version number a folder name denotes ("3" -> 3), or None for any other name.
 
-    Only canonical positive integers count: "03", "0", "-1" and ".staging-..." are not versions.
+    Only canonical positive integers up to `MAX_VERSION` count: "03", "0", "-1", ".staging-..."
+    and "99999999999999999999" (beyond int64) are not versions, so no folder name can make a
+    listing fail.
     """
-    if not folder_name.isascii() or not folder_name.isdigit():
+    if len(folder_name) > _MAX_VERSION_DIGITS or not folder_name.isascii():
+        return None
+    if not folder_name.isdigit():
         return None
     number = int(folder_name)
-    if number <= 0 or str(number) != folder_name:
+    if number <= 0 or number > MAX_VERSION or str(number) != folder_name:
         return None
     return number
 
@@ -91,15 +105,40 @@ def published_versions(bundle_dir: Path) -> list[int]:
     versions: list[int] = []
     try:
         entries = list(os.scandir(bundle_dir))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: no versions, never an error
         return []
     for entry in entries:
         number = parse_version_name(entry.name)
-        if number is None or not entry.is_dir(follow_symlinks=False):
+        try:
+            if number is None or not entry.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
             continue
         if _is_regular_file(Path(entry.path) / MANIFEST_FILENAME):
             versions.append(number)
     return sorted(versions)
+
+
+def why_not_published(bundle_dir: Path, folder_name: str) -> str:
+    """Why `<bundle_dir>/<folder_name>` is not a published version, in a few words."""
+    if parse_version_name(folder_name) is None:
+        return f"{folder_name[:40]!r} is not a version number (1 to {MAX_VERSION}, no leading 0)"
+    folder = bundle_dir / folder_name
+    try:
+        mode = folder.lstat().st_mode
+    except OSError:
+        return "no such version folder"
+    if stat.S_ISLNK(mode):
+        return "the version folder is a symbolic link"
+    if not stat.S_ISDIR(mode):
+        return "not a folder"
+    try:
+        manifest_mode = (folder / MANIFEST_FILENAME).lstat().st_mode
+    except OSError:
+        return f"the folder holds no {MANIFEST_FILENAME}"
+    if not stat.S_ISREG(manifest_mode):
+        return f"its {MANIFEST_FILENAME} is not a regular file"
+    return "not published"
 
 
 def _is_regular_file(path: Path) -> bool:

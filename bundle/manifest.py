@@ -17,17 +17,24 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import json_format
 
-from recship.base.errors import InvalidInput, NotFound
-from recship.base.files import write_bytes_atomic
+from recship.base.errors import InvalidInput, NotFound, clip, untrusted
+from recship.base.files import NotARegularFile, read_regular_file, write_bytes_atomic
 from recship.bundle.checksums import is_safe_relative_path
-from recship.bundle.layout import MANIFEST_FILENAME, is_bundle_name
+from recship.bundle.layout import MANIFEST_FILENAME, RESERVED_FILENAMES, is_bundle_name
 from recship.protos.v1 import manifest_pb2
 
 # The manifest format this code writes and the newest it reads.
 FORMAT_VERSION = 1
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# Bounds on MANIFEST.json, checked before it is parsed: a real manifest is tens of kilobytes and
+# nests about 5 levels deep; anything far beyond is not a manifest.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+# JSON strings, so that brackets inside them are not counted as nesting.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 # Sub-messages every published manifest has (the bundle format of DESIGN.md).
 REQUIRED_MESSAGES = ("created_at", "schema", "index", "golden", "quality", "libraries")
@@ -52,12 +59,19 @@ def manifest_from_json(text: str, source: str = MANIFEST_FILENAME) -> manifest_p
         source: What to call the document in error messages (usually its path).
 
     Raises:
-        InvalidInput: not JSON, not an object, a newer format_version, or not a BundleManifest.
+        InvalidInput: not JSON, nested deeper than `MAX_JSON_DEPTH`, not an object, a newer
+            format_version, or not a BundleManifest.
     """
+    depth = json_depth(text.encode("utf-8", errors="replace"))
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(
+            f"{source}: JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} a "
+            "manifest may have"
+        )
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidInput(f"{source}: not valid JSON: {error}") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise InvalidInput(f"{source}: not valid JSON: {clip(str(error), 160)}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"{source}: expected a JSON object, found {type(document).__name__}")
     # Check the format first: a newer writer may add fields this code would call unknown.
@@ -71,9 +85,26 @@ def manifest_from_json(text: str, source: str = MANIFEST_FILENAME) -> manifest_p
     manifest = manifest_pb2.BundleManifest()
     try:
         json_format.ParseDict(document, manifest)
-    except json_format.ParseError as error:
-        raise InvalidInput(f"{source}: not a valid BundleManifest: {error}") from None
+    except (json_format.ParseError, RecursionError, ValueError, TypeError) as error:
+        raise InvalidInput(
+            f"{source}: not a valid BundleManifest: {clip(str(error), 200)}"
+        ) from None
     return manifest
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply `data` (JSON text) nests arrays and objects, without parsing it.
+
+    Strings are skipped, so brackets inside them do not count. Linear time and no recursion,
+    so it is safe to run on any input before `json.loads` (whose recursion it guards).
+    """
+    structure = np.frombuffer(_JSON_STRING.sub(b"", data), dtype=np.uint8)
+    if structure.size == 0:
+        return 0
+    opens = (structure == ord("[")) | (structure == ord("{"))
+    closes = (structure == ord("]")) | (structure == ord("}"))
+    steps = opens.astype(np.int64) - closes.astype(np.int64)
+    return int(max(np.cumsum(steps).max(), 0))
 
 
 def write_manifest(path: Path, manifest: manifest_pb2.BundleManifest) -> None:
@@ -87,16 +118,26 @@ def write_manifest(path: Path, manifest: manifest_pb2.BundleManifest) -> None:
 def read_manifest(path: Path) -> manifest_pb2.BundleManifest:
     """Reads and parses a MANIFEST.json file (no schema checks; see `validate_manifest`).
 
+    The file must be a regular file (not a link, FIFO or device) of at most
+    `MAX_MANIFEST_BYTES`; its size is checked before a byte is read.
+
     Raises:
         NotFound: the file does not exist.
-        InvalidInput: it cannot be read or parsed; the message names the file.
+        InvalidInput: it is not a regular file, too large, or cannot be read or parsed; the
+            message names the file.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_regular_file(path, MAX_MANIFEST_BYTES)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise NotFound(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidInput(f"{path}: cannot read the manifest: {error}") from None
+    except NotARegularFile as error:
+        raise InvalidInput(str(error)) from None
+    except ValueError as error:  # too large, or not UTF-8 (UnicodeDecodeError)
+        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
+        raise InvalidInput(f"{path}: cannot read the manifest: {reason}") from None
+    except OSError as error:
+        raise InvalidInput(f"{path}: cannot read the manifest: {error.strerror}") from None
     return manifest_from_json(text, source=str(path))
 
 
@@ -143,9 +184,9 @@ def _manifest_problems(
     if not manifest.name:
         problems.append("name is not set")
     elif not is_bundle_name(manifest.name):
-        problems.append(f"name {manifest.name!r} is not a valid bundle name")
+        problems.append(f"name {untrusted(manifest.name)} is not a valid bundle name")
     elif name is not None and manifest.name != name:
-        problems.append(f"name {manifest.name!r} does not match its folder {name!r}")
+        problems.append(f"name {untrusted(manifest.name)} does not match its folder {name!r}")
     if manifest.version <= 0:
         problems.append(f"version must be a positive integer, found {manifest.version}")
     elif version is not None and manifest.version != version:
@@ -173,6 +214,7 @@ def _manifest_problems(
             f"index.dim {manifest.index.dim} differs from schema.retrieval_dim "
             f"{manifest.schema.retrieval_dim}"
         )
+    problems.extend(schema_problems(manifest))
     return problems
 
 
@@ -182,7 +224,7 @@ def _release_id_problems(release_id: str) -> list[str]:
     try:
         uuid.UUID(release_id)
     except ValueError:
-        return [f"release_id {release_id!r} is not a UUID"]
+        return [f"release_id {untrusted(release_id)} is not a UUID"]
     return []
 
 
@@ -193,16 +235,17 @@ def _file_list_problems(manifest: manifest_pb2.BundleManifest) -> tuple[set[str]
         problems.append("files is empty")
     for position, entry in enumerate(manifest.files):
         where = f"files[{position}]"
+        path = untrusted(entry.path)
         if not is_safe_relative_path(entry.path):
-            problems.append(f"{where}.path {entry.path!r} is not a relative path inside the bundle")
-        elif entry.path == MANIFEST_FILENAME:
-            problems.append(f"{where} lists {MANIFEST_FILENAME} itself")
+            problems.append(f"{where}.path {path} is not a relative path inside the bundle")
+        elif entry.path in RESERVED_FILENAMES:
+            problems.append(f"{where} lists {entry.path}, which the manifest never lists")
         elif entry.path in listed:
-            problems.append(f"{where}.path {entry.path!r} is listed twice")
+            problems.append(f"{where}.path {path} is listed twice")
         if not _SHA256_PATTERN.match(entry.sha256):
-            problems.append(f"{where}.sha256 of {entry.path!r} is not 64 lowercase hex digits")
+            problems.append(f"{where}.sha256 of {path} is not 64 lowercase hex digits")
         if entry.size_bytes < 0:
-            problems.append(f"{where}.size_bytes of {entry.path!r} is negative")
+            problems.append(f"{where}.size_bytes of {path} is negative")
         listed.add(entry.path)
     return listed, problems
 
@@ -214,7 +257,7 @@ def _referenced_file_problems(manifest: manifest_pb2.BundleManifest, listed: set
         if not file:
             problems.append(f"{field} is not set")
         elif file not in listed:
-            problems.append(f"{field} {file!r} is not listed in files")
+            problems.append(f"{field} {untrusted(file)} is not listed in files")
 
     if not manifest.entry_points:
         problems.append("entry_points is empty")
@@ -228,10 +271,188 @@ def _referenced_file_problems(manifest: manifest_pb2.BundleManifest, listed: set
         key = (entry_point.name, entry_point.format)
         if key in seen:
             format_name = manifest_pb2.EntryPointFormat.Name(entry_point.format)
-            problems.append(f"{where} repeats entry point {entry_point.name!r} in {format_name}")
+            problems.append(
+                f"{where} repeats entry point {untrusted(entry_point.name)} in {format_name}"
+            )
         seen.add(key)
         check(f"{where}.file", entry_point.file)
     for field in ("index", "item_features", "golden"):
         if manifest.HasField(field):
             check(f"{field}.file", getattr(manifest, field).file)
+    return problems
+
+
+# The model each entry point runs (bundle/FORMAT.md, entry points).
+ENTRY_POINT_MODELS = {
+    "query_tower": manifest_pb2.MODEL_ROLE_RETRIEVAL,
+    "ranker": manifest_pb2.MODEL_ROLE_RANKING,
+}
+
+
+def schema_problems(manifest: manifest_pb2.BundleManifest) -> list[str]:
+    """The manifest's declared shapes checked against each other (no file access).
+
+    Every count and size the runtime trusts must agree everywhere the manifest states it: item
+    counts (schema, index, item table), each feature's cardinality against the table it looks
+    up, the entry points' feature orders against the schema's features and sides, the dense
+    feature split, the golden set, and the resources against the files. The files themselves
+    are checked against these numbers when they are read (`recship.bundle.index`,
+    `.item_features`, `.golden`, `.entrypoints`).
+
+    Returns:
+        One line per problem; empty when consistent.
+    """
+    if not manifest.HasField("schema"):
+        return []
+    schema = manifest.schema
+    problems: list[str] = []
+    if schema.num_items <= 0:
+        problems.append(f"schema.num_items must be > 0, found {schema.num_items}")
+    if schema.retrieval_dim <= 0:
+        problems.append("schema.retrieval_dim is not set")
+    features: dict[str, manifest_pb2.SparseFeatureSpec] = {}
+    for feature in schema.sparse_features:
+        name = untrusted(feature.name)
+        if feature.name in features:
+            problems.append(f"schema feature {name} is listed twice")
+        features[feature.name] = feature
+        if feature.cardinality <= 0:
+            problems.append(f"schema feature {name}: cardinality must be > 0")
+        if feature.side == manifest_pb2.FEATURE_SIDE_UNSPECIFIED:
+            problems.append(f"schema feature {name}: side is not set")
+    table_of: dict[int, dict[str, manifest_pb2.TableSpec]] = {}
+    seen_tables: set[tuple[int, str]] = set()
+    for table in schema.tables:
+        key = (table.model, table.name)
+        label = untrusted(table.name)
+        if key in seen_tables:
+            problems.append(f"schema table {label} is listed twice for its model")
+        seen_tables.add(key)
+        if table.num_embeddings <= 0 or table.embedding_dim <= 0:
+            problems.append(f"schema table {label}: num_embeddings and embedding_dim must be > 0")
+        for feature_name in table.feature_names:
+            if feature_name not in features:
+                problems.append(
+                    f"schema table {label} names unknown feature {untrusted(feature_name)}"
+                )
+            elif feature_name in table_of.setdefault(table.model, {}):
+                problems.append(
+                    f"schema feature {untrusted(feature_name)} has two tables in one model"
+                )
+            table_of[table.model][feature_name] = table
+    for feature in features.values():
+        for role in feature.used_by:
+            table = table_of.get(role, {}).get(feature.name)
+            if table is None:
+                problems.append(
+                    f"schema feature {untrusted(feature.name)} is used by "
+                    f"{manifest_pb2.ModelRole.Name(role)} but no table of that model looks it up"
+                )
+            elif feature.cardinality > table.num_embeddings:
+                problems.append(
+                    f"schema feature {untrusted(feature.name)}: cardinality {feature.cardinality} "
+                    f"exceeds the {table.num_embeddings} rows of table {untrusted(table.name)}"
+                )
+    item_id = features.get(schema.item_id_feature)
+    if item_id is None or item_id.side != manifest_pb2.FEATURE_SIDE_ITEM:
+        problems.append(
+            f"schema.item_id_feature {untrusted(schema.item_id_feature)} is not an item feature"
+        )
+    elif item_id.cardinality < schema.num_items:
+        problems.append(
+            f"schema.item_id_feature cardinality {item_id.cardinality} is below "
+            f"schema.num_items {schema.num_items}"
+        )
+    if schema.query_dense_count > len(schema.dense_features):
+        problems.append(
+            f"schema.query_dense_count {schema.query_dense_count} exceeds the "
+            f"{len(schema.dense_features)} dense features"
+        )
+    problems.extend(_component_problems(manifest, features))
+    problems.extend(_entry_point_feature_problems(manifest, features))
+    return problems
+
+
+def _component_problems(
+    manifest: manifest_pb2.BundleManifest, features: dict[str, manifest_pb2.SparseFeatureSpec]
+) -> list[str]:
+    schema = manifest.schema
+    problems: list[str] = []
+    if manifest.HasField("index") and not 0 < manifest.index.num_vectors <= schema.num_items:
+        problems.append(
+            f"index.num_vectors {manifest.index.num_vectors} is not in [1, schema.num_items "
+            f"{schema.num_items}]"
+        )
+    if manifest.HasField("serving") and manifest.HasField("index"):
+        default_k = manifest.serving.retrieve_k
+        if default_k > manifest.index.num_vectors:
+            problems.append(
+                f"serving.retrieve_k {default_k} exceeds the index's "
+                f"{manifest.index.num_vectors} vectors"
+            )
+    if manifest.HasField("item_features"):
+        table = manifest.item_features
+        if table.num_items != schema.num_items:
+            problems.append(
+                f"item_features.num_items {table.num_items} differs from schema.num_items "
+                f"{schema.num_items}"
+            )
+        item_dense = list(schema.dense_features[schema.query_dense_count :])
+        if list(table.dense_features) != item_dense:
+            problems.append("item_features.dense_features differ from the schema's item-side ones")
+        for name in table.sparse_features:
+            feature = features.get(name)
+            if feature is None or feature.side != manifest_pb2.FEATURE_SIDE_ITEM:
+                problems.append(f"item_features stores {untrusted(name)}, not an item feature")
+    if manifest.HasField("golden"):
+        golden = manifest.golden
+        if golden.examples < 1:
+            problems.append("golden.examples must be >= 1")
+        if not (0 <= golden.atol < float("inf") and 0 <= golden.rtol < float("inf")):
+            problems.append("golden.atol and golden.rtol must be finite and >= 0")
+    if manifest.HasField("resources"):
+        total = sum(entry.size_bytes for entry in manifest.files)
+        if manifest.resources.host_bytes < total:
+            problems.append(
+                f"resources.host_bytes {manifest.resources.host_bytes} is below the "
+                f"{total} bytes of the files"
+            )
+        if any(count < 0 for count in manifest.resources.device_bytes):
+            problems.append("resources.device_bytes holds a negative count")
+    return problems
+
+
+def _entry_point_feature_problems(
+    manifest: manifest_pb2.BundleManifest, features: dict[str, manifest_pb2.SparseFeatureSpec]
+) -> list[str]:
+    problems: list[str] = []
+    names = {entry.name for entry in manifest.entry_points}
+    for required in ENTRY_POINT_MODELS:
+        if manifest.entry_points and required not in names:
+            problems.append(f"entry point {required} is missing")
+    stored = set(manifest.item_features.sparse_features)
+    for position, entry in enumerate(manifest.entry_points):
+        where = f"entry_points[{position}]"
+        model = ENTRY_POINT_MODELS.get(entry.name)
+        if model is None:
+            problems.append(f"{where}: unknown entry point {untrusted(entry.name)}")
+            continue
+        order = list(entry.sparse_feature_order)
+        if not order or len(set(order)) != len(order):
+            problems.append(f"{where}.sparse_feature_order is empty or repeats a feature")
+        sides = []
+        for name in order:
+            feature = features.get(name)
+            if feature is None:
+                problems.append(f"{where} takes unknown feature {untrusted(name)}")
+                continue
+            if model not in feature.used_by:
+                problems.append(f"{where} takes {untrusted(name)}, which its model does not use")
+            sides.append(feature.side)
+            if feature.side == manifest_pb2.FEATURE_SIDE_ITEM and name not in stored:
+                problems.append(f"{where} takes item feature {untrusted(name)}, not stored")
+        if entry.name == "query_tower" and any(s != manifest_pb2.FEATURE_SIDE_QUERY for s in sides):
+            problems.append(f"{where}: the query tower takes only query-side features")
+        if sides != sorted(sides):  # FEATURE_SIDE_QUERY (1) before FEATURE_SIDE_ITEM (2)
+            problems.append(f"{where}: query-side features must come before item-side ones")
     return problems

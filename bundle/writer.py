@@ -40,6 +40,8 @@ from recship.bundle.compat import current_library_versions
 from recship.bundle.layout import (
     LOCK_FILENAME,
     MANIFEST_FILENAME,
+    MAX_VERSION,
+    SIGNATURE_FILENAME,
     STAGING_PREFIX,
     BundleRef,
     check_bundle_name,
@@ -53,6 +55,9 @@ from recship.protos.v1 import manifest_pb2
 DEFAULT_STALE_STAGING_S = 600.0
 
 ManifestFiller = Callable[[manifest_pb2.BundleManifest], None]
+# Signs a complete staging folder (MANIFEST.json written) by writing its MANIFEST.sig, e.g.
+# `lambda folder: sign_version(folder, key)` (recship.bundle.signature).
+Signer = Callable[[Path], object]
 
 
 class BundleWriter:
@@ -131,18 +136,24 @@ class StagedVersion:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         return cls(repo, name, bundle_dir, path, lock_fd)
 
-    def publish(self, fill: ManifestFiller | None = None) -> BundleRef:
+    def publish(
+        self, fill: ManifestFiller | None = None, *, sign: Signer | None = None
+    ) -> BundleRef:
         """Publishes the staged files as the bundle's next version.
 
         Steps: hash every file (sha256, size); build the manifest (format, name, release id,
         creation time, creator, library versions, files) and let `fill` complete it; fsync every
         file and folder; under the bundle's lock, claim the next free version number, validate
-        the manifest, write MANIFEST.json last and rename the staging folder onto the claim.
+        the manifest, write MANIFEST.json, sign the folder (with `sign`) and rename the staging
+        folder onto the claim, so a signed version is published with its signature at once.
 
         Args:
             fill: Called once with the manifest before a version is allocated (its `version` is
                 still 0); sets the model-specific fields (schema, entry points, index, quality,
                 ...). It must not change name, version or files, nor write into `path`.
+            sign: Called with the staging folder once MANIFEST.json is in it; writes
+                MANIFEST.sig there (`recship.bundle.signature.sign_version`). None publishes
+                an unsigned version.
 
         Returns:
             The published version.
@@ -154,8 +165,9 @@ class StagedVersion:
         """
         if self.published is not None:
             raise ValueError(f"{self.published} was already published from this staging folder")
-        if (self.path / MANIFEST_FILENAME).exists():
-            raise ValueError(f"{MANIFEST_FILENAME} is written by publish(), not by the caller")
+        for reserved in (MANIFEST_FILENAME, SIGNATURE_FILENAME):
+            if (self.path / reserved).exists():
+                raise ValueError(f"{reserved} is written by publish(), not by the caller")
         files = scan_files(self.path)
         manifest = manifest_pb2.BundleManifest(
             format_version=FORMAT_VERSION,
@@ -173,13 +185,15 @@ class StagedVersion:
         _fsync_tree(self.path)
         try:
             with _bundle_lock(self.bundle_dir):
-                ref = self._claim_and_rename(manifest)
+                ref = self._claim_and_rename(manifest, sign)
         except OSError as error:
             raise _unwritable(self.repo, error) from None
         self.published = ref
         return ref
 
-    def _claim_and_rename(self, manifest: manifest_pb2.BundleManifest) -> BundleRef:
+    def _claim_and_rename(
+        self, manifest: manifest_pb2.BundleManifest, sign: Signer | None
+    ) -> BundleRef:
         """Allocates the version and moves the staging folder there; caller holds the lock."""
         remove_orphaned_claims(self.bundle_dir)
         version, claim = _claim_next_version(self.bundle_dir)
@@ -189,12 +203,15 @@ class StagedVersion:
                 manifest, name=self.name, version=version, source=f"manifest of {claim}"
             )
             write_manifest(self.path / MANIFEST_FILENAME, manifest)
+            if sign is not None:
+                sign(self.path)
             # rename(2) replaces the empty claimed folder in one step, and fails if it is not
             # empty, so the version appears complete or not at all.
             os.rename(self.path, claim)
         except BaseException:
             _remove_empty_dir(claim)
             (self.path / MANIFEST_FILENAME).unlink(missing_ok=True)
+            (self.path / SIGNATURE_FILENAME).unlink(missing_ok=True)
             raise
         fsync_directory(self.bundle_dir)
         return BundleRef(self.name, version, claim)
@@ -258,10 +275,18 @@ def remove_orphaned_claims(bundle_dir: Path) -> list[int]:
 
 
 def _claim_next_version(bundle_dir: Path) -> tuple[int, Path]:
-    """Claims one more than the highest numeric folder by creating it; skips taken numbers."""
+    """Claims one more than the highest numeric folder by creating it; skips taken numbers.
+
+    Raises:
+        InvalidInput: the next number would exceed `MAX_VERSION` (nothing is claimed).
+    """
     taken = [parse_version_name(entry.name) for entry in _scandir(bundle_dir)]
     version = max((number for number in taken if number is not None), default=0) + 1
     while True:
+        if version > MAX_VERSION:
+            raise InvalidInput(
+                f"{bundle_dir}: no version number left (the largest is {MAX_VERSION})"
+            )
         claim = bundle_dir / str(version)
         try:
             claim.mkdir()

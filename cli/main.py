@@ -20,12 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("recship.trainer.cli", "train_command"),
     "serve": ("recship.runtime.serve_cli", "serve_command"),
     "query": ("recship.runtime.serve_cli", "query_command"),
+    "status": ("recship.runtime.serve_cli", "status_command"),
     "rollout": ("recship.runtime.rollout", "rollout_command"),
     "bench": ("recship.runtime.bench", "bench_command"),
     "data": ("recship.trainer.data_cli", "data_command"),
     "package": ("recship.packager.cli", "package_command"),
     "inspect": ("recship.bundle.cli", "inspect_command"),
     "verify": ("recship.bundle.cli", "verify_command"),
+    "keygen": ("recship.bundle.cli", "keygen_command"),
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -33,13 +35,15 @@ SHORT_HELP: dict[str, str] = {
     "demo": "Run the end-to-end pipeline on built-in defaults.",
     "serve": "Serve bundles over gRPC (Retrieve, Rank, Recommend) with dynamic batching.",
     "query": "Send one Recommend or Retrieve query to a running server and print a table.",
+    "status": "Show a server's bundles and versions (admin API): states, defaults, reasons.",
     "rollout": "Move servers to a bundle version one at a time; roll all back if one fails.",
     "bench": "Closed-loop load against a server: QPS, latency percentiles, batch sizes.",
     "train": "Train a sharded two-tower or DLRM model (TorchRec, N ranks) with DCP checkpoints.",
     "data": "Fetch data sets (movielens-100k) into the local cache and describe data sources.",
     "package": "Quantize, export, index and verify checkpoints into a versioned bundle.",
     "inspect": "Summarise a bundle version: files, sizes, schema, quality.",
-    "verify": "Re-check a bundle version's checksums and golden self-test.",
+    "verify": "Re-check a bundle version as a server would (and its signature), then self-test.",
+    "keygen": "Create an EC key pair for signing bundles (package --sign-key).",
 }
 
 

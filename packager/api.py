@@ -549,10 +549,19 @@ class _Packager:
                     self.fill_manifest(manifest, quality)
                     captured.append(manifest)
 
-                ref = staged.publish(fill)
+                ref = staged.publish(fill, sign=_signer(options.sign_key))
         manifest = captured[0]
         manifest.version = ref.version
         return PackageReport(ref, manifest, quality, dict(timer.seconds))
+
+
+def _signer(key: Path | None):
+    """The publish-time signing hook for `--sign-key` (None: publish unsigned)."""
+    if key is None:
+        return None
+    from recship.bundle.signature import sign_version
+
+    return lambda folder: sign_version(folder, key)
 
 
 def package(options: PackageOptions, console: Console | None = None) -> PackageReport:
@@ -575,4 +584,8 @@ def package(options: PackageOptions, console: Console | None = None) -> PackageR
         report = package(PackageOptions(Path("runs/tt"), Path("runs/dlrm"), Path("repo"), "movies"))
         print(report.ref.path)  # repo/movies/1
     """
+    if options.sign_key is not None:  # an unusable key fails now, not after the build
+        from recship.bundle.signature import check_private_key
+
+        check_private_key(options.sign_key)
     return _Packager(options, console or Console(stderr=True)).run()

@@ -125,6 +125,12 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
     help="Recorded examples per entry point for the load-time self-test.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM EC private key: publish the version with a MANIFEST.sig (see `recship keygen`).",
+)
 def package_command(
     retrieval: Path,
     ranking: Path,
@@ -142,6 +148,7 @@ def package_command(
     max_auc_loss: float,
     golden_examples: int,
     seed: int,
+    sign_key: Path | None,
 ) -> None:
     """Quantize, shard, export, index and verify two checkpoints into the next bundle version."""
     from recship.packager.api import package
@@ -162,6 +169,7 @@ def package_command(
         thresholds=QualityThresholds(max_recall_loss, max_auc_loss, min_index_recall),
         golden_examples=golden_examples,
         seed=seed,
+        sign_key=sign_key,
     )
     console = Console(stderr=True)
     report = package(options, console)

@@ -53,6 +53,8 @@ class PackageOptions:
         golden_examples: recorded examples per entry point for the load-time self-test.
         retrieval_step / ranking_step: checkpoint step to package; None = the latest.
         seed: seeds sampling of golden inputs and index training.
+        sign_key: PEM EC private key; the version is published with a MANIFEST.sig made with
+            it (`recship.bundle.signature`). None publishes it unsigned.
     """
 
     retrieval: Path
@@ -71,3 +73,4 @@ class PackageOptions:
     retrieval_step: int | None = None
     ranking_step: int | None = None
     seed: int = 0
+    sign_key: Path | None = None

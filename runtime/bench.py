@@ -36,6 +36,13 @@ import click
 import numpy as np
 
 from recship.base.errors import InvalidInput, Unavailable
+from recship.runtime.cli_options import (
+    admin_token,
+    admin_token_option,
+    client_tls,
+    tls_client_options,
+)
+from recship.runtime.security import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class BenchConfig:
             command starts, to match the server under test (e.g. ("--threads", "2")).
         processes: load generator processes (default: min(concurrency, CPU count)).
         seed: seeds the random queries.
+        tls: how to reach TLS servers (both the one under test and the unbatched one).
+        admin_token: the admin token of the unbatched server this command starts, when its
+            serve args give it one (it is asked why it fails to serve, if it does).
     """
 
     server: str
@@ -81,6 +91,8 @@ class BenchConfig:
     unbatched_serve_args: tuple[str, ...] = ()
     processes: int | None = None
     seed: int = 0
+    tls: ClientTLS | None = None
+    admin_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -151,14 +163,21 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
 
 
 def _worker(
-    target: str, rpc: str, requests: list[bytes], callers: int, warmup_s: float, duration_s: float
+    target: str,
+    rpc: str,
+    requests: list[bytes],
+    callers: int,
+    warmup_s: float,
+    duration_s: float,
+    tls: ClientTLS | None = None,
 ) -> tuple[list[float], dict[str, int]]:
     """One load process: `callers` threads in a closed loop; latencies of the measured window."""
     import grpc
 
     from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
+    from recship.runtime.security import open_channel
 
-    channel = grpc.insecure_channel(target)
+    channel = open_channel(target, tls)
     stub = recommender_pb2_grpc.RecommenderStub(channel)
     method, parse = (
         (stub.Retrieve, recommender_pb2.RetrieveRequest.FromString)
@@ -241,7 +260,14 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
         timer.start()
         futures = [
             pool.submit(
-                _worker, target, config.rpc, requests, share, config.warmup_s, config.duration_s
+                _worker,
+                target,
+                config.rpc,
+                requests,
+                share,
+                config.warmup_s,
+                config.duration_s,
+                config.tls,
             )
             for share in shares
             if share
@@ -280,17 +306,27 @@ class _UnbatchedServer:
     the last line is quoted if it does not start.
     """
 
-    def __init__(self, repo: Path, bundle: str, serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        bundle: str,
+        serve_args: tuple[str, ...] = (),
+        *,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
         executable = Path(sys.executable).parent / "recship"
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open until close()
+        self._tls, self._token = tls, token
         self.process = subprocess.Popen(
             [str(executable), "serve", *serve_args, "--repo", str(repo), "--bundle", bundle,
-             "--port", "0", "--metrics-port", "0", "--no-batching"],
+             "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--no-batching"],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
         )  # fmt: skip
-        assert self.process.stdout is not None
+        if self.process.stdout is None:
+            raise Unavailable("the unbatched comparison server has no stdout")
         line = self.process.stdout.readline().split()
-        if len(line) < 5 or line[0] != "listening":
+        if len(line) < 7 or line[0] != "listening":
             self._stop()
             self._log.seek(0)
             said = [text.strip() for text in self._log.read().splitlines() if text.strip()]
@@ -300,12 +336,13 @@ class _UnbatchedServer:
             )
         self.target = line[2]
         self.metrics = f"127.0.0.1:{line[4]}"
+        self.admin = line[6]
 
     def wait_serving(self) -> None:
-        from recship.runtime.client import RecshipClient
+        from recship.runtime.client import AdminClient
 
-        with RecshipClient(self.target) as client:
-            client.wait_until_serving(120)
+        with AdminClient(self.admin, token=self._token, tls=self._tls) as admin:
+            admin.wait_until_serving(120)
 
     def close(self) -> None:
         self._stop()
@@ -338,7 +375,13 @@ def bench(config: BenchConfig) -> list[LoadResult]:
         elif config.repo is None:
             raise InvalidInput("--compare-unbatched needs --repo (or --unbatched-server)")
         else:
-            server = _UnbatchedServer(config.repo, config.bundle, config.unbatched_serve_args)
+            server = _UnbatchedServer(
+                config.repo,
+                config.bundle,
+                config.unbatched_serve_args,
+                tls=config.tls,
+                token=config.admin_token,
+            )
             try:
                 server.wait_serving()
                 results.append(run_load(config, server.target, server.metrics, "unbatched"))
@@ -405,10 +448,16 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
               help='Options for the unbatched server started here, to match the server under '
                    'test, e.g. "--threads 2 --replicas 2".')  # fmt: skip
 @click.option("--processes", type=int, default=None, help="Load generator processes.")
+@admin_token_option
+@tls_client_options
 def bench_command(unbatched_serve_args: str, **options: object) -> None:
     """Closed-loop load against a server: QPS, p50/p90/p99, errors, batch size, CPU/request."""
+    tls = client_tls(options)
+    token = admin_token(options)
     config = BenchConfig(
         unbatched_serve_args=tuple(shlex.split(unbatched_serve_args)),
+        tls=tls,
+        admin_token=token,
         **options,  # type: ignore[arg-type]
     )
     _print(config, bench(config))

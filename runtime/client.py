@@ -1,13 +1,20 @@
-"""A typed Python client for a recship server.
+"""Typed Python clients for a recship server: `RecshipClient` (inference) and `AdminClient`.
 
 Queries are plain mappings from feature name to one id or a list of ids; results come back as
 frozen dataclasses. gRPC errors become the matching `RecshipError` (INVALID_ARGUMENT ->
-`InvalidInput`, NOT_FOUND -> `NotFound`, ...) carrying the server's message.
+`InvalidInput`, NOT_FOUND -> `NotFound`, UNAUTHENTICATED -> `Unauthenticated`, ...) carrying
+the server's message; a server that cannot be reached (or that speaks TLS to a plaintext
+client) is `Unavailable`.
+
+The admin API has its own listener (`recship serve --admin-port`, loopback by default) and
+takes a bearer token: `AdminClient(target, token=...)`. Both clients take `ClientTLS` for TLS
+and mTLS servers.
 
 Example::
 
+    with AdminClient("127.0.0.1:8501", token=token) as admin:
+        admin.wait_until_serving(timeout=60)       # says why at once if every version FAILED
     with RecshipClient("127.0.0.1:8500") as client:
-        client.wait_until_serving(timeout=60)
         response = client.recommend(
             "movies", [{"user_id": 3, "user_age_bucket": 2}], retrieve_k=100, top_n=10,
             exclude=[[12, 40]],
@@ -28,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recship.base import errors
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recship.runtime.grpc_errors import STATUS_CODES
+from recship.runtime.security import ClientTLS, bearer_metadata, open_channel
 
 # A query's sparse features: name -> one id or several ids.
 Features = Mapping[str, int | Sequence[int]]
@@ -125,28 +133,27 @@ def as_recship_error(error: grpc.RpcError) -> errors.RecshipError:
     return _ERRORS.get(code, errors.RecshipError)(f"{code.name}: {details}")
 
 
-class RecshipClient:
-    """A blocking client over one channel; thread-safe (gRPC channels are).
-
-    Args:
-        target: "host:port".
-        timeout: default per-call deadline in seconds (None: no deadline).
-        max_message_bytes: largest response accepted.
-    """
+class _Client:
+    """One blocking channel and the health service on it; thread-safe (gRPC channels are)."""
 
     def __init__(
-        self, target: str, *, timeout: float | None = 30.0, max_message_bytes: int = 64 << 20
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        tls: ClientTLS | None,
+        metadata: tuple[tuple[str, str], ...] = (),
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", max_message_bytes)]
+        self._metadata = metadata
+        self.channel = open_channel(
+            target, tls, [("grpc.max_receive_message_length", max_message_bytes)]
         )
-        self.recommender = recommender_pb2_grpc.RecommenderStub(self.channel)
-        self.admin = admin_pb2_grpc.BundleAdminStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def __enter__(self) -> RecshipClient:
+    def __enter__(self):  # type: ignore[no-untyped-def]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,7 +164,11 @@ class RecshipClient:
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata or None,
+            )
         except grpc.RpcError as error:
             raise as_recship_error(error) from None
 
@@ -168,18 +179,26 @@ class RecshipClient:
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
+    def _failures(self) -> list[str]:
+        """Reasons the server will never serve (none known on the inference listener)."""
+        return []
+
     def wait_until_serving(self, timeout: float = 60.0) -> None:
         """Blocks until health is SERVING.
 
         Raises:
-            Unavailable: not SERVING within `timeout` seconds, or at once (with the reasons)
-                when every version of a bundle has FAILED and none is still loading.
+            Unavailable: not SERVING within `timeout` seconds, or (through the admin API) at
+                once with the reasons when every version of a bundle has FAILED and none is
+                still loading.
+            Unauthenticated, PermissionDenied: the admin API refused the credentials.
         """
         deadline = time.monotonic() + timeout
         while True:
             try:
                 state = self.health(timeout=max(deadline - time.monotonic(), 0.1))
-                failures = [] if state == "SERVING" else self._hopeless_failures()
+                failures = [] if state == "SERVING" else self._failures()
+            except (errors.Unauthenticated, errors.PermissionDenied):
+                raise
             except errors.RecshipError:
                 state, failures = None, []
             if state == "SERVING":
@@ -190,21 +209,30 @@ class RecshipClient:
                 raise errors.Unavailable(f"{self.target} is not SERVING after {timeout:.0f} s")
             time.sleep(0.05)
 
-    def _hopeless_failures(self) -> list[str]:
-        """Why the server cannot become ready: every version of some bundle FAILED, none loading.
 
-        Returns one "bundle vN: reason" per failed version of such bundles; empty while anything
-        is still NEW or LOADING (or nothing is known yet).
-        """
-        failures = []
-        for bundle in self.list_bundles(timeout=5).bundles:
-            states = {status.state for status in bundle.versions}
-            if states and states <= {admin_pb2.VERSION_STATE_FAILED}:
-                failures += [
-                    f"{bundle.name} v{status.version} FAILED: {status.failure_reason}"
-                    for status in bundle.versions
-                ]
-        return failures
+class RecshipClient(_Client):
+    """A blocking client of the inference API (Retrieve, Rank, Recommend, health).
+
+    Args:
+        target: "host:port" of the inference listener.
+        timeout: default per-call deadline in seconds (None: no deadline).
+        tls: how to reach a TLS server (None: plaintext).
+        max_message_bytes: largest response accepted.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        tls: ClientTLS | None = None,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, max_message_bytes=max_message_bytes)
+        self.recommender = recommender_pb2_grpc.RecommenderStub(self.channel)
+
+    def __enter__(self) -> RecshipClient:
+        return self
 
     def retrieve(
         self,
@@ -289,6 +317,48 @@ class RecshipClient:
             ],
         )
 
+
+class AdminClient(_Client):
+    """A blocking client of the admin API (`BundleAdmin` and health on the admin listener).
+
+    Args:
+        target: "host:port" or "unix:/path" of the admin listener.
+        token: the server's admin token, sent as `authorization: Bearer <token>` on every call
+            (None for a server without one).
+        timeout: default per-call deadline in seconds.
+        tls: how to reach a TLS server (None: plaintext).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        tls: ClientTLS | None = None,
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, metadata=bearer_metadata(token))
+        self.admin = admin_pb2_grpc.BundleAdminStub(self.channel)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def _failures(self) -> list[str]:
+        """Why the server cannot become ready: every version of some bundle FAILED, none loading.
+
+        Returns one "bundle vN: reason" per failed version of such bundles; empty while anything
+        is still NEW or LOADING (or nothing is known yet).
+        """
+        failures = []
+        for bundle in self.list_bundles(timeout=5).bundles:
+            states = {status.state for status in bundle.versions}
+            if states and states <= {admin_pb2.VERSION_STATE_FAILED}:
+                failures += [
+                    f"{bundle.name} v{status.version} FAILED: {status.failure_reason}"
+                    for status in bundle.versions
+                ]
+        return failures
+
     def list_bundles(
         self, bundle: str = "", timeout: float | None = None
     ) -> admin_pb2.ListBundlesResponse:
@@ -314,6 +384,20 @@ class RecshipClient:
         """
         request = admin_pb2.SetVersionPolicyRequest(bundle=bundle, policy=policy)
         return self._call(self.admin.SetVersionPolicy, request, timeout).bundle
+
+    def load_version(
+        self, bundle: str, version: int, timeout: float | None = None
+    ) -> admin_pb2.VersionStatus:
+        """Loads one version beside those loaded; returns its status (READY or FAILED)."""
+        request = admin_pb2.LoadVersionRequest(bundle=bundle, version=version)
+        return self._call(self.admin.LoadVersion, request, timeout).status
+
+    def unload_version(
+        self, bundle: str, version: int, timeout: float | None = None
+    ) -> admin_pb2.VersionStatus:
+        """Drains and unloads one version; returns its status."""
+        request = admin_pb2.UnloadVersionRequest(bundle=bundle, version=version)
+        return self._call(self.admin.UnloadVersion, request, timeout).status
 
     def set_label(
         self, bundle: str, label: str, version: int, timeout: float | None = None

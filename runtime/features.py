@@ -117,7 +117,9 @@ class FeatureCodec:
         self.required = tuple(sorted(self.query_side))
         self.query_dense = int(schema.query_dense_count)
         self.num_items = int(schema.num_items)
-        items, sparse_names, _ = read_item_features(item_features_path)
+        # Checked against the manifest as it loads: one row per item, offsets that index their
+        # values, ids inside each feature's cardinality, bounded bags (no join can fail).
+        items, sparse_names, _ = read_item_features(item_features_path, manifest)
         self.items = items
         missing = [name for name in self.ranker_item_features if name not in sparse_names]
         if missing:

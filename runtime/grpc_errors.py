@@ -40,7 +40,9 @@ from recship.base.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
+    PermissionDenied,
     RecshipError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -57,6 +59,8 @@ STATUS_CODES: dict[type[RecshipError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

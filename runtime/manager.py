@@ -61,6 +61,7 @@ from recship.base.errors import (
     NotFound,
     RecshipError,
     Unavailable,
+    untrusted,
 )
 from recship.bundle.store import BundleStore, ValidatedVersion
 from recship.runtime import heap
@@ -82,6 +83,10 @@ from recship.runtime.policy import (
 from recship.runtime.versions import BundleEntry, BundleInfo, VersionEntry, VersionInfo
 
 logger = logging.getLogger(__name__)
+
+# A failure reason is cut to this many characters: it may quote what a hostile bundle holds,
+# and it travels in every ListBundles answer and log line.
+MAX_REASON_CHARS = 2000
 
 
 class VersionManager:
@@ -211,7 +216,7 @@ class VersionManager:
         state = self._bundles.get(bundle)
         if state is None:
             known = ", ".join(sorted(self._bundles)) or "none"
-            raise NotFound(f"unknown bundle {bundle!r} (this server serves: {known})")
+            raise NotFound(f"unknown bundle {untrusted(bundle)} (this server serves: {known})")
         number = resolve(
             bundle,
             version=version,
@@ -230,7 +235,7 @@ class VersionManager:
     def _bundle(self, name: str) -> BundleEntry:
         if name not in self._bundles:
             known = ", ".join(sorted(self._bundles)) or "none"
-            raise NotFound(f"unknown bundle {name!r} (this server serves: {known})")
+            raise NotFound(f"unknown bundle {untrusted(name)} (this server serves: {known})")
         return self._bundles[name]
 
     async def load_version(self, name: str, version: int) -> VersionInfo:
@@ -450,7 +455,7 @@ class VersionManager:
         logger.error(
             "bundle %s v%d: unexpected load failure", bundle.name, entry.version, exc_info=error
         )
-        self._fail(bundle, entry, f"{type(error).__name__}: {error}")
+        self._fail(bundle, entry, f"{type(error).__name__}: {str(error)[:MAX_REASON_CHARS]}")
 
     async def _load_servable(
         self,
@@ -670,6 +675,9 @@ class VersionManager:
         )
 
     def _fail(self, bundle: BundleEntry, entry: VersionEntry, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:
+            cut = len(reason) - MAX_REASON_CHARS
+            reason = f"{reason[:MAX_REASON_CHARS]}... ({cut} more characters)"
         entry.failure_reason = reason
         self._set_state(bundle, entry, VersionState.FAILED)
         logger.error(

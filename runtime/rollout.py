@@ -1,9 +1,11 @@
 """Fleet rollout: move a list of servers to one bundle version, one server at a time.
 
-Each server is pinned to the target version through its `BundleAdmin` API
+Each server is named by its admin address (`recship serve --admin-host/--admin-port`, or a
+`unix:` socket) and pinned to the target version through its `BundleAdmin` API
 (`SetVersionPolicy`, which returns once the server has loaded the version beside the serving
-one, self-tested it and switched its default); the rollout then checks that the version is
-READY and the default and that health is SERVING before it touches the next server. If any
+one, self-tested it and switched its default), with the fleet's admin token and TLS settings;
+the rollout then checks that the version is READY and the default and that health (served on
+the admin listener too) is SERVING before it touches the next server. If any
 server fails (the version FAILED there, an RPC error, not SERVING in time), the rollout stops
 and re-pins every server it changed, the failing one included, to the version it served
 before, so the fleet is back where it started. Servers are never changed in parallel, so at
@@ -11,7 +13,7 @@ most one is switching at any moment.
 
 Example::
 
-    result = rollout(["10.0.0.1:8500", "10.0.0.2:8500"], "movies", 7)
+    result = rollout(["10.0.0.1:8501", "10.0.0.2:8501"], "movies", 7, token=token, tls=tls)
     if not result.ok:
         print(result.steps[-1].detail)
 """
@@ -26,6 +28,13 @@ import click
 
 from recship.base.errors import FailedPrecondition, InvalidInput, RecshipError
 from recship.protos.v1 import admin_pb2
+from recship.runtime.cli_options import (
+    admin_token,
+    admin_token_option,
+    client_tls,
+    tls_client_options,
+)
+from recship.runtime.security import ClientTLS
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +88,23 @@ def _move(client, bundle: str, version: int, timeout_s: float) -> None:
 
 
 def rollout(
-    servers: Sequence[str], bundle: str, version: int, *, timeout_s: float = 300.0
+    servers: Sequence[str],
+    bundle: str,
+    version: int,
+    *,
+    timeout_s: float = 300.0,
+    token: str | None = None,
+    tls: ClientTLS | None = None,
 ) -> RolloutResult:
     """Moves `servers` to `version` of `bundle` one at a time, rolling back on a failure.
 
     Args:
-        servers: "host:port" of each server, in rollout order.
+        servers: admin address ("host:port" or "unix:/path") of each server, in rollout order.
         bundle: bundle name.
         version: target version (> 0), published in every server's repository.
         timeout_s: the longest one server may take to load, self-test and switch.
+        token: the servers' admin token (None for servers without one).
+        tls: how to reach the servers' TLS admin listeners (None: plaintext).
 
     Returns:
         The per-server steps; servers after a failed one are "not started". Rolled-back
@@ -97,7 +114,10 @@ def rollout(
     Raises:
         InvalidInput: no servers, a repeated server, or `version` <= 0.
     """
-    from recship.runtime.client import RecshipClient
+    from recship.runtime.client import AdminClient
+
+    def connect(server: str) -> AdminClient:
+        return AdminClient(server, token=token, timeout=timeout_s, tls=tls)
 
     if not servers:
         raise InvalidInput("--servers: give at least one host:port")
@@ -109,7 +129,7 @@ def rollout(
     changed: list[tuple[str, int | None]] = []
     failure: RolloutStep | None = None
     for server in servers:
-        with RecshipClient(server, timeout=timeout_s) as client:
+        with connect(server) as client:
             previous: int | None = None
             try:
                 previous = _default(client.bundle_status(bundle))
@@ -130,7 +150,7 @@ def rollout(
             outcomes[server] = RolloutStep(server, None, "rollback failed", "no previous version")
             continue
         try:
-            with RecshipClient(server, timeout=timeout_s) as client:
+            with connect(server) as client:
                 _move(client, bundle, previous, timeout_s)
         except RecshipError as error:
             outcomes[server] = RolloutStep(server, previous, "rollback failed", str(error))
@@ -146,22 +166,30 @@ def rollout(
 
 
 @click.command("rollout")
-@click.option("--servers", required=True, help="Comma-separated host:port list, in order.")
+@click.option("--servers", required=True,
+              help="Comma-separated admin addresses (--admin-port), in order.")  # fmt: skip
 @click.option("--bundle", required=True, help="Bundle name.")
 @click.option("--version", "version", type=int, required=True, help="Target version.")
 @click.option("--timeout-s", type=float, default=300.0, show_default=True,
               help="Longest time one server may take to load and switch.")  # fmt: skip
-def rollout_command(servers: str, bundle: str, version: int, timeout_s: float) -> None:
+@admin_token_option
+@tls_client_options
+def rollout_command(
+    servers: str, bundle: str, version: int, timeout_s: float, **connection: object
+) -> None:
     """Move servers to a bundle version one at a time; roll back all if one fails."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    tls = client_tls(connection)
+    token = admin_token(connection)
     targets = [part.strip() for part in servers.split(",") if part.strip()]
-    result = rollout(targets, bundle, version, timeout_s=timeout_s)
+    result = rollout(targets, bundle, version, timeout_s=timeout_s, token=token, tls=tls)
     table = Table("server", "previous", "outcome", "detail", title=f"{bundle} -> v{version}")
     for step in result.steps:
         previous = "-" if step.previous is None else str(step.previous)
-        table.add_row(step.server, previous, step.outcome, step.detail)
+        table.add_row(Text(step.server), previous, step.outcome, Text(step.detail))
     Console().print(table)
     if not result.ok:
         raise FailedPrecondition(f"rollout of {bundle} v{version} stopped and was rolled back")

@@ -42,7 +42,11 @@ import torch
 from recship.base.errors import EnvironmentBroken, InvalidInput
 from recship.base.jagged import NO_IDS
 from recship.bundle import golden
-from recship.bundle.entrypoints import FORMATS_BY_MANIFEST, load_entry_point
+from recship.bundle.entrypoints import (
+    FORMATS_BY_MANIFEST,
+    check_embedding_tables,
+    load_entry_point,
+)
 from recship.bundle.index import read_index
 from recship.bundle.index import search as faiss_search
 from recship.bundle.layout import QUERY_TOWER, RANKER
@@ -292,7 +296,9 @@ def _load_entry(
     version: ValidatedVersion, entry: manifest_pb2.EntryPoint, device: str
 ) -> Callable[..., torch.Tensor]:
     path = version.ref.path / entry.file
-    return load_entry_point(path, FORMATS_BY_MANIFEST[entry.format], device=device)
+    module = load_entry_point(path, FORMATS_BY_MANIFEST[entry.format], device=device)
+    check_embedding_tables(module, entry, version.manifest)
+    return module
 
 
 def _self_test(version: ValidatedVersion, replica: Replica) -> None:
@@ -303,6 +309,7 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
             tolerances (the message names the entry point, the device and the difference).
     """
     record = golden.read_golden(version.ref.path / version.manifest.golden.file)
+    golden.check_golden_shapes(record, version.manifest)
 
     def on_device(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         return lambda *inputs: function(*(replica._tensor(x.numpy()) for x in inputs))
@@ -353,7 +360,9 @@ def load_servable(
     if not wanted or any(not 0 <= slot < len(where.replicas) for slot in wanted):
         raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
     codec = FeatureCodec(manifest, version.ref.path / manifest.item_features.file)
-    index = read_index(version.ref.path / manifest.index.file, manifest.index)
+    index = read_index(
+        version.ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items
+    )
     assets = VersionAssets(
         manifest.name, int(manifest.version), manifest.release_id, manifest, codec, index
     )

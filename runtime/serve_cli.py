@@ -1,4 +1,4 @@
-"""`recship serve` and `recship query`: thin click commands over `serve` and `RecshipClient`."""
+"""`recship serve`, `query` and `status`: thin click commands over `serve` and the clients."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from recship.runtime.batcher import (
     DEFAULT_MAX_DELAY_S,
     DEFAULT_MAX_QUEUE_ROWS,
 )
+from recship.runtime.cli_options import (
+    admin_token,
+    admin_token_option,
+    client_tls,
+    tls_client_options,
+)
 
 if TYPE_CHECKING:
     from recship.runtime.policy import VersionPolicy
@@ -26,9 +32,32 @@ def _split(value: str | None) -> tuple[str, ...]:
 @click.command("serve")
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="Bundle repository.")
 @click.option("--bundle", "bundles", multiple=True, help="Bundle to serve (repeat); default all.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address of the inference listener.")  # fmt: skip
 @click.option("--port", type=int, default=8500, show_default=True, help="gRPC port (0: any).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: any).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address of the Prometheus endpoint.")  # fmt: skip
+@click.option("--admin-host", default="127.0.0.1", show_default=True,
+              help="Address of the admin listener; a non-loopback one needs a token.")  # fmt: skip
+@click.option("--admin-port", type=int, default=8501, show_default=True,
+              help="Admin API port (0: any).")  # fmt: skip
+@click.option("--admin-socket", type=click.Path(path_type=Path), default=None,
+              help="Serve the admin API on this Unix socket (mode 0600), not TCP.")  # fmt: skip
+@click.option("--no-admin", is_flag=True, help="Serve no admin API.")
+@click.option("--admin-token-file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="File holding the bearer token admin calls must carry "
+                                 "[default: $RECSHIP_ADMIN_TOKEN; none: local only].")  # fmt: skip
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM certificate chain: TLS on the inference and admin listeners.")  # fmt: skip
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM private key of --tls-cert.")  # fmt: skip
+@click.option("--tls-client-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM CA: clients must present a certificate it signed (mTLS).")  # fmt: skip
+@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM public key that verifies versions' MANIFEST.sig.")  # fmt: skip
+@click.option("--require-signature", is_flag=True,
+              help="Load only versions whose MANIFEST.sig verifies with --public-key.")  # fmt: skip
 @click.option("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
 @click.option("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_S * 1000.0, show_default=True,
@@ -64,6 +93,17 @@ def serve_command(
     host: str,
     port: int,
     metrics_port: int | None,
+    metrics_host: str,
+    admin_host: str,
+    admin_port: int,
+    admin_socket: Path | None,
+    no_admin: bool,
+    admin_token_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    public_key: Path | None,
+    require_signature: bool,
     max_batch_size: int,
     max_delay_ms: float,
     max_queue_rows: int,
@@ -81,18 +121,35 @@ def serve_command(
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
 
-    Prints `listening on HOST:PORT metrics M` on stdout once bound; logs are JSON lines on
-    stderr. SIGTERM or SIGINT stops it gracefully (exit 0).
+    Prints `listening on HOST:PORT metrics M admin ADDRESS` on stdout once bound; logs are
+    JSON lines on stderr. SIGTERM or SIGINT stops it gracefully (exit 0). The admin API
+    (BundleAdmin) has its own listener, loopback by default; see README, Securing recship.
     """
+    from recship.runtime.security import ServerTLS, load_token
     from recship.runtime.server import ServerConfig, configure_logging, serve
 
     configure_logging(log_level)
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInput("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = (
+        None if tls_cert is None or tls_key is None else ServerTLS(tls_cert, tls_key, tls_client_ca)
+    )
     config = ServerConfig(
         repo=repo,
         bundles=bundles,
         host=host,
         port=port,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        admin_host=admin_host,
+        admin_port=None if no_admin else admin_port,
+        admin_socket=None if no_admin else admin_socket,
+        admin_token=load_token(admin_token_file),
+        tls=tls,
+        public_key=public_key,
+        require_signature=require_signature,
         max_batch_size=max_batch_size,
         max_delay_ms=max_delay_ms,
         max_queue_rows=max_queue_rows,
@@ -183,6 +240,7 @@ def parse_features(text: str) -> dict[str, list[int]]:
 @click.option("--top-n", type=int, default=10, show_default=True)
 @click.option("--exclude", default="", help="Item ids never to return, comma-separated.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
+@tls_client_options
 def query_command(
     server: str,
     bundle: str,
@@ -195,8 +253,13 @@ def query_command(
     top_n: int,
     exclude: str,
     timeout: float,
+    **connection: object,
 ) -> None:
-    """Send one query to a running server and print the results as a table."""
+    """Send one query to a running server and print the results as a table.
+
+    Recommend and Retrieve need no token (the inference API is not authenticated; put it
+    behind mTLS with `serve --tls-client-ca` to restrict who may call it).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -208,7 +271,7 @@ def query_command(
     except ValueError:
         raise InvalidInput("--dense takes floats and --exclude integers, comma-separated") from None
     query = Query(parse_features(user_features), dense_values)
-    with RecshipClient(server, timeout=timeout) as client:
+    with RecshipClient(server, timeout=timeout, tls=client_tls(connection)) as client:
         if rpc == "retrieve":
             retrieved = client.retrieve(
                 bundle, [query], retrieve_k or top_n, exclude=[excluded], version=version,
@@ -234,3 +297,65 @@ def query_command(
                 )
     table.title = f"{served.bundle} v{served.version} ({served.release_id})"
     Console().print(table)
+
+
+_STATE_STYLE = {"READY": "green", "FAILED": "red", "LOADING": "yellow", "DRAINING": "yellow"}
+
+
+@click.command("status")
+@click.option("--server", required=True, help="Admin address of a server: host:port or unix:/path.")
+@click.option("--bundle", default="", help="Only this bundle.")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@admin_token_option
+@tls_client_options
+def status_command(server: str, bundle: str, timeout: float, **connection: object) -> None:
+    """Show a server's bundles and versions: state, default, labels, replicas, reasons."""
+    from rich.console import Console
+
+    from recship.runtime.client import AdminClient
+
+    tls = client_tls(connection)
+    token = admin_token(connection)
+    with AdminClient(server, token=token, timeout=timeout, tls=tls) as admin:
+        health = admin.health()
+        listing = admin.list_bundles(bundle)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(status_table(server, health, listing))
+
+
+def status_table(server: str, health: str, listing):  # type: ignore[no-untyped-def]
+    """The rich table `recship status` prints for a `ListBundlesResponse`.
+
+    Every string from the server is shown as text, never as rich markup.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from recship.protos.v1 import admin_pb2
+
+    table = Table(title=Text(f"{server}: {health}"))
+    for column in ("bundle", "version", "state", "default", "labels", "replicas", "devices",
+                   "ready at", "reason"):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for status in listing.bundles:
+        for version in status.versions:
+            state = admin_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
+            ready = (
+                version.ready_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                if version.HasField("ready_at")
+                else ""
+            )
+            table.add_row(
+                Text(status.name),
+                str(version.version),
+                Text(state, style=_STATE_STYLE.get(state, "")),
+                "yes" if version.is_default else "",
+                Text(", ".join(version.labels)),
+                str(version.replicas),
+                Text(", ".join(version.devices)),
+                ready,
+                Text(version.failure_reason),
+            )
+    return table

@@ -1,12 +1,20 @@
 """The recship gRPC server: assembly, lifecycle, health, reflection, metrics and logs.
 
 `build_server(config) -> (server, port)` wires the parts: a `VersionManager` over the bundle
-repository, the `Recommender` and `BundleAdmin` servicers behind the one error-mapping
-interceptor, the standard `grpc.health.v1` health service (NOT_SERVING until every bundle has a
-READY version) and server reflection (so `grpcurl` and `grpc_health_probe` work without the
-protos), with the Prometheus endpoint on its own port. `serve(config)` runs it until SIGTERM or
-SIGINT, then stops accepting calls, lets in-flight calls finish within the grace period, drains
-the versions and returns (the CLI exits 0).
+repository (whose store enforces the signature policy) and two listeners.
+
+- The inference listener (`host:port`): the `Recommender` servicer behind the one
+  error-mapping interceptor, the standard `grpc.health.v1` health service (NOT_SERVING until
+  every bundle has a READY version) and server reflection of exactly those services (so
+  `grpcurl` and `grpc_health_probe` work without the protos; the admin API is not in it).
+- The admin listener (`admin_host:admin_port`, loopback by default, or a Unix socket of mode
+  0600): `BundleAdmin`, health and its own reflection, every call behind the bearer token when
+  one is configured (`recship.runtime.security`). Without a token it may only be local.
+
+Both use TLS (mTLS with a client CA) when `tls` is set. The Prometheus endpoint has its own
+HTTP port on `metrics_host` (loopback by default). `serve(config)` runs the server until
+SIGTERM or SIGINT, then stops accepting calls, lets in-flight calls finish within the grace
+period, drains the versions and returns (the CLI exits 0).
 
 Example::
 
@@ -24,7 +32,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -33,13 +43,15 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from recship.base.errors import InvalidInput, RecshipError
 from recship.bundle.store import BundleStore
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recship.runtime.admin import BundleAdminService
 from recship.runtime.batcher import (
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_DELAY_S,
@@ -49,13 +61,19 @@ from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.policy import VersionPolicy
+from recship.runtime.security import (
+    BearerTokenInterceptor,
+    ServerTLS,
+    check_admin_exposure,
+    check_token,
+)
 from recship.runtime.servable import (
     BatchingConfig,
     LoaderConfig,
     ServableLoader,
     configure_threads,
 )
-from recship.runtime.service import BundleAdminService, RecommenderService, ServiceLimits
+from recship.runtime.service import RecommenderService, ServiceLimits
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +82,9 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["BundleAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Responses can carry many items; requests are bounded by ServiceLimits.max_request_bytes.
 MAX_SEND_BYTES = 64 * 1024 * 1024
+# Admin requests are small; a larger one is refused by the transport.
+MAX_ADMIN_RECEIVE_BYTES = 1024 * 1024
+DEFAULT_ADMIN_PORT = 8501
 
 
 @dataclass(frozen=True)
@@ -73,9 +94,20 @@ class ServerConfig:
     Attributes:
         repo: bundle repository root.
         bundles: bundles to serve; empty serves every bundle in `repo`.
-        host: address to listen on.
+        host: address of the inference listener.
         port: gRPC port; 0 picks a free one (`build_server` returns it).
         metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
+        metrics_host: address of the Prometheus endpoint; loopback by default, whatever `host`.
+        admin_host: address of the admin listener; loopback by default. Any other address
+            needs `admin_token`.
+        admin_port: its TCP port (0 picks one); None (with no `admin_socket`): no admin API.
+        admin_socket: serve the admin API on this Unix socket (mode 0600) instead of TCP.
+        admin_token: the bearer token every admin call must carry; None leaves the (local)
+            admin API open to whoever can connect. Never logged.
+        tls: certificate, key and optional client CA (mTLS) for both listeners; None: plaintext.
+        public_key: PEM public key that verifies versions' MANIFEST.sig.
+        require_signature: load only versions whose MANIFEST.sig verifies with `public_key`;
+            the others are FAILED with the reason.
         max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
         max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
             `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free.
@@ -118,12 +150,31 @@ class ServerConfig:
     policies: Mapping[str, VersionPolicy] = field(default_factory=dict)
     labels: tuple[tuple[str, str, int], ...] = ()
     memory_budget_bytes: int | None = None
+    metrics_host: str = "127.0.0.1"
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = DEFAULT_ADMIN_PORT
+    admin_socket: Path | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    tls: ServerTLS | None = None
+    public_key: Path | None = None
+    require_signature: bool = False
 
     def __post_init__(self) -> None:
         if self.poll_interval_s < 0:
             raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise InvalidInput(f"--memory-budget-bytes must be > 0, got {self.memory_budget_bytes}")
+        if self.admin_token is not None:
+            check_token(self.admin_token, "admin token")
+        if self.admin_enabled:
+            check_admin_exposure(self.admin_host, self.admin_socket, self.admin_token, self.tls)
+        if self.require_signature and self.public_key is None:
+            raise InvalidInput("--require-signature needs --public-key to check signatures with")
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether the server has an admin listener."""
+        return self.admin_socket is not None or self.admin_port is not None
 
     def loader_config(self) -> LoaderConfig:
         """The loader's share of this configuration."""
@@ -150,6 +201,9 @@ class RecshipServer:
         metrics: the server's Prometheus metrics.
         manager: the version manager.
         metrics_port: the Prometheus endpoint's port once started (None without one).
+        admin_server: the admin listener's gRPC server (None without an admin API).
+        admin_address: the admin API's target for clients: "host:port" or "unix:/path"
+            (None without an admin API).
     """
 
     def __init__(
@@ -160,9 +214,13 @@ class RecshipServer:
         manager: VersionManager,
         metrics: ServerMetrics,
         health: health_aio.HealthServicer,
+        admin_server: grpc.aio.Server | None = None,
+        admin_address: str | None = None,
     ) -> None:
         self.config = config
         self.grpc_server = grpc_server
+        self.admin_server = admin_server
+        self.admin_address = admin_address
         self.port = port
         self.manager = manager
         self.metrics = metrics
@@ -180,18 +238,34 @@ class RecshipServer:
         for service in ("", RECOMMENDER_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
+        if self.admin_server is not None:
+            await self.admin_server.start()
+            _restrict_socket(self.config.admin_socket)
         if self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = start_metrics_http(
-                self.metrics.registry, self.config.host, self.config.metrics_port
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
             )
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="recship-load")
         logger.info(
-            "listening on %s:%d (metrics on %s)",
+            "listening on %s:%d (metrics on %s, admin on %s%s%s)",
             self.config.host,
             self.port,
             self.metrics_port,
-            extra={"port": self.port, "metrics_port": self.metrics_port},
+            self.admin_address,
+            "" if self.config.admin_token is None else ", token required",
+            "" if self.config.tls is None else ", TLS",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "admin": self.admin_address,
+            },
         )
+        if self.admin_server is not None and self.config.admin_token is None:
+            logger.warning(
+                "the admin API on %s has no token: anyone who can connect to it can unload "
+                "versions; give --admin-token-file (or $RECSHIP_ADMIN_TOKEN)",
+                self.admin_address,
+            )
 
     async def _load(self) -> None:
         try:
@@ -261,6 +335,8 @@ class RecshipServer:
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         await self.grpc_server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(min(grace, 1.0))
         for task in (self._polling, self._loading):
             if task is not None and not task.done():
                 task.cancel()
@@ -275,15 +351,16 @@ class RecshipServer:
 
 
 def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
-    """Builds (but does not start) a server and binds its port.
+    """Builds (but does not start) a server and binds its ports.
 
     Call it on the event loop that will run the server.
 
     Returns:
-        The server and the bound gRPC port.
+        The server and the bound gRPC (inference) port.
 
     Raises:
-        InvalidInput: a configuration value is out of range or the port cannot be bound.
+        InvalidInput: a configuration value is out of range, a TLS file or the public key is
+            unusable, or a port or socket cannot be bound.
     """
     configure_threads(config.threads)
     metrics = ServerMetrics()
@@ -299,8 +376,11 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     )
     health = health_aio.HealthServicer()
     holder: list[RecshipServer] = []
+    store = BundleStore(
+        config.repo, public_key=config.public_key, require_signature=config.require_signature
+    )
     manager = VersionManager(
-        BundleStore(config.repo),
+        store,
         ServableLoader(config.loader_config(), metrics),
         metrics,
         bundles=config.bundles,
@@ -311,21 +391,126 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderService(manager, limits), grpc_server
     )
-    admin_pb2_grpc.add_BundleAdminServicer_to_server(BundleAdminService(manager), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    inference_files = (recommender_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
-        (RECOMMENDER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), grpc_server
+        (RECOMMENDER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+        grpc_server,
+        pool=_descriptor_pool(inference_files),
     )
-    address = (
-        f"[{config.host}]:{config.port}" if ":" in config.host else (f"{config.host}:{config.port}")
+    credentials = None if config.tls is None else config.tls.credentials()
+    port = _bind(grpc_server, _tcp_address(config.host, config.port), credentials)
+    admin_server, admin_address = None, None
+    if config.admin_enabled:
+        admin_server = _admin_server(config, manager, health, metrics)
+        if config.admin_socket is not None:
+            admin_address = f"unix:{Path(config.admin_socket).resolve()}"
+            _prepare_socket(Path(config.admin_socket))
+            with _private_umask():
+                _bind(admin_server, admin_address, credentials)
+        else:
+            admin_port = config.admin_port if config.admin_port is not None else 0
+            bound = _bind(admin_server, _tcp_address(config.admin_host, admin_port), credentials)
+            host = f"[{config.admin_host}]" if ":" in config.admin_host else config.admin_host
+            admin_address = f"{host}:{bound}"
+    server = RecshipServer(
+        config, grpc_server, port, manager, metrics, health, admin_server, admin_address
     )
-    try:
-        port = grpc_server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise InvalidInput(f"cannot listen on {address}: {error}") from None
-    server = RecshipServer(config, grpc_server, port, manager, metrics, health)
     holder.append(server)
     return server, port
+
+
+def _admin_server(
+    config: ServerConfig,
+    manager: VersionManager,
+    health: health_aio.HealthServicer,
+    metrics: ServerMetrics,
+) -> grpc.aio.Server:
+    """The admin listener's server: BundleAdmin, health and reflection, behind the token."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.admin_token is not None:
+        interceptors.append(BearerTokenInterceptor(config.admin_token, metrics.observe_request))
+    interceptors.append(ErrorMappingInterceptor(metrics.observe_request))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_ADMIN_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    admin_pb2_grpc.add_BundleAdminServicer_to_server(BundleAdminService(manager), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+        server,
+        pool=_descriptor_pool(
+            (admin_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        ),
+    )
+    return server
+
+
+def _descriptor_pool(files) -> descriptor_pool.DescriptorPool:  # type: ignore[no-untyped-def]
+    """A descriptor pool holding only `files` and their imports: reflection over it describes
+    the services of one listener and nothing else the process happens to have loaded."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file) -> None:  # type: ignore[no-untyped-def]
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
+def _tcp_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise InvalidInput(f"cannot listen on {address}: {error}") from None
+
+
+def _prepare_socket(path: Path) -> None:
+    """Removes a stale socket at `path`; refuses to replace anything else."""
+    if not path.parent.is_dir():
+        raise InvalidInput(f"--admin-socket {path}: its folder does not exist")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidInput(f"--admin-socket {path}: exists and is not a socket; not replaced")
+    path.unlink()
+
+
+@contextlib.contextmanager
+def _private_umask():  # type: ignore[no-untyped-def]
+    """Sockets created inside are mode 0600 (owner only) from the start."""
+    previous = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _restrict_socket(path: Path | None) -> None:
+    if path is not None and Path(path).exists():
+        os.chmod(path, 0o600)
 
 
 class JsonFormatter(logging.Formatter):
@@ -380,7 +565,11 @@ async def serve(config: ServerConfig, *, announce: bool = True) -> None:
         loop.add_signal_handler(signum, stop.set)
     await server.start()
     if announce:
-        print(f"listening on {config.host}:{port} metrics {server.metrics_port}", flush=True)
+        print(
+            f"listening on {config.host}:{port} metrics {server.metrics_port} "
+            f"admin {server.admin_address or '-'}",
+            flush=True,
+        )
     stopping = loop.create_task(stop.wait())
     settled = loop.create_task(server._settled.wait())
     await asyncio.wait({stopping, settled}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,9 +5,12 @@
 - `bundle_repo`: one bundle trained and packaged once per session, under the session's temp
   folder, shared by the serving and integration tests; `publish_copy` republishes its files as
   the next version in a second.
-- `live_server` / `client`: one server over it for the session; `server_factory` starts more.
-  A server runs its own event loop on a background thread and listens on a free port on
-  127.0.0.1; tests talk to it over real gRPC channels, like any client.
+- `live_server` / `client` / `admin`: one server over it for the session; `server_factory`
+  starts more. A server runs its own event loop on a background thread and listens on free
+  ports on 127.0.0.1 (inference, and admin behind `ADMIN_TOKEN`); tests talk to it over real
+  gRPC channels, like any client (`ServerThread.admin()` opens an authenticated admin client).
+- `tls_files`: a throwaway CA, a server certificate for 127.0.0.1/localhost and a client
+  certificate, made with `cryptography`.
 - `reference`: the packaged bundle called directly (entry points, index, item table).
 """
 
@@ -27,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+# The admin token of every test server (tests of the token itself use others).
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 # Small synthetic data the packaging tests train on (seconds per model on 2 cores).
 PACKAGING_DATA = {"num_users": 400, "num_items": 300, "interactions_per_user": 12}
 
@@ -82,14 +87,16 @@ def build_bundle(root: Path) -> Path:
     return repo
 
 
-def _publish_copy(repo: Path, source: int = 1, *, golden_offset: float = 0.0) -> int:
+def _publish_copy(
+    repo: Path, source: int = 1, *, golden_offset: float = 0.0, sign_key: Path | None = None
+) -> int:
     """Publishes the files of `movies/<source>` again as the bundle's next version.
 
     The copy goes through `BundleWriter` like any packaged bundle (staging folder, checksums,
     MANIFEST.json last, rename), so it takes a second, not a training run. With a non-zero
     `golden_offset`, golden.pt is rewritten first with every recorded output shifted by that
     much: the manifest's checksums then match the changed file, so the version validates and
-    loads but fails its golden self-test.
+    loads but fails its golden self-test. With `sign_key` the copy is signed (MANIFEST.sig).
 
     Returns:
         The published version number.
@@ -129,7 +136,14 @@ def _publish_copy(repo: Path, source: int = 1, *, golden_offset: float = 0.0) ->
             merged.files.extend(manifest.files)
             manifest.CopyFrom(merged)
 
-        return staged.publish(fill).version
+        sign = None
+        if sign_key is not None:
+            from recship.bundle.signature import sign_version
+
+            def sign(folder: Path) -> None:
+                sign_version(folder, sign_key)
+
+        return staged.publish(fill, sign=sign).version
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +176,15 @@ class ServerThread:
         self.server = self.call(build())
         self.port: int = self.server.port
         self.target = f"127.0.0.1:{self.port}"
+        self.admin_target: str | None = self.server.admin_address
+        self.admin_token: str | None = config.admin_token
+
+    def admin(self, timeout: float = 30.0, **options: Any) -> Any:
+        """An `AdminClient` of this server's admin listener, with its token."""
+        from recship.runtime.client import AdminClient
+
+        options.setdefault("token", self.admin_token)
+        return AdminClient(self.admin_target, timeout=timeout, **options)
 
     def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -191,6 +214,8 @@ def server_config(repo: Path, **overrides: Any) -> Any:
         "repo": repo,
         "port": 0,
         "metrics_port": 0,
+        "admin_port": 0,
+        "admin_token": ADMIN_TOKEN,
         "max_delay_ms": 5.0,
         "max_batch_size": 256,
     }
@@ -214,6 +239,118 @@ def client(live_server: ServerThread) -> Iterator[Any]:
     with RecshipClient(live_server.target, timeout=30) as connected:
         connected.wait_until_serving(60)
         yield connected
+
+
+@pytest.fixture(scope="session")
+def admin(live_server: ServerThread) -> Iterator[Any]:
+    """An authenticated `AdminClient` of the session server."""
+    with live_server.admin() as connected:
+        yield connected
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throwaway PKI: `ca` signed `server` (127.0.0.1, localhost) and `client`."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA that signed none of these
+
+
+def _write_pki(folder: Path) -> TlsFiles:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def certificate(subject, key, issuer, issuer_key, *, ca=False, extensions=()):  # type: ignore[no-untyped-def]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(path: Path, cert=None, key=None) -> Path:  # type: ignore[no-untyped-def]
+        if cert is not None:
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        else:
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        return path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate(name("recship test CA"), ca_key, name("recship test CA"), ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    server = certificate(
+        name("localhost"),
+        server_key,
+        ca.subject,
+        ca_key,
+        extensions=(san, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])),
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = certificate(
+        name("recship test client"),
+        client_key,
+        ca.subject,
+        ca_key,
+        extensions=(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),),
+    )
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = certificate(name("another CA"), other_key, name("another CA"), other_key, ca=True)
+    return TlsFiles(
+        ca=write(folder / "ca.pem", ca),
+        server_cert=write(folder / "server.pem", server),
+        server_key=write(folder / "server.key", key=server_key),
+        client_cert=write(folder / "client.pem", client),
+        client_key=write(folder / "client.key", key=client_key),
+        other_ca=write(folder / "other-ca.pem", other),
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA with a server certificate for 127.0.0.1/localhost and a client one."""
+    return _write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(private key, its public key, another public key) for signing bundles."""
+    from recship.bundle.signature import generate_key_pair
+
+    folder = tmp_path_factory.mktemp("keys")
+    generate_key_pair(folder / "key.pem", folder / "pub.pem")
+    generate_key_pair(folder / "other.pem", folder / "other.pub.pem")
+    return folder / "key.pem", folder / "pub.pem", folder / "other.pub.pem"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from recship.base.errors import InvalidInput, NotFound
-from recship.bundle.checksums import file_digest, scan_files, verify_files
+from recship.bundle.checksums import check_file_list, file_digest, scan_files, verify_files
 from recship.bundle.compat import check_compatible, current_library_versions
 from recship.bundle.layout import (
     MANIFEST_FILENAME,
@@ -78,7 +78,17 @@ def _valid_manifest(
     manifest.item_features.file = "item_features.npz"
     manifest.golden.file = "golden/inputs.npz"
     manifest.quality.passed = True
+    _FILL_SCHEMA[0](manifest, 100, 16)
     return manifest
+
+
+# tests/bundle/conftest.py's `fill_schema`, installed by the autouse fixture below.
+_FILL_SCHEMA: list = []
+
+
+@pytest.fixture(autouse=True)
+def _schema(schema_filler) -> None:
+    _FILL_SCHEMA[:] = [schema_filler]
 
 
 @pytest.fixture
@@ -172,13 +182,21 @@ def test_verify_files_names_each_bad_file(version_dir: Path) -> None:
     (version_dir / "golden" / "extra.bin").write_bytes(b"?")
     manifest.files.add(path="../outside", sha256="0" * 64, size_bytes=1)
     problems = verify_files(version_dir, manifest)
-    assert len(problems) == 5, problems
+    # The file list is checked first, without reading a file; hashing waits until it is clean.
+    assert len(problems) == 4, problems
     by_file = {problem.split(":")[0]: problem for problem in problems}
-    assert "sha256" in by_file["ranker.pt"]
     assert "size 5 bytes, the manifest says 17" in by_file["query_tower.pt"]
     assert by_file["items.faiss"] == "items.faiss: missing"
     assert "not listed in the manifest" in by_file["golden/extra.bin"]
     assert "unsafe path" in by_file["../outside"]
+    assert check_file_list(version_dir, manifest) == problems
+
+    (version_dir / "golden" / "extra.bin").unlink()
+    (version_dir / "items.faiss").write_bytes(FILES["items.faiss"])
+    (version_dir / "query_tower.pt").write_bytes(FILES["query_tower.pt"])
+    del manifest.files[-1]
+    (problem,) = verify_files(version_dir, manifest)
+    assert problem.startswith("ranker.pt: sha256")
 
 
 def test_valid_manifest_passes_validation(version_dir: Path) -> None:
@@ -222,7 +240,7 @@ INVALID_CASES: list[tuple[str, Mutation, str]] = [
     (
         "manifest listed",
         lambda m: setattr(m.files[0], "path", MANIFEST_FILENAME),
-        f"files[0] lists {MANIFEST_FILENAME} itself",
+        f"files[0] lists {MANIFEST_FILENAME}, which the manifest never lists",
     ),
     ("no entry points", lambda m: m.ClearField("entry_points"), "entry_points is empty"),
     (

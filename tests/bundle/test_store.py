@@ -19,8 +19,6 @@ FILES = ("query_tower.pt", "ranker.pt", "items.faiss", "item_features.npz", "gol
 
 
 def _fill(manifest: manifest_pb2.BundleManifest) -> None:
-    manifest.schema.retrieval_dim = 16
-    manifest.schema.num_items = 50
     for name in ("query_tower", "ranker"):
         manifest.entry_points.add(
             name=name, format=manifest_pb2.ENTRY_POINT_FORMAT_TORCHSCRIPT, file=f"{name}.pt"
@@ -31,6 +29,16 @@ def _fill(manifest: manifest_pb2.BundleManifest) -> None:
     manifest.item_features.file = "item_features.npz"
     manifest.golden.file = "golden.npz"
     manifest.quality.passed = True
+    _FILL_SCHEMA[0](manifest, 50, 16)
+
+
+# tests/bundle/conftest.py's `fill_schema`, installed by the autouse fixture below.
+_FILL_SCHEMA: list = []
+
+
+@pytest.fixture(autouse=True)
+def _schema(schema_filler) -> None:
+    _FILL_SCHEMA[:] = [schema_filler]
 
 
 def _publish(repo: Path, name: str) -> BundleRef:
@@ -69,9 +77,12 @@ def test_unknown_bundle_version_and_repository_are_not_found(repo: Path) -> None
     store = BundleStore(repo)
     with pytest.raises(NotFound, match="no bundle 'music' in repository"):
         store.list_versions("music")
-    with pytest.raises(NotFound, match=r"no published version 3 \(published: 1, 2\)"):
+    with pytest.raises(
+        NotFound,
+        match=r"no published version 3: the folder holds no MANIFEST.json \(published: 1, 2\)",
+    ):
         store.validate("movies", 3)
-    with pytest.raises(NotFound, match=r"no published version 1 \(published: none\)"):
+    with pytest.raises(NotFound, match=r"no published version 1: .* \(published: none\)"):
         store.ref("empty", 1)
     with pytest.raises(NotFound, match="does not exist"):
         BundleStore(repo / "missing").list_bundles()

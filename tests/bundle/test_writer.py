@@ -45,6 +45,38 @@ def _fill(manifest: manifest_pb2.BundleManifest) -> None:
     manifest.item_features.file = "item_features.npz"
     manifest.golden.file = "golden.npz"
     manifest.quality.passed = True
+    _fill_schema(manifest, 1682)
+
+
+def _fill_schema(manifest: manifest_pb2.BundleManifest, num_items: int) -> None:
+    """Counts that agree everywhere the manifest states them (as tests/bundle/conftest.py's
+    `fill_schema`; repeated here because publisher processes run this file as a script)."""
+    query, item = manifest_pb2.FEATURE_SIDE_QUERY, manifest_pb2.FEATURE_SIDE_ITEM
+    retrieval, ranking = manifest_pb2.MODEL_ROLE_RETRIEVAL, manifest_pb2.MODEL_ROLE_RANKING
+    schema = manifest.schema
+    schema.item_id_feature = "item_id"
+    schema.sparse_features.add(
+        name="user_id", side=query, cardinality=5, used_by=[retrieval, ranking]
+    )
+    schema.sparse_features.add(name="item_id", side=item, cardinality=num_items, used_by=[ranking])
+    for model in (retrieval, ranking):
+        schema.tables.add(
+            name="t_user", model=model, num_embeddings=5, embedding_dim=4, feature_names=["user_id"]
+        )
+    schema.tables.add(
+        name="t_item",
+        model=ranking,
+        num_embeddings=num_items,
+        embedding_dim=4,
+        feature_names=["item_id"],
+    )
+    orders = {"query_tower": ["user_id"], "ranker": ["user_id", "item_id"]}
+    for entry in manifest.entry_points:
+        entry.sparse_feature_order[:] = orders[entry.name]
+    manifest.index.num_vectors = manifest.item_features.num_items = num_items
+    manifest.item_features.sparse_features[:] = ["item_id"]
+    manifest.golden.examples = 4
+    manifest.resources.host_bytes = sum(entry.size_bytes for entry in manifest.files)
 
 
 def _visible(repo: Path) -> list[int]:

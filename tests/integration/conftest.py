@@ -22,6 +22,7 @@ class ServeProcess:
     process: subprocess.Popen[str]
     port: int
     metrics_port: int
+    admin: str  # the admin API's address, or "-" without one
 
     @property
     def target(self) -> str:
@@ -34,9 +35,11 @@ class ServeProcess:
 
 
 def start_serve(repo: Path, *flags: str) -> ServeProcess:
-    """Starts `recship serve --port 0 --metrics-port 0` and reads its `listening on` line."""
+    """Starts `recship serve --port 0 --metrics-port 0 --admin-port 0` and reads its
+    `listening on` line (later flags override these)."""
+    ports = ["--port", "0", "--metrics-port", "0", "--admin-port", "0"]
     process = subprocess.Popen(
-        [str(RECSHIP), "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "0", *flags],
+        [str(RECSHIP), "serve", "--repo", str(repo), *ports, *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -48,9 +51,9 @@ def start_serve(repo: Path, *flags: str) -> ServeProcess:
         process.kill()
         process.wait()
         raise AssertionError(f"recship serve did not start: {line!r}")
-    # "listening on 127.0.0.1:PORT metrics M"
+    # "listening on 127.0.0.1:PORT metrics M admin ADDRESS"
     words = line.split()
-    return ServeProcess(process, int(words[2].rsplit(":", 1)[1]), int(words[4]))
+    return ServeProcess(process, int(words[2].rsplit(":", 1)[1]), int(words[4]), words[6])
 
 
 @pytest.fixture

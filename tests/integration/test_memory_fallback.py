@@ -110,7 +110,7 @@ def one_version_bytes(repo: Path, replicas: int) -> int:
     return estimated_bytes(manifest, replicas)
 
 
-def default_version(client: RecshipClient) -> int:
+def default_version(client) -> int:
     return next(v.version for v in client.bundle_status(BUNDLE).versions if v.is_default)
 
 
@@ -129,7 +129,7 @@ def test_budget_for_two_versions_loads_beside(
         server_factory, repo, memory_budget_bytes=budget, metrics_port=None
     )
     try:
-        with RecshipClient(server.target, timeout=120) as admin:
+        with server.admin(120) as admin:
             publish_copy(repo)
             admin.refresh_repository()
             assert default_version(admin) == 2
@@ -150,7 +150,7 @@ def test_budget_for_one_version_switches_replica_by_replica(
     )
     load = Load(server.target, make_user)
     try:
-        with RecshipClient(server.target, timeout=120) as admin:
+        with server.admin(120) as admin:
             admin.wait_until_serving(60)
             load.start()
             load.stop.wait(0.5)
@@ -189,7 +189,7 @@ def test_one_replica_switch_has_a_bounded_reported_window(
     load = Load(server.target, make_user)
     caplog.set_level(logging.INFO, logger="recship.runtime.manager")
     try:
-        with RecshipClient(server.target, timeout=120) as admin:
+        with server.admin(120) as admin:
             admin.wait_until_serving(60)
             load.start()
             load.stop.wait(0.3)

@@ -74,12 +74,12 @@ class Load:
 class StatusWatch:
     """Polls ListBundles and records each version's READY intervals (wall clock)."""
 
-    target: str
+    server: object  # the ServerThread
     intervals: dict[int, list[list[float]]] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        with RecshipClient(self.target, timeout=30) as client:
+        with self.server.admin(30) as client:  # type: ignore[attr-defined]
             while not self.stop.is_set():
                 self.observe(client.bundle_status(BUNDLE), time.time())
                 self.stop.wait(0.005)
@@ -124,11 +124,11 @@ def test_upgrades_under_load_never_fail_a_request(
     server = server_factory(repo, poll_interval_s=0.0, metrics_port=None)
     threads: list[threading.Thread] = []
     load = Load(server.target, make_user)
-    watch = StatusWatch(server.target)
+    watch = StatusWatch(server)
     windows: list[tuple[str, float, float]] = []
     try:
         server.wait_ready()
-        admin = RecshipClient(server.target, timeout=120)
+        admin = server.admin(120)
         admin.wait_until_serving(60)
         threads = [threading.Thread(target=load.run, args=(i,)) for i in range(CLIENTS)]
         threads.append(threading.Thread(target=watch.run))

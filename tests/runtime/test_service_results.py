@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recship.protos.v1 import admin_pb2
 from recship.runtime.client import Query
 
 pytestmark = pytest.mark.integration
@@ -113,8 +112,8 @@ def test_retrieve_with_exclusions_is_the_exact_top_k_of_the_other_items(
         assert [item.item_id for item in result] == expected
 
 
-def test_version_and_label_select_the_same_release(client, make_user) -> None:
-    client.admin.SetLabel(admin_pb2.SetLabelRequest(bundle="movies", label="stable", version=1))
+def test_version_and_label_select_the_same_release(client, admin, make_user) -> None:
+    admin.set_label("movies", "stable", 1)
     features = make_user(1)
     first = client.retrieve("movies", [Query(features, DENSE)], 3, version=1)
     second = client.retrieve("movies", [Query(features, DENSE)], 3, label="stable")
