@@ -86,7 +86,10 @@ package_dir = {f"recship.{name}": folder for name, folder in FOLDERS.items()}
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"recship.protos": ["recship/v1/*.proto"]},
+    package_data={
+        "recship.protos": ["recship/v1/*.proto"],
+        "recship.trainer": ["data/specs/*.toml"],
+    },
     include_package_data=False,
     cmdclass={"build_py": BuildPyWithProtos},
 )

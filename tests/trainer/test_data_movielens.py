@@ -142,19 +142,19 @@ def test_grouplens_errors_name_file_line_and_problem(tmp_path: Path) -> None:
     data.write_text(original + "1\t3\t4\n")
     assert _error(folder) == f"{data}:6: expected 4 tab-separated columns, got 3"
     data.write_text(original.replace("2\t1\t4", "x2\t1\t4"))
-    assert _error(folder) == f"{data}:3: user id 'x2' is not an integer"
+    assert _error(folder) == f"{data}:3: user_id 'x2' is not an integer"
     data.write_text(original.replace("\t5\t", "\tfive\t"))
     assert _error(folder) == f"{data}:1: rating 'five' is not a number"
     data.write_text(original + "99\t1\t4\t0\n")
-    assert _error(folder) == f"{data}:6: user id '99' is not in the user file"
+    assert _error(folder) == f"{data}:6: user_id '99' is not in the users table"
     data.write_text(original + "1\t77\t4\t0\n")
-    assert _error(folder) == f"{data}:6: item id '77' is not in the item file"
+    assert _error(folder) == f"{data}:6: item_id '77' is not in the items table"
     data.write_text(original)
 
     users = folder / "u.user"
     original_users = users.read_text()
     users.write_text("1|24|M|technician|85711\n1|30|F|other|12345\n")
-    assert _error(folder) == f"{users}:2: duplicate user id '1' (first on line 1)"
+    assert _error(folder) == f"{users}:2: duplicate user_id '1' (first on line 1)"
     users.write_text("1|old|M|technician|85711\n")
     assert _error(folder) == f"{users}:1: age 'old' is not an integer"
     users.write_text(original_users)
@@ -171,9 +171,7 @@ def test_atomic_errors_name_file_line_and_problem(tmp_path: Path) -> None:
     inter = folder / "ml.inter"
     original = inter.read_text()
     inter.write_text(original.replace("rating:float", "score:float"))
-    assert _error(folder) == (
-        f"{inter}:1: header lacks column(s) rating (has user_id, item_id, score, timestamp)"
-    )
+    assert _error(folder) == f"{inter}: no column 'rating' (has user_id, item_id, score, timestamp)"
     inter.write_text(original + "1\t2\n")
     assert _error(folder) == f"{inter}:7: expected 4 tab-separated columns, got 2"
     inter.write_text(original + "1\t2\t4.5\tnoon\n")

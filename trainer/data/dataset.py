@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pyarrow as pa
 
 from recship.base.errors import InvalidInput
 from recship.base.jagged import EntityTable
+from recship.bundle.transforms import Transforms
 from recship.trainer.data.schema import DatasetSchema
 
 #: Dense feature log1p(number of the user's interactions), recomputed on the training split.
@@ -43,6 +45,8 @@ class InteractionDataset:
         raw_item_ids: [num_items] the source's item id strings (dense id -> raw id).
         item_titles: Title of each item (dense id -> title) when the source has titles.
         vocabularies: Sparse feature name -> meaning of each id (e.g. genre names), where known.
+        transforms: The fitted transforms that turn raw values into these features (data read
+            through a feature spec), or None.
 
     Raises:
         InvalidInput: when arrays disagree in length, ids are out of range, or a table lacks a
@@ -61,6 +65,7 @@ class InteractionDataset:
     raw_item_ids: np.ndarray | None = None
     item_titles: list[str] | None = None
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    transforms: Transforms | None = None
 
     def __post_init__(self) -> None:
         self.user_ids = np.ascontiguousarray(self.user_ids, dtype=np.int64)
@@ -117,25 +122,41 @@ class InteractionDataset:
         return self.items.num_rows
 
     def with_activity_features(self) -> InteractionDataset:
-        """A copy whose activity dense features are recomputed from this data set's interactions.
+        """A copy whose aggregate dense features are recomputed from this data set's interactions.
 
-        Sets `user_log_activity` = log1p(interactions of the user) and `item_log_popularity` =
-        log1p(interactions of the item) wherever the schema has them; other dense columns are
-        kept. The returned tables are new objects; this data set is unchanged.
+        Every dense feature declared `aggregate = "count"` (and, in schemas written before
+        aggregates were declared, `user_log_activity` and `item_log_popularity`) becomes the
+        entity's number of interactions here, encoded by its transform (log1p, clipping, and
+        standardisation whose statistics are refitted on these counts). Other dense columns
+        are kept; this data set is unchanged.
         """
-        users = _with_count_feature(
-            self.users,
-            [f.name for f in self.schema.user_dense()],
-            USER_ACTIVITY_FEATURE,
-            self.user_ids,
+        transforms = dict(self.transforms.features) if self.transforms is not None else {}
+        tables = {}
+        for side, table, ids, specs in (
+            ("user", self.users, self.user_ids, self.schema.user_dense()),
+            ("item", self.items, self.item_ids, self.schema.item_dense()),
+        ):
+            dense = table.dense
+            counts = np.bincount(ids, minlength=table.num_rows).astype(np.float64)
+            for column, spec in enumerate(specs):
+                if not _is_count(spec.name, spec.aggregate, side):
+                    continue
+                if dense is table.dense:
+                    dense = dense.copy()
+                fitted = transforms.get(spec.name)
+                if fitted is None:
+                    dense[:, column] = np.log1p(counts).astype(np.float32)
+                    continue
+                if fitted.std > 0:  # standardised: refit the statistics on these counts
+                    plain = replace(fitted, mean=0.0, std=0.0).encode_dense(pa.array(counts))
+                    fitted = replace(fitted, mean=float(plain.mean()), std=float(plain.std()))
+                    transforms[spec.name] = fitted
+                dense[:, column] = fitted.encode_dense(pa.array(counts))
+            tables[side] = EntityTable(num_rows=table.num_rows, sparse=table.sparse, dense=dense)
+        refitted = (
+            replace(self.transforms, features=transforms) if self.transforms is not None else None
         )
-        items = _with_count_feature(
-            self.items,
-            [f.name for f in self.schema.item_dense()],
-            ITEM_POPULARITY_FEATURE,
-            self.item_ids,
-        )
-        return replace(self, users=users, items=items)
+        return replace(self, users=tables["user"], items=tables["item"], transforms=refitted)
 
     def split(
         self, eval_fraction: float, seed: int
@@ -187,13 +208,9 @@ class InteractionDataset:
         )
 
 
-def _with_count_feature(
-    table: EntityTable, dense_names: list[str], feature: str, ids: np.ndarray
-) -> EntityTable:
-    """`table` with dense column `feature` (if present) set to log1p(occurrences of each row id)."""
-    if feature not in dense_names:
-        return table
-    dense = table.dense.copy()
-    counts = np.bincount(ids, minlength=table.num_rows)
-    dense[:, dense_names.index(feature)] = np.log1p(counts).astype(np.float32)
-    return EntityTable(num_rows=table.num_rows, sparse=table.sparse, dense=dense)
+def _is_count(name: str, aggregate: str | None, side: str) -> bool:
+    """Whether a dense feature holds its entity's interaction count."""
+    if aggregate is not None:
+        return aggregate == "count"
+    legacy = USER_ACTIVITY_FEATURE if side == "user" else ITEM_POPULARITY_FEATURE
+    return name == legacy

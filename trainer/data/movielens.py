@@ -33,21 +33,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from recship.base.errors import InvalidInput, NotFound
-from recship.base.jagged import EntityTable, JaggedColumn
+from recship.base.errors import InvalidInput
+from recship.trainer.data.builtin import movielens_spec
 from recship.trainer.data.dataset import (
     ITEM_POPULARITY_FEATURE,
     USER_ACTIVITY_FEATURE,
     InteractionDataset,
 )
 from recship.trainer.data.schema import DatasetSchema, DenseFeatureSpec, SparseFeatureSpec
+from recship.trainer.data.tables import load_tables
 
 USER_ID = "user_id"
 USER_AGE_BUCKET = "user_age_bucket"
@@ -207,6 +207,9 @@ class _Interactions:
 def load_movielens(path: Path, name: str | None = None) -> InteractionDataset:
     """Read a MovieLens-format directory (GroupLens `u.*` or RecBole atomic files).
 
+    Through the built-in feature specs (`recship.trainer.data.builtin`): the same mechanism as
+    any team's own spec.
+
     Args:
         path: The directory. GroupLens is used when it has `u.data`, otherwise the single
             `*.inter` file and its `.user` / `.item` siblings.
@@ -220,321 +223,7 @@ def load_movielens(path: Path, name: str | None = None) -> InteractionDataset:
         NotFound: if the directory or a required file is missing.
         InvalidInput: on a malformed file, naming the file, line and problem.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise NotFound(f"{path}: MovieLens directory not found")
-    if (path / "u.data").exists():
-        users = _read_grouplens_users(path / "u.user")
-        items = _read_grouplens_items(path / "u.item", _grouplens_genres(path / "u.genre"))
-        interactions = _read_grouplens_interactions(path / "u.data")
-    else:
-        inter_files = sorted(path.glob("*.inter"))
-        if not inter_files:
-            raise NotFound(f"{path}: neither u.data (GroupLens) nor a *.inter file (RecBole) found")
-        if len(inter_files) > 1:
-            raise InvalidInput(
-                f"{path}: several .inter files ({', '.join(p.name for p in inter_files)}); "
-                "keep one per directory"
-            )
-        inter = inter_files[0]
-        users = _read_atomic_users(inter.with_suffix(".user"))
-        items = _read_atomic_items(inter.with_suffix(".item"))
-        interactions = _read_atomic_interactions(inter)
-    return _build(name or path.resolve().name, users, items, interactions)
-
-
-def _build(
-    name: str, users: _Users, items: _Items, interactions: _Interactions
-) -> InteractionDataset:
-    if not interactions.users:
-        raise InvalidInput(f"{interactions.path}: no interactions")
-    user_order = _dense_order(users.ids)
-    item_order = _dense_order(items.ids)
-    user_index = {users.ids[row]: dense for dense, row in enumerate(user_order)}
-    item_index = {items.ids[row]: dense for dense, row in enumerate(item_order)}
-    genders = sorted(set(users.genders))
-    occupations = sorted(set(users.occupations))
-    gender_id = {g: i for i, g in enumerate(genders)}
-    occupation_id = {o: i for i, o in enumerate(occupations)}
-    genre_id = {g: i for i, g in enumerate(items.genre_vocab)}
-
-    def user_column(value: Callable[[int], int]) -> JaggedColumn:
-        return JaggedColumn.single(np.array([value(row) for row in user_order], dtype=np.int64))
-
-    user_table = EntityTable(
-        num_rows=len(user_order),
-        sparse={
-            USER_ID: JaggedColumn.single(np.arange(len(user_order))),
-            USER_AGE_BUCKET: user_column(lambda r: age_bucket(users.ages[r])),
-            USER_GENDER: user_column(lambda r: gender_id[users.genders[r]]),
-            USER_OCCUPATION: user_column(lambda r: occupation_id[users.occupations[r]]),
-            USER_ZIP_PREFIX: user_column(lambda r: zip_prefix(users.zips[r])),
-        },
-        dense=np.zeros((len(user_order), 1), dtype=np.float32),
-    )
-    item_table = EntityTable(
-        num_rows=len(item_order),
-        sparse={
-            ITEM_ID: JaggedColumn.single(np.arange(len(item_order))),
-            ITEM_GENRES: JaggedColumn.from_bags(
-                [[genre_id[g] for g in items.genres[row]] for row in item_order]
-            ),
-            ITEM_YEAR_BUCKET: JaggedColumn.single(
-                np.array([year_bucket(items.years[row]) for row in item_order], dtype=np.int64)
-            ),
-        },
-        dense=np.zeros((len(item_order), 1), dtype=np.float32),
-    )
-    user_ids = np.empty(len(interactions.users), dtype=np.int64)
-    item_ids = np.empty(len(interactions.items), dtype=np.int64)
-    for k, (user, item) in enumerate(zip(interactions.users, interactions.items, strict=True)):
-        where = f"{interactions.path}:{interactions.line_numbers[k]}"
-        if user not in user_index:
-            raise InvalidInput(f"{where}: user id {user!r} is not in the user file")
-        if item not in item_index:
-            raise InvalidInput(f"{where}: item id {item!r} is not in the item file")
-        user_ids[k] = user_index[user]
-        item_ids[k] = item_index[item]
-    ratings = np.array(interactions.ratings, dtype=np.float32)
-    data = InteractionDataset(
-        schema=movielens_schema(
-            name,
-            num_users=max(len(user_order), 1),
-            num_items=max(len(item_order), 1),
-            num_genders=max(len(genders), 1),
-            num_occupations=max(len(occupations), 1),
-            num_genres=max(len(items.genre_vocab), 1),
-        ),
-        users=user_table,
-        items=item_table,
-        user_ids=user_ids,
-        item_ids=item_ids,
-        labels=(ratings >= POSITIVE_RATING).astype(np.float32),
-        timestamps=np.array(interactions.timestamps, dtype=np.int64),
-        ratings=ratings,
-        raw_user_ids=np.array([users.ids[row] for row in user_order], dtype=str),
-        raw_item_ids=np.array([items.ids[row] for row in item_order], dtype=str),
-        item_titles=[items.titles[row] for row in item_order],
-        vocabularies={
-            USER_AGE_BUCKET: [label for label, _ in AGE_BUCKETS],
-            USER_GENDER: genders,
-            USER_OCCUPATION: occupations,
-            USER_ZIP_PREFIX: list(ZIP_PREFIXES),
-            ITEM_GENRES: list(items.genre_vocab),
-            ITEM_YEAR_BUCKET: list(YEAR_BUCKETS),
-        },
-    )
-    return data.with_activity_features()
-
-
-def _dense_order(raw_ids: list[str]) -> list[int]:
-    """Row order of the dense ids: numeric order of the raw ids if all are integers, else text."""
-    try:
-        keys: list[int] | list[str] = [int(i) for i in raw_ids]
-    except ValueError:
-        keys = raw_ids
-    return sorted(range(len(raw_ids)), key=keys.__getitem__)
-
-
-# --- text files ---------------------------------------------------------------------------------
-
-
-def _lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, text) of every non-blank line; UTF-8, falling back to Latin-1.
-
-    ML-100K's u.item is Latin-1 while RecBole's files are UTF-8. Lines are split on "\\n" only
-    (str.splitlines would also split titles at Latin-1 control characters).
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path}: is a directory, expected a file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return [
-        (number, line.rstrip("\r"))
-        for number, line in enumerate(text.split("\n"), start=1)
-        if line.strip()
-    ]
-
-
-def _fields(path: Path, number: int, line: str, separator: str, expected: int) -> list[str]:
-    fields = line.split(separator)
-    if len(fields) != expected:
-        shown = "tab" if separator == "\t" else repr(separator)
-        raise InvalidInput(
-            f"{path}:{number}: expected {expected} {shown}-separated columns, got {len(fields)}"
-        )
-    return fields
-
-
-def _integer(path: Path, number: int, what: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidInput(f"{path}:{number}: {what} {text!r} is not an integer") from None
-
-
-def _number(path: Path, number: int, what: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidInput(f"{path}:{number}: {what} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise InvalidInput(f"{path}:{number}: {what} {text!r} is not a finite number")
-    return value
-
-
-def _year(text: str) -> int | None:
-    """A release year from "1995" or "01-Jan-1995"; None when there is none (e.g. "unknown")."""
-    tail = text.strip()[-4:]
-    return int(tail) if len(tail) == 4 and tail.isascii() and tail.isdigit() else None
-
-
-def _check_unique(path: Path, what: str, ids: list[str], numbers: list[int]) -> None:
-    seen: dict[str, int] = {}
-    for raw_id, number in zip(ids, numbers, strict=True):
-        if not raw_id:
-            raise InvalidInput(f"{path}:{number}: empty {what} id")
-        if raw_id in seen:
-            raise InvalidInput(
-                f"{path}:{number}: duplicate {what} id {raw_id!r} (first on line {seen[raw_id]})"
-            )
-        seen[raw_id] = number
-
-
-# --- GroupLens u.* -----------------------------------------------------------------------------
-
-
-def _grouplens_genres(path: Path) -> list[str]:
-    """Genre names from u.genre (`name|index`), or the ML-100K list when there is no u.genre."""
-    if not path.exists():
-        return list(GROUPLENS_GENRES)
-    genres: dict[int, str] = {}
-    for number, line in _lines(path):
-        genre, index = _fields(path, number, line, "|", 2)
-        genres[_integer(path, number, "genre index", index)] = genre
-    if sorted(genres) != list(range(len(genres))):
-        raise InvalidInput(f"{path}: genre indexes must be 0..{len(genres) - 1}")
-    return [genres[i] for i in range(len(genres))]
-
-
-def _read_grouplens_users(path: Path) -> _Users:
-    users = _Users([], [], [], [], [])
-    numbers = []
-    for number, line in _lines(path):
-        user_id, age, gender, occupation, zip_code = _fields(path, number, line, "|", 5)
-        users.ids.append(str(_integer(path, number, "user id", user_id)))
-        users.ages.append(_integer(path, number, "age", age))
-        users.genders.append(gender.strip())
-        users.occupations.append(occupation.strip())
-        users.zips.append(zip_code)
-        numbers.append(number)
-    _check_unique(path, "user", users.ids, numbers)
-    return users
-
-
-def _read_grouplens_items(path: Path, genre_names: list[str]) -> _Items:
-    items = _Items([], [], [], [], genre_names)
-    numbers = []
-    for number, line in _lines(path):
-        fields = _fields(path, number, line, "|", 5 + len(genre_names))
-        items.ids.append(str(_integer(path, number, "item id", fields[0])))
-        items.titles.append(fields[1])
-        items.years.append(_year(fields[2]))
-        genres = []
-        for genre, flag in zip(genre_names, fields[5:], strict=True):
-            if flag not in ("0", "1"):
-                raise InvalidInput(f"{path}:{number}: genre flag {flag!r} of {genre} is not 0 or 1")
-            if flag == "1":
-                genres.append(genre)
-        items.genres.append(genres)
-        numbers.append(number)
-    _check_unique(path, "item", items.ids, numbers)
-    return items
-
-
-def _read_grouplens_interactions(path: Path) -> _Interactions:
-    result = _Interactions(path, [], [], [], [], [])
-    for number, line in _lines(path):
-        user_id, item_id, rating, timestamp = _fields(path, number, line, "\t", 4)
-        result.line_numbers.append(number)
-        result.users.append(str(_integer(path, number, "user id", user_id)))
-        result.items.append(str(_integer(path, number, "item id", item_id)))
-        result.ratings.append(_number(path, number, "rating", rating))
-        result.timestamps.append(_integer(path, number, "timestamp", timestamp))
-    return result
-
-
-# --- RecBole atomic files ----------------------------------------------------------------------
-
-
-def _atomic_rows(
-    path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> tuple[list[int], dict[str, list[str]]]:
-    """Line numbers and columns (by field name, without `:type`) of a RecBole atomic file."""
-    lines = _lines(path)
-    if not lines:
-        raise InvalidInput(f"{path}:1: empty file, expected a `name:type` header")
-    header_number, header = lines[0]
-    names = [field.split(":", 1)[0].strip() for field in header.split("\t")]
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise InvalidInput(
-            f"{path}:{header_number}: header lacks column(s) {', '.join(missing)} "
-            f"(has {', '.join(names)})"
-        )
-    wanted = [n for n in (*required, *optional) if n in names]
-    columns: dict[str, list[str]] = {n: [] for n in wanted}
-    positions = [(n, names.index(n)) for n in wanted]
-    numbers = []
-    for number, line in lines[1:]:
-        fields = _fields(path, number, line, "\t", len(names))
-        for n, position in positions:
-            columns[n].append(fields[position].strip())
-        numbers.append(number)
-    return numbers, columns
-
-
-def _read_atomic_users(path: Path) -> _Users:
-    numbers, c = _atomic_rows(path, ("user_id", "age", "gender", "occupation", "zip_code"))
-    ages = [_integer(path, n, "age", a) for n, a in zip(numbers, c["age"], strict=True)]
-    _check_unique(path, "user", c["user_id"], numbers)
-    return _Users(c["user_id"], ages, c["gender"], c["occupation"], c["zip_code"])
-
-
-def _read_atomic_items(path: Path) -> _Items:
-    numbers, c = _atomic_rows(path, ("item_id", "release_year", "class"), ("movie_title",))
-    _check_unique(path, "item", c["item_id"], numbers)
-    genres = [tokens.split() for tokens in c["class"]]
-    return _Items(
-        ids=c["item_id"],
-        titles=c.get("movie_title", c["item_id"]),
-        years=[_year(y) for y in c["release_year"]],
-        genres=genres,
-        genre_vocab=sorted({g for bag in genres for g in bag}),
-    )
-
-
-def _read_atomic_interactions(path: Path) -> _Interactions:
-    numbers, c = _atomic_rows(path, ("user_id", "item_id", "rating"), ("timestamp",))
-    timestamps = c.get("timestamp")
-    return _Interactions(
-        path=path,
-        line_numbers=numbers,
-        users=c["user_id"],
-        items=c["item_id"],
-        ratings=[_number(path, n, "rating", r) for n, r in zip(numbers, c["rating"], strict=True)],
-        timestamps=[0] * len(numbers)
-        if timestamps is None
-        else [
-            int(_number(path, n, "timestamp", t)) for n, t in zip(numbers, timestamps, strict=True)
-        ],
-    )
+    return load_tables(movielens_spec(Path(path), name))
 
 
 # --- writing -----------------------------------------------------------------------------------

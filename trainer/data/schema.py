@@ -68,11 +68,14 @@ class DenseFeatureSpec:
         name: Feature name, e.g. "user_log_activity".
         side: "user" (query-side) or "item" (joined per item).
         description: Human-readable meaning, including its transform (e.g. "log1p of count").
+        aggregate: "count" when the value is the entity's number of training interactions
+            (recomputed on the training split, so held-out interactions never leak into it).
     """
 
     name: str
     side: Side
     description: str = ""
+    aggregate: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -170,7 +173,13 @@ class DatasetSchema:
                 for f in self.sparse
             ],
             "dense": [
-                {"name": f.name, "side": f.side, "description": f.description} for f in self.dense
+                {
+                    "name": f.name,
+                    "side": f.side,
+                    "description": f.description,
+                    "aggregate": f.aggregate,
+                }
+                for f in self.dense
             ],
             "user_id_feature": self.user_id_feature,
             "item_id_feature": self.item_id_feature,
@@ -201,6 +210,7 @@ class DatasetSchema:
                         name=str(f["name"]),
                         side=f["side"],
                         description=str(f.get("description", "")),
+                        aggregate=f.get("aggregate"),
                     )
                     for f in d["dense"]
                 ),

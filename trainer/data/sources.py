@@ -7,7 +7,8 @@ SOURCE is one of:
 - "movielens-100k": the fetched cache (`recship data fetch movielens-100k`); option cache_dir
   overrides the cache root;
 - a directory: a MovieLens-format directory (`load_movielens`);
-- a file: a Criteo TSV file (`CriteoSource`); option table_size.
+- a `.toml` file: a feature spec (`recship.trainer.data.spec`): the team's own tables;
+- another file: a Criteo TSV file (`CriteoSource`); option table_size.
 
 Example::
 
@@ -26,7 +27,9 @@ from recship.trainer.data.criteo import CriteoSource
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.fetch import is_complete, movielens_100k_dir
 from recship.trainer.data.movielens import load_movielens
+from recship.trainer.data.spec import read_spec
 from recship.trainer.data.synthetic import generate
+from recship.trainer.data.tables import load_tables
 
 SYNTHETIC = "synthetic"
 MOVIELENS_100K = "movielens-100k"
@@ -62,6 +65,9 @@ def open_source(spec: str, **size_options: Any) -> InteractionDataset | CriteoSo
     if path.is_dir():
         _check_options(spec, options, ())
         return load_movielens(path)
+    if path.is_file() and path.suffix == ".toml":
+        _check_options(spec, options, ())
+        return load_tables(read_spec(path))
     if path.is_file():
         _check_options(spec, options, ("table_size",))
         return CriteoSource(path, **options)

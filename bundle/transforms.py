@@ -1,0 +1,516 @@
+"""transforms.json + vocab/*.arrow: how raw feature values become model inputs, for any language.
+
+The trainer fits one `FeatureTransform` per feature of the data's feature spec (vocabularies,
+hash buckets, bucket boundaries, dense statistics) on training data only; the packager writes
+them into the bundle; the runtime applies them to the raw values of every request, and so can
+any client or host in another language: the file layouts, the hash function and the rules
+below are documented in `bundle/FORMAT.md` (transforms.json, vocab/<feature>.arrow).
+
+Every encoder here is vectorised over a whole column (numpy and pyarrow compute, no Python loop
+per value), because the server encodes every query of every request and the trainer whole
+tables.
+
+Rules, per kind:
+
+- `categorical`: the value's text (integers in decimal) looked up in the vocabulary; id = its
+  position. Unknown values map to the OOV bucket (id = vocabulary size) or are an error, as the
+  spec says.
+- `hashed`: `fnv1a_64(seed, text) mod buckets`.
+- `bucketized`: the number of `boundaries` that are <= the value (0 .. len(boundaries)); with
+  `missing_bucket`, a missing value is id 0 and every other id is one higher.
+- `dense`: float32 of the value, clipped to [clip_min, clip_max] when set, then `log1p`,
+  then standardised `(x - mean) / std` when `std > 0`.
+
+Multi-valued features apply the rule to every element of a list.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recship.base.errors import InvalidInput
+from recship.base.files import atomic_output, write_bytes_atomic
+
+TRANSFORMS_FILE = "transforms.json"
+VOCAB_DIR = "vocab"
+TRANSFORMS_FORMAT_VERSION = 1
+# The seed of the hash that indexes vocabularies (their lookup column), fixed by the format.
+VOCAB_HASH_SEED = 0
+
+Kind = Literal["categorical", "hashed", "bucketized", "dense"]
+KINDS: tuple[Kind, ...] = ("categorical", "hashed", "bucketized", "dense")
+Side = Literal["user", "item", "context"]
+SIDES: tuple[Side, ...] = ("user", "item", "context")
+Oov = Literal["bucket", "error"]
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = (1 << 64) - 1
+
+
+# -- the hash ----------------------------------------------------------------------------------
+def _seeded_basis(seed: int) -> int:
+    """FNV-1a 64 state after the 8 little-endian bytes of `seed`."""
+    state = _FNV_OFFSET
+    for byte in int(seed & _MASK64).to_bytes(8, "little"):
+        state = ((state ^ byte) * _FNV_PRIME) & _MASK64
+    return state
+
+
+def fnv1a_64(values: pa.Array, seed: int) -> np.ndarray:
+    """FNV-1a 64 of each string's UTF-8 bytes after the 8 little-endian bytes of `seed`.
+
+    Portable on purpose: five lines in any language, no library. Vectorised over the array
+    (one numpy pass per byte position, not per value).
+
+    Args:
+        values: a string array (nulls hash as the empty string; callers handle missing first).
+        seed: the feature's seed.
+
+    Returns:
+        uint64 [len(values)].
+    """
+    strings = pc.fill_null(values.cast(pa.large_string()), "")
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    count = len(strings)
+    hashes = np.full(count, _seeded_basis(seed), dtype=np.uint64)
+    if count == 0:
+        return hashes
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        strings.offset : strings.offset + count + 1
+    ]
+    data = (
+        np.frombuffer(data_buffer, dtype=np.uint8)
+        if data_buffer is not None
+        else np.zeros(0, np.uint8)
+    )
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    prime = np.uint64(_FNV_PRIME)
+    with np.errstate(over="ignore"):
+        for position in range(int(lengths.max(initial=0))):
+            active = np.flatnonzero(lengths > position)
+            byte = data[starts[active] + position].astype(np.uint64)
+            hashes[active] = (hashes[active] ^ byte) * prime
+    return hashes
+
+
+def as_text(values: pa.Array) -> pa.Array:
+    """The text form categorical and hashed features look values up by: integers in decimal.
+
+    Raises:
+        InvalidInput: the values are floats or another type with no canonical text.
+    """
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        return pc.cast(
+            values.cast(pa.int64()) if pa.types.is_boolean(kind) else values, pa.string()
+        )
+    if pa.types.is_null(kind):
+        return pa.nulls(len(values), pa.string())
+    raise InvalidInput(f"expected strings or integers, got {kind}")
+
+
+# -- vocabularies ------------------------------------------------------------------------------
+class Vocabulary:
+    """Values in id order, with a sorted-hash index so lookups need no hash table in memory.
+
+    The index (`hashes`, `ids`: the vocabulary's FNV-1a hashes with seed `VOCAB_HASH_SEED`,
+    sorted, and the id of each) is stored in the file, so a server maps even a 10-million-entry
+    vocabulary from disk and looks values up by binary search.
+
+    Thread-safety: immutable; lookups may run from any thread.
+    """
+
+    def __init__(
+        self, values: pa.Array, hashes: np.ndarray | None = None, ids: np.ndarray | None = None
+    ) -> None:
+        self.values = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
+        if self.values.null_count:
+            raise InvalidInput("a vocabulary may not hold missing values")
+        if hashes is None or ids is None:
+            computed = fnv1a_64(self.values, VOCAB_HASH_SEED)
+            ids = np.argsort(computed, kind="stable").astype(np.int64)
+            hashes = computed[ids]
+        self.hashes = hashes
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def fit(cls, values: pa.Array, *, min_count: int = 1, numeric_order: bool = True) -> Vocabulary:
+        """The distinct values of `values` seen at least `min_count` times, sorted.
+
+        Sorted numerically when every value is an integer and `numeric_order` holds (ids then
+        follow the raw ids, as MovieLens users expect), else by text.
+        """
+        present = pc.drop_null(values)
+        counts = pc.value_counts(present)
+        distinct = counts.field("values")
+        kept = distinct.filter(pc.greater_equal(counts.field("counts"), min_count))
+        if pa.types.is_integer(kept.type) and numeric_order:
+            return cls(as_text(kept.take(pc.sort_indices(kept))))
+        text = as_text(kept)
+        return cls(text.take(pc.sort_indices(text)))
+
+    def lookup(self, values: pa.Array) -> np.ndarray:
+        """int64 id of each value's text; -1 where unknown or missing."""
+        text = as_text(values)
+        if isinstance(text, pa.ChunkedArray):
+            text = text.combine_chunks()
+        count = len(text)
+        found = np.full(count, -1, dtype=np.int64)
+        if count == 0 or len(self) == 0:
+            return found
+        hashes = fnv1a_64(text, VOCAB_HASH_SEED)
+        position = np.searchsorted(self.hashes, hashes)
+        inside = position < len(self.hashes)
+        position = np.minimum(position, len(self.hashes) - 1)
+        candidates = np.flatnonzero(inside & (self.hashes[position] == hashes) & text.is_valid())
+        if candidates.size == 0:
+            return found
+        ids = self.ids[position[candidates]]
+        same = pc.equal(text.take(candidates), self.values.take(ids)).to_numpy(zero_copy_only=False)
+        found[candidates[same]] = ids[same]
+        for row in candidates[~same]:  # a 64-bit hash collision: scan the equal-hash run
+            found[row] = self._scan(str(text[int(row)]), int(position[row]))
+        return found
+
+    def _scan(self, value: str, start: int) -> int:
+        target = self.hashes[start]
+        stop = start
+        while stop < len(self.hashes) and self.hashes[stop] == target:
+            if self.values[int(self.ids[stop])].as_py() == value:
+                return int(self.ids[stop])
+            stop += 1
+        return -1
+
+    def table(self) -> pa.Table:
+        """The file form: `value` in id order; `hash` (sorted) and `id`, the lookup index."""
+        return pa.table(
+            {
+                "value": self.values,
+                "hash": pa.array(self.hashes, pa.uint64()),
+                "id": pa.array(self.ids, pa.int64()),
+            }
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table, source: str) -> Vocabulary:
+        """Reads the file form, checking its columns and that the index is consistent.
+
+        Raises:
+            InvalidInput: naming `source` and the problem.
+        """
+        names = set(table.column_names)
+        if not {"value", "hash", "id"} <= names:
+            raise InvalidInput(f"{source}: a vocabulary needs columns value, hash, id")
+        values = table.column("value").combine_chunks()
+        hashes = table.column("hash").combine_chunks().to_numpy()
+        ids = table.column("id").combine_chunks().to_numpy()
+        if hashes.dtype != np.uint64 or ids.dtype != np.int64:
+            raise InvalidInput(f"{source}: hash must be uint64 and id int64")
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or np.any(np.diff(hashes) < 0)):
+            raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
+        return cls(values, hashes, ids)
+
+
+# -- one feature -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureTransform:
+    """How one feature's raw values become model inputs (see the module docstring).
+
+    Attributes:
+        name: feature name (request key, KJT key or dense column).
+        side: "user" (query side; may be stored in the bundle's user table), "item" (stored
+            per item) or "context" (sent with each query).
+        kind: categorical, hashed, bucketized or dense.
+        multi_valued: a value is a list (a bag of ids).
+        cardinality: ids are in [0, cardinality) (sparse kinds; 0 for dense).
+        vocabulary: categorical values in id order.
+        oov: categorical: "bucket" (unknown -> id len(vocabulary)) or "error".
+        seed / buckets: hashed.
+        boundaries / missing_bucket: bucketized.
+        clip_min / clip_max / log1p / mean / std: dense, applied in that order.
+        default: the raw value used when a query does not send the feature and no stored
+            value exists; None makes it required.
+        max_length: most elements of a multi-valued value.
+    """
+
+    name: str
+    side: Side
+    kind: Kind
+    multi_valued: bool = False
+    cardinality: int = 0
+    vocabulary: Vocabulary | None = field(default=None, compare=False)
+    oov: Oov = "error"
+    seed: int = 0
+    buckets: int = 0
+    boundaries: tuple[float, ...] = ()
+    missing_bucket: bool = False
+    clip_min: float | None = None
+    clip_max: float | None = None
+    log1p: bool = False
+    mean: float = 0.0
+    std: float = 0.0
+    default: Any = None
+    max_length: int = 64
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.kind != "dense"
+
+    def encode_ids(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of a sparse feature for n rows.
+
+        Args:
+            values: n raw values (lists for a multi-valued feature); nulls are missing values.
+
+        Returns:
+            (ids int64 [sum of lengths], lengths int32 [n]); a single-valued feature has
+            length 1 per row. Unknown categorical values with `oov` "error" are id -1 (the
+            caller words the error, see `unknown_rows`).
+
+        Raises:
+            InvalidInput: the values have a type the feature cannot read.
+        """
+        if self.multi_valued:
+            lists = values if not isinstance(values, pa.ChunkedArray) else values.combine_chunks()
+            if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
+                raise InvalidInput(f"expected lists of values, got {lists.type}")
+            lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int32)
+            flat = pc.list_flatten(lists)
+        else:
+            flat = values
+            lengths = np.ones(len(values), dtype=np.int32)
+        return self._ids(flat), lengths
+
+    def _ids(self, values: pa.Array) -> np.ndarray:
+        if self.kind == "categorical":
+            assert self.vocabulary is not None
+            ids = self.vocabulary.lookup(values)
+            if self.oov == "bucket":
+                ids[ids < 0] = len(self.vocabulary)
+            return ids
+        if self.kind == "hashed":
+            text = as_text(values)
+            return (fnv1a_64(text, self.seed) % np.uint64(self.buckets)).astype(np.int64)
+        numbers = _numbers(values)
+        ids = np.searchsorted(np.asarray(self.boundaries), numbers, side="right").astype(np.int64)
+        if self.missing_bucket:
+            ids = np.where(np.isnan(numbers), 0, ids + 1)
+        return ids
+
+    def encode_dense(self, values: pa.Array) -> np.ndarray:
+        """float32 [n] of a dense feature (missing values are NaN; callers fill defaults first)."""
+        numbers = _numbers(values)
+        if self.clip_min is not None or self.clip_max is not None:
+            numbers = np.clip(numbers, self.clip_min, self.clip_max)
+        if self.log1p:
+            numbers = np.log1p(numbers)
+        if self.std > 0:
+            numbers = (numbers - self.mean) / self.std
+        return numbers.astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        """The transforms.json entry (the vocabulary goes to its own file)."""
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "side": self.side,
+            "kind": self.kind,
+            "multi_valued": self.multi_valued,
+            "cardinality": self.cardinality,
+            "default": self.default,
+            "max_length": self.max_length,
+        }
+        if self.kind == "categorical":
+            entry.update(oov=self.oov, vocabulary=f"{VOCAB_DIR}/{self.name}.arrow")
+        elif self.kind == "hashed":
+            entry.update(hash="fnv1a_64", seed=self.seed, buckets=self.buckets)
+        elif self.kind == "bucketized":
+            entry.update(boundaries=list(self.boundaries), missing_bucket=self.missing_bucket)
+        else:
+            entry.update(
+                clip_min=self.clip_min,
+                clip_max=self.clip_max,
+                log1p=self.log1p,
+                mean=self.mean,
+                std=self.std,
+            )
+        return entry
+
+
+def _numbers(values: pa.Array) -> np.ndarray:
+    """float64 of numeric values, NaN where missing.
+
+    Raises:
+        InvalidInput: the values are not numbers.
+    """
+    kind = values.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+        raise InvalidInput(f"expected numbers, got {kind}")
+    return pc.fill_null(values.cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+
+
+def unknown_rows(transform: FeatureTransform, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows holding an id the feature could not map (unknown value under `oov` "error")."""
+    bad = np.flatnonzero(ids < 0)
+    if bad.size == 0:
+        return bad
+    ends = np.cumsum(lengths)
+    return np.unique(np.searchsorted(ends, bad, side="right"))
+
+
+# -- the file ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Transforms:
+    """Every feature's transform and which features key the user and item tables.
+
+    Attributes:
+        features: by name, in the data spec's order.
+        user_key: the user-side categorical feature whose vocabulary holds the user keys.
+        item_key: the item-side categorical feature whose vocabulary holds the item ids the
+            index and responses use (the catalogue's raw ids, row = item index).
+    """
+
+    features: Mapping[str, FeatureTransform]
+    user_key: str | None
+    item_key: str | None
+
+    def of_side(self, side: Side) -> list[FeatureTransform]:
+        return [f for f in self.features.values() if f.side == side]
+
+    def item_ids(self) -> pa.Array:
+        """The catalogue's raw item ids in item-index order."""
+        if self.item_key is None:
+            raise InvalidInput("these transforms have no item key")
+        vocabulary = self.features[self.item_key].vocabulary
+        assert vocabulary is not None
+        return vocabulary.values
+
+
+def write_transforms(folder: Path, transforms: Transforms) -> list[str]:
+    """Writes transforms.json and one vocab/<feature>.arrow per categorical feature, atomically.
+
+    Returns:
+        The relative paths written.
+    """
+    written = []
+    for feature in transforms.features.values():
+        if feature.vocabulary is None:
+            continue
+        relative = f"{VOCAB_DIR}/{feature.name}.arrow"
+        _write_arrow(folder / relative, feature.vocabulary.table())
+        written.append(relative)
+    document = {
+        "format_version": TRANSFORMS_FORMAT_VERSION,
+        "user_key": transforms.user_key,
+        "item_key": transforms.item_key,
+        "features": [feature.to_json() for feature in transforms.features.values()],
+    }
+    write_bytes_atomic(
+        folder / TRANSFORMS_FILE, (json.dumps(document, indent=2) + "\n").encode("utf-8")
+    )
+    written.append(TRANSFORMS_FILE)
+    return written
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    """An uncompressed Arrow IPC file (memory-mappable, readable by every Arrow library)."""
+    with (
+        atomic_output(path, ".arrow") as temp,
+        pa.OSFile(str(temp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
+
+
+def read_arrow(path: Path) -> pa.Table:
+    """Memory-maps an Arrow IPC file written by `_write_arrow`.
+
+    Raises:
+        InvalidInput: the file is not an Arrow IPC file.
+    """
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InvalidInput(f"{path}: not a readable Arrow IPC file ({error})") from None
+
+
+def read_transforms(folder: Path) -> Transforms:
+    """Reads what `write_transforms` wrote.
+
+    Raises:
+        InvalidInput: a malformed document or vocabulary, naming the file and the field.
+    """
+    path = folder / TRANSFORMS_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInput(f"{path}: not a readable transforms file ({error})") from None
+    if (
+        not isinstance(document, dict)
+        or document.get("format_version") != TRANSFORMS_FORMAT_VERSION
+    ):
+        raise InvalidInput(f"{path}: format_version is not {TRANSFORMS_FORMAT_VERSION}")
+    features = {}
+    for position, entry in enumerate(document.get("features") or []):
+        feature = _feature_from_json(folder, entry, f"{path}: features[{position}]")
+        features[feature.name] = feature
+    return Transforms(features, document.get("user_key"), document.get("item_key"))
+
+
+def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform:
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"{where}: expected an object")
+    try:
+        kind = entry["kind"]
+        if kind not in KINDS or entry["side"] not in SIDES:
+            raise InvalidInput(f"{where}: unknown kind {kind!r} or side {entry['side']!r}")
+        common: dict[str, Any] = {
+            "name": str(entry["name"]),
+            "side": entry["side"],
+            "kind": kind,
+            "multi_valued": bool(entry.get("multi_valued", False)),
+            "cardinality": int(entry.get("cardinality", 0)),
+            "default": entry.get("default"),
+            "max_length": int(entry.get("max_length", 64)),
+        }
+        if kind == "categorical":
+            table = read_arrow(folder / str(entry["vocabulary"]))
+            vocabulary = Vocabulary.from_table(table, str(folder / entry["vocabulary"]))
+            return FeatureTransform(**common, vocabulary=vocabulary, oov=entry["oov"])
+        if kind == "hashed":
+            if entry.get("hash") != "fnv1a_64":
+                raise InvalidInput(f"{where}: unknown hash {entry.get('hash')!r}")
+            return FeatureTransform(
+                **common, seed=int(entry["seed"]), buckets=int(entry["buckets"])
+            )
+        if kind == "bucketized":
+            return FeatureTransform(
+                **common,
+                boundaries=tuple(float(b) for b in entry["boundaries"]),
+                missing_bucket=bool(entry.get("missing_bucket", False)),
+            )
+        return FeatureTransform(
+            **common,
+            clip_min=entry.get("clip_min"),
+            clip_max=entry.get("clip_max"),
+            log1p=bool(entry.get("log1p", False)),
+            mean=float(entry.get("mean", 0.0)),
+            std=float(entry.get("std", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise InvalidInput(f"{where}: malformed ({error})") from None
