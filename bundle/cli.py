@@ -234,13 +234,19 @@ def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.Bun
         read_golden,
     )
     from recship.bundle.index import read_index
-    from recship.bundle.item_features import read_item_features
+    from recship.bundle.item_features import read_item_features, read_user_features
+    from recship.bundle.transforms import check_transforms, read_transforms
 
     read_index(ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items)
     read_item_features(ref.path / manifest.item_features.file, manifest)
+    if manifest.HasField("user_features"):
+        read_user_features(ref.path / manifest.user_features.file, manifest)
+    check_transforms(read_transforms(ref.path), manifest)
     golden_set = read_golden(ref.path / manifest.golden.file)
     check_golden_shapes(golden_set, manifest)
-    console.print("contents: index, item table and golden record match the manifest")
+    console.print(
+        "contents: index, item and user tables, transforms and golden record match the manifest"
+    )
     results_table = Table(title=f"golden self-test of {ref}")
     for column in ("entry point", "file", "max abs diff", "ok"):
         results_table.add_column(column)

@@ -1,7 +1,10 @@
-"""item_features.npz: the per-item features the runtime joins onto any candidate id.
+"""item_features.npz and user_features.npz: the entity tables a bundle stores.
 
-Row r is item id r; the arrays of the archive are listed in `bundle/FORMAT.md`
-(item_features.npz). Uncompressed, so it loads fast; read without pickle.
+The item table holds the features the runtime joins onto any candidate (row r = item index r);
+the user table the features stored per user (row r = user index r: the position of the user's
+key in the user key vocabulary), so a request may carry just the user key. Both use one
+layout, listed in `bundle/FORMAT.md` (item_features.npz); uncompressed, so it loads fast; read
+without pickle.
 
 Reading checks the archive before numpy allocates anything (`check_archive`: every member
 stored uncompressed, each array's declared shape and dtype no larger than the bytes it
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +122,28 @@ def _check_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo)
         )
 
 
+def read_user_features(
+    path: Path, manifest: manifest_pb2.BundleManifest
+) -> tuple[EntityTable, list[str], list[str]]:
+    """Loads the user table (same layout as the item table), checked against the manifest."""
+    table, sparse_names, dense_names = read_item_features(path)
+    declared = manifest.user_features
+    check_entity_table(
+        path,
+        table,
+        sparse_names,
+        dense_names,
+        Declared(
+            "user_features",
+            int(declared.num_users),
+            tuple(declared.sparse_features),
+            tuple(declared.dense_features),
+        ),
+        manifest,
+    )
+    return table, sparse_names, dense_names
+
+
 def read_item_features(
     path: Path, manifest: manifest_pb2.BundleManifest | None = None
 ) -> tuple[EntityTable, list[str], list[str]]:
@@ -155,6 +181,16 @@ def read_item_features(
     return items, sparse_names, dense_names
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What the manifest declares of one entity table: its field, rows and feature names."""
+
+    field: str
+    rows: int
+    sparse: tuple[str, ...]
+    dense: tuple[str, ...]
+
+
 def check_item_table(
     path: Path,
     items: EntityTable,
@@ -162,19 +198,43 @@ def check_item_table(
     dense_names: Sequence[str],
     manifest: manifest_pb2.BundleManifest,
 ) -> None:
-    """Checks a loaded item table against the manifest, so that joining any valid item id
-    onto a ranking row can neither fail nor read outside an array.
+    """Checks a loaded item table against the manifest (`check_entity_table`)."""
+    declared = manifest.item_features
+    check_entity_table(
+        path,
+        items,
+        sparse_names,
+        dense_names,
+        Declared(
+            "item_features",
+            int(manifest.schema.num_items),
+            tuple(declared.sparse_features),
+            tuple(declared.dense_features),
+        ),
+        manifest,
+    )
+
+
+def check_entity_table(
+    path: Path,
+    items: EntityTable,
+    sparse_names: Sequence[str],
+    dense_names: Sequence[str],
+    declared: Declared,
+    manifest: manifest_pb2.BundleManifest,
+) -> None:
+    """Checks a loaded entity table against the manifest, so that gathering any valid row
+    into a model batch can neither fail nor read outside an array.
 
     Raises:
         InvalidInput: naming the first array that disagrees.
     """
     schema = manifest.schema
-    declared = manifest.item_features
-    num_items = int(schema.num_items)
-    if list(sparse_names) != list(declared.sparse_features):
-        raise InvalidInput(f"{path}: sparse features differ from the manifest's item_features")
-    if list(dense_names) != list(declared.dense_features):
-        raise InvalidInput(f"{path}: dense features differ from the manifest's item_features")
+    num_items = declared.rows
+    if list(sparse_names) != list(declared.sparse):
+        raise InvalidInput(f"{path}: sparse features differ from the manifest's {declared.field}")
+    if list(dense_names) != list(declared.dense):
+        raise InvalidInput(f"{path}: dense features differ from the manifest's {declared.field}")
     if items.dense.shape != (num_items, len(dense_names)) or items.dense.dtype != np.float32:
         raise InvalidInput(
             f"{path}: dense is {items.dense.dtype} {items.dense.shape}, the manifest declares "

@@ -26,6 +26,11 @@ RESERVED_FILENAMES = frozenset({MANIFEST_FILENAME, SIGNATURE_FILENAME})
 INDEX_FILE = "items.faiss"
 # The item table the runtime joins onto ranking candidates (bundle/item_features.py).
 ITEM_FEATURES_FILE = "item_features.npz"
+# The user table a request may carry only the user key for (bundle/item_features.py).
+USER_FEATURES_FILE = "user_features.npz"
+# How raw feature values become model inputs, and the vocabularies (bundle/transforms.py).
+TRANSFORMS_FILE = "transforms.json"
+VOCAB_DIR = "vocab"
 # Recorded entry-point inputs and outputs for the load-time self-test (bundle/golden.py).
 GOLDEN_FILE = "golden.pt"
 # Entry point names; their files are `<name><format suffix>` (bundle/entrypoints.py).

@@ -276,7 +276,7 @@ def _referenced_file_problems(manifest: manifest_pb2.BundleManifest, listed: set
             )
         seen.add(key)
         check(f"{where}.file", entry_point.file)
-    for field in ("index", "item_features", "golden"):
+    for field in ("index", "item_features", "golden", "user_features", "transforms"):
         if manifest.HasField(field):
             check(f"{field}.file", getattr(manifest, field).file)
     return problems
@@ -404,6 +404,25 @@ def _component_problems(
             feature = features.get(name)
             if feature is None or feature.side != manifest_pb2.FEATURE_SIDE_ITEM:
                 problems.append(f"item_features stores {untrusted(name)}, not an item feature")
+    if manifest.HasField("user_features"):
+        table = manifest.user_features
+        user_dense = list(schema.dense_features[: schema.query_dense_count])
+        if list(table.dense_features) != user_dense:
+            problems.append("user_features.dense_features differ from the schema's query-side ones")
+        if table.num_users < 1:
+            problems.append("user_features.num_users must be >= 1")
+        key = features.get(schema.user_id_feature)
+        if key is None or key.side != manifest_pb2.FEATURE_SIDE_QUERY:
+            problems.append("user_features needs schema.user_id_feature, a query-side feature")
+        elif key.cardinality < table.num_users:
+            problems.append(
+                f"user_features.num_users {table.num_users} exceeds the "
+                f"{key.cardinality} ids of {untrusted(key.name)}"
+            )
+        for name in table.sparse_features:
+            feature = features.get(name)
+            if feature is None or feature.side != manifest_pb2.FEATURE_SIDE_QUERY:
+                problems.append(f"user_features stores {untrusted(name)}, not a query feature")
     if manifest.HasField("golden"):
         golden = manifest.golden
         if golden.examples < 1:

@@ -36,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recship.base.errors import InvalidInput
+from recship.base.errors import InvalidInput, untrusted
 from recship.base.files import atomic_output, write_bytes_atomic
+from recship.bundle.layout import TRANSFORMS_FILE, VOCAB_DIR
+from recship.protos.v1 import manifest_pb2
 
-TRANSFORMS_FILE = "transforms.json"
-VOCAB_DIR = "vocab"
 TRANSFORMS_FORMAT_VERSION = 1
 # The seed of the hash that indexes vocabularies (their lookup column), fixed by the format.
 VOCAB_HASH_SEED = 0
@@ -514,3 +514,33 @@ def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInput(f"{where}: malformed ({error})") from None
+
+
+def check_transforms(transforms: Transforms, manifest: manifest_pb2.BundleManifest) -> None:
+    """Checks the transforms against the manifest: the features it declares, and every sparse
+    feature's id range equal to its embedding table's, so no encoded id can fall outside it.
+
+    Raises:
+        InvalidInput: naming the first disagreement.
+    """
+    declared = list(manifest.transforms.features)
+    if declared != list(transforms.features):
+        raise InvalidInput("transforms.json: its features differ from the manifest's transforms")
+    if (transforms.item_key or "") != manifest.schema.item_id_feature or (
+        transforms.user_key or ""
+    ) != manifest.schema.user_id_feature:
+        raise InvalidInput("transforms.json: its user and item keys differ from the schema's")
+    for spec in manifest.schema.sparse_features:
+        transform = transforms.features.get(spec.name)
+        if transform is None:
+            raise InvalidInput(f"transforms.json: no transform for feature {untrusted(spec.name)}")
+        expected = {
+            "categorical": len(transform.vocabulary or ()) + (transform.oov == "bucket"),
+            "hashed": transform.buckets,
+            "bucketized": len(transform.boundaries) + 1 + transform.missing_bucket,
+        }.get(transform.kind)
+        if expected is None or expected != spec.cardinality or transform.cardinality != expected:
+            raise InvalidInput(
+                f"transforms.json: {untrusted(spec.name)} gives {expected} ids, its table "
+                f"holds {spec.cardinality}"
+            )

@@ -95,40 +95,42 @@ def run_demo(out: Path, console: Console) -> None:
 
 
 def _show_recommendations(client, data, manifest, console: Console) -> None:
-    """Recommend for a few users, excluding what they already rated, and print titles."""
-    from recship.protos.v1 import manifest_pb2
-    from recship.runtime.client import Query
+    """Recommend for a few users by their raw MovieLens id alone, excluding what they rated.
 
-    schema = manifest.schema
-    query_features = [
-        f.name for f in schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
-    ]
+    The client sends raw ids and gets raw ids back; the bundle holds every mapping (ids,
+    vocabularies, the users' stored features). Titles come from the catalogue, keyed by the
+    raw item id, as a shop's own product table would give them.
+    """
     rng = np.random.default_rng(7)
     users = np.sort(rng.choice(data.num_users, size=DEMO_USERS, replace=False))
-    queries, exclude = [], []
-    for user in users:
-        sparse = {
-            name: data.users.sparse[name].gather(np.array([user]))[0].tolist()
-            for name in query_features
-        }
-        dense = data.users.dense[user, : schema.query_dense_count].tolist()
-        queries.append(Query(sparse=sparse, dense=dense))
-        exclude.append(np.unique(data.item_ids[data.user_ids == user]).tolist())
-    response = client.recommend("movies", queries, retrieve_k=200, top_n=TOP_N, exclude=exclude)
-    titles = data.item_titles
-    for user, items, seen in zip(users, response.results, exclude, strict=True):
-        raw = data.raw_user_ids[user] if data.raw_user_ids is not None else user
+    keys = [str(data.raw_user_ids[user]) for user in users]
+    user_key = manifest.schema.user_id_feature
+    exclude = [
+        sorted({str(data.raw_item_ids[i]) for i in data.item_ids[data.user_ids == user]})
+        for user in users
+    ]
+    response = client.recommend(
+        "movies", [{user_key: key} for key in keys], retrieve_k=0, top_n=TOP_N, exclude=exclude
+    )
+    depth = manifest.serving.retrieve_k
+    titles = dict(zip(data.raw_item_ids.tolist(), data.item_titles or [], strict=False))
+    for key, items, seen in zip(keys, response.results, exclude, strict=True):
         table = Table(
-            title=f"user {raw}: top {TOP_N} of 200 retrieved ({len(seen)} rated movies excluded)"
+            title=f"user {key}: top {TOP_N} of {depth} retrieved ({len(seen)} rated movies "
+            "excluded)"
         )
         table.add_column("#", justify="right")
+        table.add_column("item id", justify="right")
         table.add_column("movie")
         table.add_column("rank score", justify="right")
         table.add_column("retrieval score", justify="right")
         for position, item in enumerate(items, start=1):
-            name = titles[item.item_id] if titles else f"item {item.item_id}"
             table.add_row(
-                str(position), name, f"{item.rank_score:.3f}", f"{item.retrieval_score:.3f}"
+                str(position),
+                item.item_id,
+                titles.get(item.item_id, ""),
+                f"{item.rank_score:.3f}",
+                f"{item.retrieval_score:.3f}",
             )
         console.print(table)
     served = response.served_by

@@ -47,8 +47,11 @@ from recship.bundle.layout import (
     ITEM_FEATURES_FILE,
     QUERY_TOWER,
     RANKER,
+    TRANSFORMS_FILE,
+    USER_FEATURES_FILE,
     BundleRef,
 )
+from recship.bundle.transforms import write_transforms
 from recship.bundle.writer import BundleWriter
 from recship.packager import export
 from recship.packager.checkpoint import LoadedCheckpoint, check_pair, load_checkpoint
@@ -214,6 +217,13 @@ class _Packager:
         ranking_schema = self.ranking.config.schema
         # Schema order is user side, then item side: the order `ranking_batch` lays out.
         self.ranker_features = [f.name for f in ranking_schema.sparse]
+        self.ranker_query_features = [f.name for f in ranking_schema.user_sparse()]
+        for checkpoint in (self.retrieval, self.ranking):
+            if checkpoint.train.transforms is None:
+                raise InvalidInput(
+                    f"{checkpoint.path}: its data source has no feature transforms to serve "
+                    "raw values with (only data read through a feature spec can be packaged)"
+                )
         self.ranker_item_features = [f.name for f in ranking_schema.item_sparse()]
         self.query_fp32 = QueryTowerEntry(tower, self.query_features).eval()
         self.ranker_fp32 = RankerEntry(self.ranking.model, self.ranker_features).eval()
@@ -418,6 +428,17 @@ class _Packager:
         manifest.index.file = INDEX_FILE
         items = manifest.item_features
         items.file = ITEM_FEATURES_FILE
+        if ranking.config.schema.user_id_feature is not None:
+            users = manifest.user_features
+            users.file = USER_FEATURES_FILE
+            users.format = "npz"
+            users.num_users = ranking.train.num_users
+            users.sparse_features.extend(self.user_sparse)
+            users.dense_features.extend(self.user_dense)
+        # Replaced by the gate's retrieve_k sweep; until then the depth the gate measures.
+        manifest.serving.retrieve_k = min(100, retrieval.train.num_items)
+        manifest.transforms.file = TRANSFORMS_FILE
+        manifest.transforms.features.extend(ranking.train.transforms.features)
         items.format = "npz"
         items.num_items = retrieval.train.num_items
         items.sparse_features.extend(self.ranker_item_features)
@@ -441,6 +462,36 @@ class _Packager:
             )
         manifest.resources.host_bytes = sum(entry.size_bytes for entry in manifest.files)
         manifest.resources.device_bytes.extend(device_bytes)
+
+    def write_tables(self, staging: Path) -> None:
+        """The item table, the user table and the transforms (bundle/FORMAT.md).
+
+        The user table stores every query-side feature either model reads but the user key
+        (whose id is the row), encoded, so a request may send only the user key.
+        """
+        ranking = self.ranking
+        write_item_features(
+            staging / ITEM_FEATURES_FILE,
+            ranking.train.items,
+            self.ranker_item_features,
+            [f.name for f in ranking.config.schema.item_dense()],
+        )
+        transforms = ranking.train.transforms
+        schema = ranking.config.schema
+        self.user_sparse = [
+            name
+            for name in dict.fromkeys(self.query_features + self.ranker_query_features)
+            if name != schema.user_id_feature
+        ]
+        self.user_dense = [f.name for f in schema.user_dense()]
+        if schema.user_id_feature is not None:
+            write_item_features(
+                staging / USER_FEATURES_FILE,
+                ranking.train.users,
+                self.user_sparse,
+                self.user_dense,
+            )
+        self.transform_files = write_transforms(staging, transforms)
 
     def _fill_schema(self, schema: manifest_pb2.FeatureSchema) -> None:
         retrieval, ranking = self.retrieval.config, self.ranking.config
@@ -483,6 +534,7 @@ class _Packager:
         schema.dense_features.extend(f.name for f in ranking.schema.item_dense())
         schema.query_dense_count = len(ranking.schema.user_dense())
         schema.item_id_feature = retrieval.schema.item_id_feature or ""
+        schema.user_id_feature = retrieval.schema.user_id_feature or ""
         schema.num_items = self.retrieval.train.num_items
         schema.retrieval_dim = int(self.item_embeddings.shape[1])
 
@@ -537,12 +589,7 @@ class _Packager:
                     "quality gate failed, nothing published: " + "; ".join(quality.failures())
                 )
             with timer.stage("publish", f"{options.repo}/{options.name}/<next version>"):
-                write_item_features(
-                    staged.path / ITEM_FEATURES_FILE,
-                    self.ranking.train.items,
-                    self.ranker_item_features,
-                    [f.name for f in self.ranking.config.schema.item_dense()],
-                )
+                self.write_tables(staged.path)
                 captured: list[manifest_pb2.BundleManifest] = []
 
                 def fill(manifest: manifest_pb2.BundleManifest) -> None:

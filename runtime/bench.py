@@ -116,8 +116,9 @@ class LoadResult:
 
 
 def _queries(config: BenchConfig, count: int) -> list[bytes]:
-    """Serialized requests with random valid queries (from the manifest) or the fixed one."""
-    from recship.protos.v1 import manifest_pb2, recommender_pb2
+    """Serialized requests for random stored users (from the bundle) or the fixed query."""
+    from recship.bundle.transforms import read_transforms
+    from recship.protos.v1 import recommender_pb2
     from recship.runtime.client import Query, model_spec, query_proto
     from recship.runtime.serve_cli import parse_features
 
@@ -126,18 +127,15 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
         from recship.bundle.store import BundleStore
 
         store = BundleStore(Path(config.repo))
-        manifest = store.validate_latest(config.bundle, checksums=False).manifest
-        query_side = [
-            f for f in manifest.schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
-        ]
-        dense = int(manifest.schema.query_dense_count)
-        queries = [
-            Query(
-                {f.name: int(rng.integers(f.cardinality)) for f in query_side},
-                rng.standard_normal(dense).tolist(),
-            )
-            for _ in range(count)
-        ]
+        validated = store.validate_latest(config.bundle, checksums=False)
+        transforms = read_transforms(validated.ref.path)
+        if transforms.user_key is None:
+            raise InvalidInput(f"{validated.ref}: has no user key to draw queries from")
+        keys = transforms.features[transforms.user_key].vocabulary
+        assert keys is not None
+        drawn = rng.integers(0, len(keys), count)
+        # Random stored users by key alone: the server fills their features from the bundle.
+        queries = [Query({transforms.user_key: keys.values[int(i)].as_py()}) for i in drawn]
     elif config.user_features:
         queries = [Query(parse_features(config.user_features))] * count
     else:

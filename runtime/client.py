@@ -1,10 +1,11 @@
 """Typed Python clients for a recship server: `RecshipClient` (inference) and `AdminClient`.
 
-Queries are plain mappings from feature name to one id or a list of ids; results come back as
-frozen dataclasses. gRPC errors become the matching `RecshipError` (INVALID_ARGUMENT ->
-`InvalidInput`, NOT_FOUND -> `NotFound`, UNAUTHENTICATED -> `Unauthenticated`, ...) carrying
-the server's message; a server that cannot be reached (or that speaks TLS to a plaintext
-client) is `Unavailable`.
+Queries are plain mappings from feature name to a raw value (text, an integer, a number, or a
+list of one of those), as the data holds them: the server applies the bundle's transforms.
+Item ids are the catalogue's, as text. Results come back as frozen dataclasses. gRPC errors
+become the matching `RecshipError` (INVALID_ARGUMENT -> `InvalidInput`, NOT_FOUND ->
+`NotFound`, UNAUTHENTICATED -> `Unauthenticated`, ...) carrying the server's message; a
+server that cannot be reached (or that speaks TLS to a plaintext client) is `Unavailable`.
 
 The admin API has its own listener (`recship serve --admin-port`, loopback by default) and
 takes a bearer token: `AdminClient(target, token=...)`. Both clients take `ClientTLS` for TLS
@@ -16,8 +17,7 @@ Example::
         admin.wait_until_serving(timeout=60)       # says why at once if every version FAILED
     with RecshipClient("127.0.0.1:8500") as client:
         response = client.recommend(
-            "movies", [{"user_id": 3, "user_age_bucket": 2}], retrieve_k=100, top_n=10,
-            exclude=[[12, 40]],
+            "movies", [{"user_id": 196}], retrieve_k=100, top_n=10, exclude=[["242", "302"]]
         )
         for item in response.results[0]:
             print(item.item_id, item.rank_score)
@@ -30,15 +30,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recship.base import errors
+from recship.base.errors import InvalidInput
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recship.runtime.grpc_errors import STATUS_CODES
 from recship.runtime.security import ClientTLS, bearer_metadata, open_channel
 
 # A query's sparse features: name -> one id or several ids.
-Features = Mapping[str, int | Sequence[int]]
+# A raw feature value: text, an integer, a number, or a list of one of those.
+RawValue = str | int | float | Sequence[str] | Sequence[int] | Sequence[float]
+# A query's features: raw values by feature name.
+Features = Mapping[str, RawValue]
 
 # The server's status table read backwards: a status code -> the error class it stands for.
 _ERRORS: dict[grpc.StatusCode, type[errors.RecshipError]] = {
@@ -48,10 +53,9 @@ _ERRORS: dict[grpc.StatusCode, type[errors.RecshipError]] = {
 
 @dataclass(frozen=True)
 class Query:
-    """One query: sparse features by name and the query-side dense features (usually none)."""
+    """One query: raw feature values by name (only the user key is enough for a stored user)."""
 
-    sparse: Features
-    dense: Sequence[float] = ()
+    features: Features
 
 
 @dataclass(frozen=True)
@@ -65,23 +69,25 @@ class ServedBy:
 
 @dataclass(frozen=True)
 class RetrievedItem:
-    item_id: int
+    item_id: str
     score: float
 
 
 @dataclass(frozen=True)
 class RecommendedItem:
-    item_id: int
+    item_id: str
     rank_score: float
     retrieval_score: float
 
 
 @dataclass(frozen=True)
 class RetrieveResponse:
-    """`results[i]`: the candidates of query i, best first."""
+    """`results[i]`: the candidates of query i, best first; `cold_start[i]`: its user key was
+    unknown to the bundle (defaults stood in)."""
 
     served_by: ServedBy
     results: list[list[RetrievedItem]] = field(default_factory=list)
+    cold_start: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class RankResponse:
 
     served_by: ServedBy
     results: list[list[float]] = field(default_factory=list)
+    cold_start: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,15 +105,41 @@ class RecommendResponse:
 
     served_by: ServedBy
     results: list[list[RecommendedItem]] = field(default_factory=list)
+    cold_start: list[bool] = field(default_factory=list)
+
+
+def value_proto(value: RawValue, message: recommender_pb2.Value) -> None:
+    """Fills a wire `Value` from a Python value (bool and other types are refused)."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"feature value {value!r}: send text, an integer or a number")
+    if isinstance(value, str):
+        message.string_value = value
+    elif isinstance(value, int | np.integer):
+        message.int_value = int(value)
+    elif isinstance(value, float | np.floating):
+        message.double_value = float(value)
+    elif isinstance(value, Sequence | np.ndarray):
+        items = list(value)
+        lists = message.list_value
+        lists.SetInParent()
+        if all(isinstance(v, str) for v in items):
+            lists.strings.extend(items)
+        elif all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in items):
+            lists.ints.extend(int(v) for v in items)
+        elif all(isinstance(v, int | float | np.number) for v in items):
+            lists.doubles.extend(float(v) for v in items)
+        else:
+            raise InvalidInput(f"feature value {value!r}: a list holds one kind of value")
+    else:
+        raise InvalidInput(f"feature value {value!r}: send text, an integer, a number or a list")
 
 
 def query_proto(query: Query | Features) -> recommender_pb2.Query:
     """The wire form of a query given as a `Query` or as a features mapping."""
-    if not isinstance(query, Query):
-        query = Query(query)
-    message = recommender_pb2.Query(dense=list(query.dense))
-    for name, ids in query.sparse.items():
-        message.sparse[name].ids.extend([ids] if isinstance(ids, int) else list(ids))
+    features = query.features if isinstance(query, Query) else query
+    message = recommender_pb2.Query()
+    for name, value in features.items():
+        value_proto(value, message.features[name])
     return message
 
 
@@ -240,7 +273,7 @@ class RecshipClient(_Client):
         queries: Sequence[Query | Features],
         top_k: int,
         *,
-        exclude: Sequence[Sequence[int]] | None = None,
+        exclude: Sequence[Sequence[str]] | None = None,
         version: int | None = None,
         label: str | None = None,
         timeout: float | None = None,
@@ -250,7 +283,9 @@ class RecshipClient(_Client):
         request = recommender_pb2.RetrieveRequest(
             model=model_spec(bundle, version, label),
             queries=[
-                recommender_pb2.RetrieveQuery(query=query_proto(q), exclude_item_ids=list(e))
+                recommender_pb2.RetrieveQuery(
+                    query=query_proto(q), exclude_item_ids=[str(i) for i in e]
+                )
                 for q, e in zip(queries, excluded, strict=True)
             ],
             top_k=top_k,
@@ -259,13 +294,14 @@ class RecshipClient(_Client):
         return RetrieveResponse(
             _served_by(response.served_by),
             [[RetrievedItem(i.item_id, i.score) for i in r.items] for r in response.results],
+            [r.cold_start for r in response.results],
         )
 
     def rank(
         self,
         bundle: str,
         queries: Sequence[Query | Features],
-        candidates: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[str]],
         *,
         version: int | None = None,
         label: str | None = None,
@@ -275,13 +311,17 @@ class RecshipClient(_Client):
         request = recommender_pb2.RankRequest(
             model=model_spec(bundle, version, label),
             queries=[
-                recommender_pb2.RankQuery(query=query_proto(q), candidate_item_ids=list(c))
+                recommender_pb2.RankQuery(
+                    query=query_proto(q), candidate_item_ids=[str(i) for i in c]
+                )
                 for q, c in zip(queries, candidates, strict=True)
             ],
         )
         response = self._call(self.recommender.Rank, request, timeout)
         return RankResponse(
-            _served_by(response.served_by), [list(r.scores) for r in response.results]
+            _served_by(response.served_by),
+            [list(r.scores) for r in response.results],
+            [r.cold_start for r in response.results],
         )
 
     def recommend(
@@ -291,7 +331,7 @@ class RecshipClient(_Client):
         retrieve_k: int,
         top_n: int,
         *,
-        exclude: Sequence[Sequence[int]] | None = None,
+        exclude: Sequence[Sequence[str]] | None = None,
         version: int | None = None,
         label: str | None = None,
         timeout: float | None = None,
@@ -302,7 +342,9 @@ class RecshipClient(_Client):
         request = recommender_pb2.RecommendRequest(
             model=model_spec(bundle, version, label),
             queries=[
-                recommender_pb2.RecommendQuery(query=query_proto(q), exclude_item_ids=list(e))
+                recommender_pb2.RecommendQuery(
+                    query=query_proto(q), exclude_item_ids=[str(i) for i in e]
+                )
                 for q, e in zip(queries, excluded, strict=True)
             ],
             retrieve_k=retrieve_k,
@@ -315,6 +357,7 @@ class RecshipClient(_Client):
                 [RecommendedItem(i.item_id, i.rank_score, i.retrieval_score) for i in r.items]
                 for r in response.results
             ],
+            [r.cold_start for r in response.results],
         )
 
 

@@ -1,24 +1,39 @@
-"""Request features -> model tensors, validated against a bundle's schema.
+"""Request features -> model tensors: raw values in, through the bundle's transforms.
 
-Every check names the query index and the field, so a client can fix its request:
-`queries[2].sparse["user_id"].ids[0]: id 5000 is out of range [0, 943)`. Nothing here touches
-a model; the output is plain numpy in the entry points' feature-major jagged layout.
+A query carries raw values by feature name (`recship.v1.Value`: text, integers, numbers,
+lists). The codec fills what a query does not send from the bundle's user table (when the query
+names a stored user) or the feature's declared default, applies each feature's transform to a
+whole request's column at once (`recship.bundle.transforms`), and lays the ids out in the
+entry points' feature-major jagged layout. Item ids cross the wire as the catalogue's raw ids
+and are mapped to item indices here, both ways.
+
+Every refusal names the query index and the field, so a client can fix its request:
+`queries[2].query.features["user_gender"]: value 'X' is not in its vocabulary`. Nothing here
+touches a model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from recship.base.errors import InvalidInput
-from recship.base.jagged import NO_IDS, gather_bags
-from recship.bundle.item_features import read_item_features
+from recship.base.errors import InvalidInput, shown, untrusted
+from recship.base.jagged import NO_IDS, EntityTable, gather_bags
+from recship.bundle.item_features import read_item_features, read_user_features
+from recship.bundle.transforms import (
+    FeatureTransform,
+    Transforms,
+    check_transforms,
+    read_transforms,
+    unknown_rows,
+)
 from recship.protos.v1 import manifest_pb2, recommender_pb2
-
-# Largest number of ids one sparse feature of one query may carry.
-MAX_IDS_PER_FEATURE = 4096
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,34 @@ def join_blocks(*parts: JaggedBlock) -> JaggedBlock:
     )
 
 
+_REQUEST, _STORED, _DEFAULT, _EMPTY = 0, 1, 2, 3
+
+
+def _field(where: str, name: str) -> str:
+    """The field path of one feature of a query, e.g. `queries[2].query.features["user_id"]`."""
+    return f'{where}.features["{shown(name)}"]'
+
+
+def _raw(value: recommender_pb2.Value, field: str) -> Any:
+    """The Python value of one wire value (a list for `list_value`)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "list_value":
+        lists = value.list_value
+        filled = [x for x in (lists.strings, lists.ints, lists.doubles) if len(x)]
+        if len(filled) > 1:
+            raise InvalidInput(
+                f"{field}: a list holds one kind of value (strings, ints or doubles)"
+            )
+        return list(filled[0]) if filled else []
+    raise InvalidInput(f"{field}: no value set")
+
+
 class FeatureCodec:
     """Validates request queries and encodes them for one bundle version's entry points.
 
@@ -98,12 +141,12 @@ class FeatureCodec:
 
     Args:
         manifest: the version's manifest.
-        item_features_path: the version's item feature file (joined onto ranking rows).
+        version_dir: the version's folder (transforms, user and item tables).
     """
 
-    def __init__(self, manifest: manifest_pb2.BundleManifest, item_features_path) -> None:
+    def __init__(self, manifest: manifest_pb2.BundleManifest, version_dir: Path) -> None:
         schema = manifest.schema
-        self.cardinality = {f.name: int(f.cardinality) for f in schema.sparse_features}
+        version_dir = Path(version_dir)
         self.query_side = {
             f.name for f in schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
         }
@@ -114,116 +157,282 @@ class FeatureCodec:
         self.ranker_item_features = tuple(f for f in ranker_order if f not in self.query_side)
         if ranker_order != self.ranker_query_features + self.ranker_item_features:
             raise InvalidInput("bundle ranker must take query-side features before item-side ones")
-        self.required = tuple(sorted(self.query_side))
-        self.query_dense = int(schema.query_dense_count)
+        self.sparse_needed = tuple(
+            dict.fromkeys(self.query_tower_features + self.ranker_query_features)
+        )
+        self.dense_needed = tuple(schema.dense_features[: schema.query_dense_count])
         self.num_items = int(schema.num_items)
-        # Checked against the manifest as it loads: one row per item, offsets that index their
-        # values, ids inside each feature's cardinality, bounded bags (no join can fail).
-        items, sparse_names, _ = read_item_features(item_features_path, manifest)
-        self.items = items
-        missing = [name for name in self.ranker_item_features if name not in sparse_names]
+        self.transforms: Transforms = read_transforms(version_dir)
+        missing = [
+            n
+            for n in (*self.sparse_needed, *self.dense_needed)
+            if n not in self.transforms.features
+        ]
         if missing:
-            raise InvalidInput(f"bundle item features lack {', '.join(missing)}")
-
-    # -- validation -------------------------------------------------------------------------
-    def _check_query(self, query: recommender_pb2.Query, where: str) -> None:
-        """Raises the error naming the first bad field of `query` (none if it is valid)."""
-        for name in self.required:
-            if name not in query.sparse:
-                raise InvalidInput(f'{where}.sparse["{name}"]: missing (required by the bundle)')
-        for name, feature in query.sparse.items():
-            if name not in self.query_side:
-                known = ", ".join(self.required)
-                raise InvalidInput(f'{where}.sparse["{name}"]: unknown feature (expected {known})')
-            field = f'{where}.sparse["{name}"]'
-            if len(feature.ids) > MAX_IDS_PER_FEATURE:
-                raise InvalidInput(
-                    f"{field}.ids: {len(feature.ids)} ids, at most {MAX_IDS_PER_FEATURE}"
-                )
-            if feature.weights:
-                raise InvalidInput(f"{field}.weights: the bundle's feature {name} is not weighted")
-            if feature.ids:
-                ids = np.fromiter(feature.ids, dtype=np.int64, count=len(feature.ids))
-                bad = np.flatnonzero((ids < 0) | (ids >= self.cardinality[name]))
-                if bad.size:
-                    position = int(bad[0])
-                    raise InvalidInput(
-                        f"{field}.ids[{position}]: id {int(ids[position])} is out of range "
-                        f"[0, {self.cardinality[name]})"
-                    )
-        if len(query.dense) != self.query_dense:
-            raise InvalidInput(
-                f"{where}.dense: {len(query.dense)} values, the bundle expects {self.query_dense}"
+            raise InvalidInput(f"bundle transforms lack {', '.join(missing)}")
+        self.user_key = self.transforms.user_key
+        self.accepted = frozenset({*self.sparse_needed, *self.dense_needed} | (
+            {self.user_key} if self.user_key else set()))  # fmt: skip
+        # Checked against the manifest as they load: one row per entity, offsets that index
+        # their values, ids inside each feature's cardinality, bounded bags.
+        items, sparse_names, _ = read_item_features(
+            version_dir / manifest.item_features.file, manifest
+        )
+        self.items = items
+        absent = [name for name in self.ranker_item_features if name not in sparse_names]
+        if absent:
+            raise InvalidInput(f"bundle item features lack {', '.join(absent)}")
+        self.users: EntityTable | None = None
+        self.user_sparse: tuple[str, ...] = ()
+        self.user_dense: tuple[str, ...] = ()
+        if manifest.HasField("user_features"):
+            users, user_sparse, user_dense = read_user_features(
+                version_dir / manifest.user_features.file, manifest
             )
+            self.users = users
+            self.user_sparse, self.user_dense = tuple(user_sparse), tuple(user_dense)
+        check_transforms(self.transforms, manifest)
+        item_key = self.transforms.item_key
+        vocabulary = self.transforms.features[item_key].vocabulary if item_key else None
+        if vocabulary is None or len(vocabulary) != self.num_items:
+            raise InvalidInput(
+                f"bundle item key vocabulary does not hold the {self.num_items} items"
+            )
+        self.item_vocabulary = vocabulary
 
-    def check_item_ids(self, ids: Sequence[int], where: str) -> np.ndarray:
-        """Validates item ids (candidates, exclusions); returns them as int64."""
+    # -- items --------------------------------------------------------------------------------
+    def item_indices(self, ids: Sequence[str], where: str, *, unknown: str = "error") -> np.ndarray:
+        """Item indices of raw item ids (candidates, exclusions).
+
+        Args:
+            ids: the catalogue's item ids.
+            where: the field, for messages, e.g. "queries[0].candidate_item_ids".
+            unknown: "error" (INVALID_ARGUMENT naming the first unknown id) or "drop".
+        """
         if not ids:
             return NO_IDS
-        array = np.fromiter(ids, dtype=np.int64, count=len(ids))
-        bad = np.flatnonzero((array < 0) | (array >= self.num_items))
-        if bad.size:
-            position = int(bad[0])
-            raise InvalidInput(
-                f"{where}[{position}]: item id {int(array[position])} is out of range "
-                f"[0, {self.num_items})"
-            )
-        return array
+        found = self.item_vocabulary.lookup(pa.array(list(ids), pa.string()))
+        bad = np.flatnonzero(found < 0)
+        if bad.size == 0:
+            return found
+        if unknown == "drop":
+            return found[found >= 0]
+        position = int(bad[0])
+        raise InvalidInput(f"{where}[{position}]: unknown item id {untrusted(ids[position])}")
 
-    # -- encoding ---------------------------------------------------------------------------
+    def item_ids(self, indices: np.ndarray) -> list[str]:
+        """The catalogue's item ids of item indices."""
+        return self.item_vocabulary.values.take(pa.array(indices, pa.int64())).to_pylist()
+
+    # -- queries -------------------------------------------------------------------------------
     def encode_queries(
         self, queries: Sequence[recommender_pb2.Query], where: Sequence[str]
-    ) -> tuple[JaggedBlock, JaggedBlock, np.ndarray]:
+    ) -> tuple[JaggedBlock, JaggedBlock, np.ndarray, np.ndarray]:
         """Validates and encodes queries.
-
-        One pass over the queries gathers every feature's ids and checks the shape of each
-        query; the id ranges are then checked per feature over the whole request at once. Only
-        when something is wrong does `_check_query` walk the bad query to word the error.
 
         Args:
             queries: the request's queries.
             where: each query's field path for error messages, e.g. "queries[3].query".
 
         Returns:
-            (query tower block, ranker query-side block, dense float32 [n, query dense]).
+            (query tower block, ranker query-side block, dense float32 [n, query dense],
+            cold start bool [n]: the query's user key is unknown to the bundle).
 
         Raises:
             InvalidInput: naming the first bad field.
         """
-        count = len(queries)
-        ids: dict[str, list[int]] = {name: [] for name in self.required}
-        lengths = {name: np.empty(count, dtype=np.int32) for name in self.required}
-        dense = np.empty((count, self.query_dense), dtype=np.float32)
+        raw: list[dict[str, Any]] = []
         for position, query in enumerate(queries):
-            sparse = query.sparse
-            if len(sparse) != len(self.required) or len(query.dense) != self.query_dense:
-                self._check_query(query, where[position])
-            for name in self.required:
-                if name not in sparse:
-                    self._check_query(query, where[position])
-                feature = sparse[name]
-                if feature.weights or len(feature.ids) > MAX_IDS_PER_FEATURE:
-                    self._check_query(query, where[position])
-                lengths[name][position] = len(feature.ids)
-                ids[name].extend(feature.ids)
-            if self.query_dense:
-                dense[position] = query.dense
-        values = {}
-        for name in self.required:
-            values[name] = np.array(ids[name], dtype=np.int64)
-            bad = (values[name] < 0) | (values[name] >= self.cardinality[name])
-            if bad.any():
-                # The query holding the first bad id: its index among the bags' ends.
-                ends = np.cumsum(lengths[name])
-                position = int(np.searchsorted(ends, np.flatnonzero(bad)[0], side="right"))
-                self._check_query(queries[position], where[position])
+            values = {}
+            for name, value in query.features.items():
+                field = _field(where[position], name)
+                if name not in self.accepted:
+                    known = ", ".join(sorted(self.accepted))
+                    raise InvalidInput(f"{field}: unknown feature (the bundle takes {known})")
+                values[name] = _raw(value, field)
+            raw.append(values)
+        rows, cold = self._user_rows(raw, where)
+        columns = {name: self._sparse(name, raw, rows, where) for name in self.sparse_needed}
+        dense = np.zeros((len(raw), len(self.dense_needed)), dtype=np.float32)
+        for column, name in enumerate(self.dense_needed):
+            dense[:, column] = self._dense(name, raw, rows, where)
 
         def block(features: Sequence[str]) -> JaggedBlock:
             return JaggedBlock(
-                tuple(values[name] for name in features), tuple(lengths[name] for name in features)
+                tuple(columns[n][0] for n in features), tuple(columns[n][1] for n in features)
             )
 
-        return block(self.query_tower_features), block(self.ranker_query_features), dense
+        return block(self.query_tower_features), block(self.ranker_query_features), dense, cold
+
+    def _user_rows(
+        self, raw: list[dict[str, Any]], where: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's row in the user table (-1: none), and whether its key is unknown."""
+        rows = np.full(len(raw), -1, dtype=np.int64)
+        cold = np.zeros(len(raw), dtype=bool)
+        if self.user_key is None:
+            return rows, cold
+        vocabulary = self.transforms.features[self.user_key].vocabulary
+        assert vocabulary is not None
+        with_key = [i for i, values in enumerate(raw) if self.user_key in values]
+        if not with_key:
+            return rows, cold
+        keys = []
+        for i in with_key:
+            key = raw[i][self.user_key]
+            if isinstance(key, list | float):
+                field = _field(where[i], self.user_key)
+                raise InvalidInput(f"{field}: the user key is one text or integer value")
+            keys.append(str(key))
+        found = vocabulary.lookup(pa.array(keys, pa.string()))
+        rows[with_key] = found
+        cold[with_key] = found < 0
+        return rows, cold
+
+    def _sources(
+        self,
+        name: str,
+        raw: list[dict[str, Any]],
+        rows: np.ndarray,
+        stored: bool,
+        transform: FeatureTransform,
+        where: Sequence[str],
+    ) -> np.ndarray:
+        """Per query where `name` comes from: the request, the user table, the default, or
+        nothing (an unknown user's key: an empty bag, the cold-start query)."""
+        sources = np.empty(len(raw), dtype=np.int8)
+        for i, values in enumerate(raw):
+            is_cold_key = name == self.user_key and rows[i] < 0 and name in values
+            if is_cold_key:
+                sources[i] = _EMPTY
+            elif name in values:
+                sources[i] = _REQUEST
+            elif stored and rows[i] >= 0:
+                sources[i] = _STORED
+            elif transform.default is not None:
+                sources[i] = _DEFAULT
+            else:
+                hint = (
+                    f" (or send {self.user_key} of a stored user)"
+                    if stored and name != self.user_key
+                    else ""
+                )
+                raise InvalidInput(
+                    f"{_field(where[i], name)}: missing, required by the bundle{hint}"
+                )
+        return sources
+
+    def _sparse(
+        self, name: str, raw: list[dict[str, Any]], rows: np.ndarray, where: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, lengths int32 [n]) of one sparse feature over the request's queries."""
+        transform = self.transforms.features[name]
+        is_key = name == self.user_key
+        stored = is_key or name in self.user_sparse
+        sources = self._sources(name, raw, rows, stored, transform, where)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (queries, ids, lengths)
+        requested = np.flatnonzero(sources == _REQUEST)
+        if requested.size:
+            column = [raw[int(i)][name] for i in requested]
+            ids, lengths = self._encode(transform, column, [where[int(i)] for i in requested])
+            parts.append((requested, ids, lengths))
+        from_table = np.flatnonzero(sources == _STORED)
+        if from_table.size:
+            if is_key:
+                ids, lengths = rows[from_table], np.ones(from_table.size, dtype=np.int32)
+            else:
+                assert self.users is not None
+                ids, lengths = self.users.sparse[name].gather(rows[from_table])
+            parts.append((from_table, ids, lengths.astype(np.int32)))
+        defaulted = np.flatnonzero(sources == _DEFAULT)
+        if defaulted.size:
+            ids, lengths = self._encode(transform, [transform.default], ["(its default)"])
+            parts.append(
+                (defaulted, np.tile(ids, defaulted.size), np.repeat(lengths, defaulted.size))
+            )
+        empty = np.flatnonzero(sources == _EMPTY)
+        if empty.size:
+            parts.append((empty, NO_IDS, np.zeros(empty.size, dtype=np.int32)))
+        if len(parts) == 1:  # one source for every query: already in query order
+            return parts[0][1].astype(np.int64, copy=False), parts[0][2]
+        values = np.concatenate([ids for _, ids, _ in parts])
+        lengths = np.concatenate([lengths for _, _, lengths in parts])
+        position = np.empty(len(raw), dtype=np.int64)
+        position[np.concatenate([queries for queries, _, _ in parts])] = np.arange(len(raw))
+        bag_values, bag_lengths = gather_bags(values, _offsets(lengths), position)
+        return bag_values, bag_lengths.astype(np.int32)
+
+    def _encode(
+        self, transform: FeatureTransform, column: list[Any], where: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of raw values sent for one feature, each refusal naming its query."""
+        name = transform.name
+        for value, at in zip(column, where, strict=True):
+            if transform.multi_valued:
+                if isinstance(value, list) and len(value) > transform.max_length:
+                    raise InvalidInput(
+                        f"{_field(at, name)}: {len(value)} values, at most {transform.max_length}"
+                    )
+            elif isinstance(value, list):
+                raise InvalidInput(f"{_field(at, name)}: takes one value, not a list")
+        if transform.multi_valued:
+            column = [v if isinstance(v, list) else [v] for v in column]
+        textual = transform.kind in ("categorical", "hashed")
+        for value, at in zip(column, where, strict=True):
+            for element in value if isinstance(value, list) else (value,):
+                if textual and not isinstance(element, str | int):
+                    raise InvalidInput(
+                        f"{_field(at, name)}: takes text or an integer, got {untrusted(element)}"
+                    )
+                if not textual and (isinstance(element, str) or not math.isfinite(element)):
+                    raise InvalidInput(
+                        f"{_field(at, name)}: takes a finite number, got {untrusted(element)}"
+                    )
+        if textual:  # integers are looked up by their decimal text
+            column = [[str(x) for x in v] if isinstance(v, list) else str(v) for v in column]
+        array = pa.array(column, pa.list_(pa.string()) if textual and transform.multi_valued
+                         else pa.string() if textual else None)  # fmt: skip
+        try:
+            ids, lengths = transform.encode_ids(array)
+        except InvalidInput as error:
+            raise InvalidInput(f"{_field(where[0], name)}: {error}") from None
+        bad = unknown_rows(transform, ids, lengths)
+        if bad.size:
+            row = int(bad[0])
+            raise InvalidInput(
+                f"{_field(where[row], name)}: value {untrusted(column[row])} is not in its "
+                "vocabulary"
+            )
+        return ids, lengths.astype(np.int32)
+
+    def _dense(
+        self, name: str, raw: list[dict[str, Any]], rows: np.ndarray, where: Sequence[str]
+    ) -> np.ndarray:
+        """float32 [n] of one dense query-side feature."""
+        transform = self.transforms.features[name]
+        stored = name in self.user_dense
+        sources = self._sources(name, raw, rows, stored, transform, where)
+        out = np.empty(len(raw), dtype=np.float32)
+        requested = np.flatnonzero(sources == _REQUEST)
+        if requested.size:
+            numbers = []
+            for i in requested:
+                value = raw[int(i)][name]
+                if isinstance(value, list | str) or not math.isfinite(float(value)):
+                    raise InvalidInput(
+                        f"{_field(where[int(i)], name)}: needs one finite number, got "
+                        f"{untrusted(value)}"
+                    )
+                numbers.append(float(value))
+            out[requested] = transform.encode_dense(pa.array(numbers, pa.float64()))
+        from_table = np.flatnonzero(sources == _STORED)
+        if from_table.size:
+            assert self.users is not None
+            out[from_table] = self.users.dense[rows[from_table], self.user_dense.index(name)]
+        defaulted = np.flatnonzero(sources == _DEFAULT)
+        if defaulted.size:
+            out[defaulted] = transform.encode_dense(pa.array([float(transform.default)]))[0]
+        return out
 
     def item_block(self, item_ids: np.ndarray) -> tuple[JaggedBlock, np.ndarray]:
         """Item-side ranker features of `item_ids`: (sparse block, dense float32 [n, Fi])."""

@@ -359,7 +359,7 @@ def load_servable(
     wanted = tuple(range(len(where.replicas))) if slots is None else tuple(slots)
     if not wanted or any(not 0 <= slot < len(where.replicas) for slot in wanted):
         raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
-    codec = FeatureCodec(manifest, version.ref.path / manifest.item_features.file)
+    codec = FeatureCodec(manifest, version.ref.path)
     index = read_index(
         version.ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -204,24 +204,35 @@ def parse_label(text: str) -> tuple[str, str, int]:
     return name.strip(), check_label(label.strip()), number
 
 
-def parse_features(text: str) -> dict[str, list[int]]:
-    """`user_id=3,user_age_bucket=2,genres=1|4` -> {"user_id": [3], ..., "genres": [1, 4]}.
+def parse_features(text: str) -> dict[str, Any]:
+    """`user_id=196,tags=a|b,score=0.5,zip="01234"` -> raw values by feature name.
+
+    A value is an integer or a number when it reads as one, else text ("..." keeps it text);
+    `|` separates the values of a multi-valued feature.
 
     Raises:
-        InvalidInput: a pair is not `name=id[|id...]` with integer ids.
+        InvalidInput: a pair is not `name=value`.
     """
-    features: dict[str, list[int]] = {}
+    features: dict[str, Any] = {}
     for pair in _split(text):
-        name, sep, ids = pair.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            features[name.strip()] = [int(i) for i in ids.split("|") if i.strip()]
-        except ValueError:
-            raise InvalidInput(
-                f"--user-features: {pair!r} is not name=id or name=id|id|..."
-            ) from None
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"--user-features: {pair!r} is not name=value or name=v1|v2|...")
+        parts = [_raw_value(part) for part in value.split("|")]
+        features[name.strip()] = parts if "|" in value else parts[0]
     return features
+
+
+def _raw_value(text: str) -> str | int | float:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 @click.command("query")
@@ -230,8 +241,8 @@ def parse_features(text: str) -> dict[str, list[int]]:
 @click.option("--version", "version", type=int, default=None, help="Exact version to use.")
 @click.option("--label", default=None, help="Label to use (e.g. stable).")
 @click.option("--user-features", required=True,
-              help="Query features: name=id[,name=id|id...].")  # fmt: skip
-@click.option("--dense", default="", help="Query-side dense features, comma-separated.")
+              help='Raw feature values: name=value[,name=v1|v2...]; the user key alone '
+                   'is enough for a user the bundle stores (user_id=196).')  # fmt: skip
 @click.option("--rpc", type=click.Choice(["recommend", "retrieve"]), default="recommend",
               show_default=True)  # fmt: skip
 @click.option("--retrieve-k", type=int, default=0, show_default=True,
@@ -247,7 +258,6 @@ def query_command(
     version: int | None,
     label: str | None,
     user_features: str,
-    dense: str,
     rpc: str,
     retrieve_k: int,
     top_n: int,
@@ -265,12 +275,8 @@ def query_command(
 
     from recship.runtime.client import Query, RecshipClient
 
-    try:
-        dense_values = [float(v) for v in _split(dense)]
-        excluded = [int(v) for v in _split(exclude)]
-    except ValueError:
-        raise InvalidInput("--dense takes floats and --exclude integers, comma-separated") from None
-    query = Query(parse_features(user_features), dense_values)
+    excluded = list(_split(exclude))
+    query = Query(parse_features(user_features))
     with RecshipClient(server, timeout=timeout, tls=client_tls(connection)) as client:
         if rpc == "retrieve":
             retrieved = client.retrieve(
@@ -278,24 +284,28 @@ def query_command(
                 label=label,
             )  # fmt: skip
             served, rows = retrieved.served_by, retrieved.results[0]
+            cold = retrieved.cold_start[0]
             table = Table("rank", "item_id", "retrieval score")
             for position, item in enumerate(rows, 1):
-                table.add_row(str(position), str(item.item_id), f"{item.score:.4f}")
+                table.add_row(str(position), item.item_id, f"{item.score:.4f}")
         else:
             recommended = client.recommend(
                 bundle, [query], retrieve_k, top_n, exclude=[excluded], version=version,
                 label=label,
             )  # fmt: skip
             served, ranked = recommended.served_by, recommended.results[0]
+            cold = recommended.cold_start[0]
             table = Table("rank", "item_id", "rank score", "retrieval score")
             for position, item in enumerate(ranked, 1):
                 table.add_row(
                     str(position),
-                    str(item.item_id),
+                    item.item_id,
                     f"{item.rank_score:.4f}",
                     f"{item.retrieval_score:.4f}",
                 )
-    table.title = f"{served.bundle} v{served.version} ({served.release_id})"
+    table.title = f"{served.bundle} v{served.version} ({served.release_id})" + (
+        ", cold start: unknown user, defaults used" if cold else ""
+    )
     Console().print(table)
 
 

@@ -115,7 +115,8 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             _check_bound(
                 f"{field} (count)", len(query.exclude_item_ids), 0, self.limits.max_exclusions
             )
-            excluded.append(codec.check_item_ids(query.exclude_item_ids, field))
+            # Ids the catalogue does not hold cannot be returned anyway: nothing to exclude.
+            excluded.append(codec.item_indices(query.exclude_item_ids, field, unknown="drop"))
         return excluded
 
     async def Retrieve(
@@ -127,15 +128,18 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         deadline = _deadline(context)
         async with self.manager.acquire(bundle, version, label) as servable:
             paths = [f"queries[{i}].query" for i in range(len(request.queries))]
-            block, _, _ = servable.codec.encode_queries([q.query for q in request.queries], paths)
-            excluded = self._exclusions(servable.codec, request.queries, "queries")
+            codec = servable.codec
+            block, _, _, cold = codec.encode_queries([q.query for q in request.queries], paths)
+            excluded = self._exclusions(codec, request.queries, "queries")
             scores, ids = await servable.retrieve(block, request.top_k, deadline, excluded)
             response = recommender_pb2.RetrieveResponse(served_by=_served_by(servable))
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            result = response.results.add()
-            for item_id, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True):
-                if item_id >= 0:
-                    result.items.add(item_id=item_id, score=score)
+        for row_scores, row_ids, is_cold in zip(scores, ids, cold.tolist(), strict=True):
+            result = response.results.add(cold_start=is_cold)
+            found = row_ids >= 0
+            for item_id, score in zip(
+                codec.item_ids(row_ids[found]), row_scores[found].tolist(), strict=True
+            ):
+                result.items.add(item_id=item_id, score=score)
         return response
 
     async def Rank(
@@ -154,9 +158,11 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         async with self.manager.acquire(bundle, version, label) as servable:
             codec = servable.codec
             paths = [f"queries[{i}].query" for i in range(len(request.queries))]
-            _, ranker_block, dense = codec.encode_queries([q.query for q in request.queries], paths)
+            _, ranker_block, dense, cold = codec.encode_queries(
+                [q.query for q in request.queries], paths
+            )
             candidates = [
-                codec.check_item_ids(q.candidate_item_ids, f"queries[{i}].candidate_item_ids")
+                codec.item_indices(q.candidate_item_ids, f"queries[{i}].candidate_item_ids")
                 for i, q in enumerate(request.queries)
             ]
             row_query, starts = _rows([c.size for c in candidates])
@@ -165,8 +171,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             )
             response = recommender_pb2.RankResponse(served_by=_served_by(servable))
         scores = _sigmoid(logits)
-        for i in range(len(candidates)):
-            response.results.add(scores=scores[starts[i] : starts[i + 1]].tolist())
+        for i, is_cold in enumerate(cold.tolist()):
+            response.results.add(
+                scores=scores[starts[i] : starts[i + 1]].tolist(), cold_start=is_cold
+            )
         return response
 
     async def Recommend(
@@ -182,7 +190,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             _check_bound("top_n", request.top_n, 1, retrieve_k)
             codec = servable.codec
             paths = [f"queries[{i}].query" for i in range(len(request.queries))]
-            tower_block, ranker_block, dense = codec.encode_queries(
+            tower_block, ranker_block, dense, cold = codec.encode_queries(
                 [q.query for q in request.queries], paths
             )
             excluded = self._exclusions(codec, request.queries, "queries")
@@ -202,10 +210,11 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         for i, (items, retrieved) in enumerate(zip(candidates, retrieval, strict=True)):
             ranked = probabilities[starts[i] : starts[i + 1]]
             best = np.argsort(-ranked, kind="stable")[: request.top_n]
-            result = response.results.add()
+            result = response.results.add(cold_start=bool(cold[i]))
             for item_id, rank_score, retrieval_score in zip(
-                items[best].tolist(), ranked[best].tolist(), retrieved[best].tolist(), strict=True
-            ):
+                codec.item_ids(items[best]), ranked[best].tolist(), retrieved[best].tolist(),
+                strict=True,
+            ):  # fmt: skip
                 result.items.add(
                     item_id=item_id, rank_score=rank_score, retrieval_score=retrieval_score
                 )

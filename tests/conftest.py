@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -36,13 +37,27 @@ ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 PACKAGING_DATA = {"num_users": 400, "num_items": 300, "interactions_per_user": 12}
 
 
+def synthetic_folder(root: Path, **options: int) -> Path:
+    """Synthetic data written as a MovieLens folder under `root` (once per options): read back
+    through the built-in feature spec, so it has raw ids and fitted transforms to package."""
+    from recship.trainer.data.movielens import write_movielens
+    from recship.trainer.data.synthetic import generate
+
+    name = "synthetic-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+    folder = root / name
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "u.data").is_file():
+            write_movielens(generate(**options), folder)
+    return folder
+
+
 def _train_synthetic(out: Path, model: str, nproc: int, **data: int) -> Path:
     """Trains `model` on synthetic data with real TorchRec ranks; returns the output folder."""
     from recship.cli.pipeline import train_model
 
-    return train_model(
-        out, model, "synthetic", {**PACKAGING_DATA, **data}, nproc=nproc, epochs=3, batch_size=64
-    )
+    folder = synthetic_folder(out.parent, **{**PACKAGING_DATA, **data})
+    return train_model(out, model, str(folder), {}, nproc=nproc, epochs=3, batch_size=64)
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +96,11 @@ def build_bundle(root: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (repo / BUNDLE / "1" / "MANIFEST.json").is_file():
             return repo
+        # Synthetic data written as a MovieLens folder: the bundle goes through the built-in
+        # feature spec like any team's data (raw user and item ids, fitted vocabularies).
+        data = synthetic_folder(root, **SYNTHETIC)
         # One epoch on 300 users is enough to serve; the quality gate is the packager's concern.
-        runs = train_models(root, "synthetic", SYNTHETIC, epochs=1, embedding_dim=8)
+        runs = train_models(root, str(data), {}, epochs=1, embedding_dim=8)
         package_runs(runs, repo, BUNDLE, thresholds=SMOKE_GATE)
     return repo
 
@@ -355,7 +373,8 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 
 @dataclass(frozen=True)
 class Reference:
-    """The packaged bundle called directly: entry points, index and item table, no server."""
+    """The packaged bundle called directly: entry points, index, item table and the bundle's
+    transforms applied by hand (not by the server's codec)."""
 
     path: Path
     query_tower: Any
@@ -363,29 +382,50 @@ class Reference:
     index: Any
     items: Any
     item_sparse: tuple[str, ...]
-    user_dense: int
+    transforms: Any
 
-    def sparse(self, users: list[dict[str, int]], names: tuple[str, ...]) -> list[np.ndarray]:
-        return [np.array([user[name] for user in users], dtype=np.int64) for name in names]
+    def item_ids(self, indices: Any) -> np.ndarray:
+        """The catalogue's raw item ids (text) of item indices."""
+        vocabulary = self.transforms.features[self.transforms.item_key].vocabulary
+        return np.array(vocabulary.values.to_pylist(), dtype=object)[np.asarray(indices)]
 
-    def embed(self, users: list[dict[str, int]]) -> np.ndarray:
-        values = torch.from_numpy(np.concatenate(self.sparse(users, QUERY_FEATURES)))
+    def item_indices(self, ids: list[str]) -> np.ndarray:
+        vocabulary = self.transforms.features[self.transforms.item_key].vocabulary
+        return vocabulary.lookup(pa.array([str(i) for i in ids]))
+
+    def encoded(self, users: list[dict[str, Any]], name: str) -> np.ndarray:
+        """One single-valued feature of raw users, encoded by its transform."""
+        transform = self.transforms.features[name]
+        values = [user[name] for user in users]
+        if transform.kind in ("categorical", "hashed"):
+            values = [str(v) for v in values]
+        ids, _ = transform.encode_ids(pa.array(values))
+        return ids
+
+    def activity(self, users: list[dict[str, Any]]) -> np.ndarray:
+        transform = self.transforms.features["user_log_activity"]
+        return transform.encode_dense(pa.array([float(u["user_log_activity"]) for u in users]))
+
+    def embed(self, users: list[dict[str, Any]]) -> np.ndarray:
+        values = torch.from_numpy(np.concatenate([self.encoded(users, n) for n in QUERY_FEATURES]))
         lengths = torch.ones(len(users) * len(QUERY_FEATURES), dtype=torch.int32)
         with torch.no_grad():
             return self.query_tower(values, lengths).detach().numpy()
 
-    def retrieve(self, users: list[dict[str, int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(self, users: list[dict[str, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, raw item ids) of the top k."""
         from recship.bundle.index import search
 
-        return search(self.index, self.embed(users), k)
+        scores, ids = search(self.index, self.embed(users), k)
+        return scores, self.item_ids(ids)
 
-    def rank(self, user: dict[str, int], dense: list[float], item_ids: list[int]) -> np.ndarray:
-        """Probabilities of `item_ids` for one user (features joined by hand, not by the codec)."""
-        ids = np.asarray(item_ids, dtype=np.int64)
+    def rank(self, user: dict[str, Any], item_ids: list[str]) -> np.ndarray:
+        """Probabilities of raw `item_ids` for one raw user (features joined by hand)."""
+        ids = self.item_indices(item_ids)
         count = ids.size
         values, lengths = [], []
         for name in QUERY_FEATURES:
-            values.append(np.full(count, user[name], dtype=np.int64))
+            values.append(np.repeat(self.encoded([user], name), count))
             lengths.append(np.ones(count, dtype=np.int32))
         for name in self.item_sparse:
             column = self.items.sparse[name]
@@ -394,8 +434,7 @@ class Reference:
                 values.append(bag.astype(np.int64))
             lengths.append(np.diff(column.offsets)[ids].astype(np.int32))
         dense_rows = np.concatenate(
-            [np.tile(np.asarray(dense, dtype=np.float32), (count, 1)), self.items.dense[ids]],
-            axis=1,
+            [np.tile(self.activity([user]), (count, 1)), self.items.dense[ids]], axis=1
         )
         with torch.no_grad():
             logits = self.ranker(
@@ -412,6 +451,7 @@ def reference(bundle_repo: Path) -> Reference:
     from recship.bundle.index import read_index
     from recship.bundle.item_features import read_item_features
     from recship.bundle.manifest import read_manifest
+    from recship.bundle.transforms import read_transforms
 
     path = bundle_repo / BUNDLE / "1"
     manifest = read_manifest(path / "MANIFEST.json")
@@ -427,24 +467,32 @@ def reference(bundle_repo: Path) -> Reference:
         read_index(path / manifest.index.file, manifest.index),
         items,
         tuple(sparse_names),
-        int(manifest.schema.query_dense_count),
+        read_transforms(path),
     )
 
 
-def user(user_id: int) -> dict[str, int]:
-    """Valid query features for a user of the synthetic schema (deterministic per id)."""
+# Ages inside each of the synthetic data's 7 age buckets (as `write_movielens` writes them).
+_AGES = (15, 21, 30, 40, 47, 52, 60)
+
+
+def user(user_id: int, activity: float = 0.25) -> dict[str, Any]:
+    """Raw query features of a synthetic user (deterministic per id): its key, as the data
+    writes it (`write_movielens`: dense id + 1), and values for every other query feature,
+    which override what the bundle stores for the user."""
+    prefix = user_id % 11
     return {
-        "user_id": user_id,
-        "user_age_bucket": user_id % 7,
-        "user_gender": user_id % 2,
-        "user_occupation": user_id % 21,
-        "user_zip_prefix": user_id % 11,
+        "user_id": user_id + 1,
+        "user_age_bucket": _AGES[user_id % 7],
+        "user_gender": f"gender_{user_id % 2}",
+        "user_occupation": f"occupation_{user_id % 21:03d}",
+        "user_zip_prefix": f"{prefix}0000" if prefix < 10 else "X0X0X",
+        "user_log_activity": activity,
     }
 
 
 @pytest.fixture(scope="session")
 def make_user():
-    """`make_user(user_id) -> features`: valid query features of one synthetic user."""
+    """`make_user(user_id, activity=0.25) -> features`: raw query features of one user."""
     return user
 
 

@@ -15,11 +15,12 @@ def _recommend_request() -> recommender_pb2.RecommendRequest:
     )
     for user in (3, 7):
         query = request.queries.add()
-        query.query.sparse["user_id"].ids.append(user)
-        query.query.sparse["item_genres_liked"].ids.extend([1, 4, 9])
-        query.query.sparse["item_genres_liked"].weights.extend([0.5, 0.25, 0.25])
-        query.query.dense.extend([0.1, -2.5])
-        query.exclude_item_ids.extend([11, 12])
+        features = query.query.features
+        features["user_id"].int_value = user
+        features["country"].string_value = "DE"
+        features["liked_tags"].list_value.strings.extend(["jazz", "noir"])
+        features["hours_active"].double_value = -2.5
+        query.exclude_item_ids.extend(["sku-11", "sku-12"])
     return request
 
 
@@ -80,7 +81,7 @@ def test_every_request_and_response_round_trips() -> None:
             model=recommender_pb2.ModelSpec(bundle="b", version=2), top_k=5
         ),
         recommender_pb2.RankRequest(
-            queries=[recommender_pb2.RankQuery(candidate_item_ids=[1, 2, 3])]
+            queries=[recommender_pb2.RankQuery(candidate_item_ids=["a", "b", "c"])]
         ),
         recommender_pb2.RecommendResponse(
             served_by=recommender_pb2.ServedBy(bundle="b", version=2, release_id="r"),
@@ -88,9 +89,10 @@ def test_every_request_and_response_round_trips() -> None:
                 recommender_pb2.RecommendResult(
                     items=[
                         recommender_pb2.RecommendedItem(
-                            item_id=5, rank_score=0.9, retrieval_score=3.0
+                            item_id="sku-5", rank_score=0.9, retrieval_score=3.0
                         )
-                    ]
+                    ],
+                    cold_start=True,
                 )
             ],
         ),

@@ -266,7 +266,8 @@ CORPUS: list[Attack] = [
     Attack(
         "cardinality + table rows edited",
         edit(consistent_cardinality_edit),
-        "where the manifest declares 100000",
+        # The user id vocabulary (transforms.json) holds 300 keys: caught before the model.
+        "gives 300 ids, its table holds 100000",
     ),
     Attack("resources understated", edit(lowered_resources), "resources.host_bytes 1 is below"),
     Attack("symlinked file", symlink_file("ranker.pt"), "ranker.pt: not a regular file"),
@@ -313,7 +314,7 @@ class Load:
         with RecshipClient(self.target, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
-                query = Query(self.make_user((worker * 37 + n) % 300), [0.5])
+                query = Query(self.make_user((worker * 37 + n) % 300, 0.5))
                 n += 1
                 try:
                     response = client.recommend(BUNDLE, [query], retrieve_k=20, top_n=5)

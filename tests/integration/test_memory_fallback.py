@@ -60,7 +60,7 @@ class Load:
         with RecshipClient(self.target, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
-                query = Query(self.make_user((worker * 37 + n) % 300), [0.5])
+                query = Query(self.make_user((worker * 37 + n) % 300, 0.5))
                 n += 1
                 try:
                     response = client.recommend(BUNDLE, [query], retrieve_k=20, top_n=5)

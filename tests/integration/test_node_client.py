@@ -41,8 +41,14 @@ def test_node_recommend_matches_the_python_client(
         "model": {"bundle": "movies"},
         "queries": [
             {
-                "query": {"sparse": {k: {"ids": [v]} for k, v in features.items()}, "dense": [0.5]},
-                "exclude_item_ids": [1, 2, 3],
+                "query": {
+                    "features": {
+                        "user_id": {"int_value": features["user_id"]},
+                        "user_gender": {"string_value": features["user_gender"]},
+                        "user_log_activity": {"double_value": 0.5},
+                    }
+                },
+                "exclude_item_ids": ["1", "2", "3"],
             }
         ],
         "retrieve_k": 20,
@@ -50,7 +56,8 @@ def test_node_recommend_matches_the_python_client(
     }
     with RecshipClient(serve.target, timeout=30) as client:
         client.wait_until_serving(120)
-        expected = client.recommend("movies", [Query(features, [0.5])], 20, 5, exclude=[[1, 2, 3]])
+        sent = {k: features[k] for k in ("user_id", "user_gender")} | {"user_log_activity": 0.5}
+        expected = client.recommend("movies", [Query(sent)], 20, 5, exclude=[["1", "2", "3"]])
         output = subprocess.run(
             ["node", str(node_client), serve.target, str(PROTO_ROOT), json.dumps(request)],
             check=True,
@@ -69,7 +76,7 @@ def test_node_recommend_matches_the_python_client(
     assert response["served_by"]["bundle"] == "movies"
     assert int(response["served_by"]["version"]) == expected.served_by.version
     items = response["results"][0]["items"]
-    assert [int(i["item_id"]) for i in items] == [i.item_id for i in expected.results[0]]
+    assert [i["item_id"] for i in items] == [i.item_id for i in expected.results[0]]
     for got, want in zip(items, expected.results[0], strict=True):
         assert got["rank_score"] == pytest.approx(want.rank_score, abs=1e-6)
     assert error.returncode == 2

@@ -33,7 +33,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
         client.wait_until_serving(120)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             calls = [
-                pool.submit(client.recommend, "movies", [Query(make_user(u), [0.0])], 10, 3)
+                pool.submit(client.recommend, "movies", [Query(make_user(u, 0.0))], 10, 3)
                 for u in range(8)
             ]
             deadline = time.monotonic() + 20
@@ -45,4 +45,4 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
         assert all(len(r.results[0]) == 3 and r.served_by.version == 1 for r in results)
         assert serve.process.wait(30) == 0
         with pytest.raises(Unavailable):
-            client.recommend("movies", [Query(make_user(1), [0.0])], 10, 3, timeout=2)
+            client.recommend("movies", [Query(make_user(1, 0.0))], 10, 3, timeout=2)

@@ -56,7 +56,7 @@ class Load:
         with RecshipClient(self.target, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
-                user = Query(self.make_user((worker * 37 + n) % 300), [0.5])
+                user = Query(self.make_user((worker * 37 + n) % 300, 0.5))
                 n += 1
                 started = time.time()
                 try:

@@ -119,7 +119,7 @@ def test_tls_round_trip_and_plaintext_refused(
     tls = ServerTLS(tls_files.server_cert, tls_files.server_key)
     server = server_factory(bundle_repo, tls=tls, metrics_port=None)
     server.wait_ready()
-    query = [Query(make_user(4), [0.5])]
+    query = [Query(make_user(4, 0.5))]
     trusted = ClientTLS(ca=tls_files.ca)
     with RecshipClient(server.target, tls=trusted, timeout=20) as client:
         assert client.recommend("movies", query, 10, 3).served_by.version == 1
@@ -150,7 +150,7 @@ def test_mtls_requires_a_client_certificate(
     tls = ServerTLS(tls_files.server_cert, tls_files.server_key, client_ca=tls_files.ca)
     server = server_factory(bundle_repo, tls=tls, metrics_port=None)
     server.wait_ready()
-    query = [Query(make_user(5), [0.5])]
+    query = [Query(make_user(5, 0.5))]
     with_cert = ClientTLS(ca=tls_files.ca, cert=tls_files.client_cert, key=tls_files.client_key)
     with RecshipClient(server.target, tls=with_cert, timeout=20) as client:
         assert client.recommend("movies", query, 10, 3).results[0]

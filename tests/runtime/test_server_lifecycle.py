@@ -51,7 +51,7 @@ def test_not_serving_until_a_version_is_ready(corrupt_repo, bundle_repo, make_us
         assert client.health("recship.v1.Recommender") == "NOT_SERVING"
         assert admin.health() == "NOT_SERVING"
         with pytest.raises(Exception, match="UNAVAILABLE: bundle 'movies' has no version ready"):
-            client.retrieve("movies", [Query(make_user(1), [0.0])], 3)
+            client.retrieve("movies", [Query(make_user(1, 0.0))], 3)
         status = admin.list_bundles("movies").bundles[0]
         (v1,) = status.versions
         assert v1.state == admin_pb2.VERSION_STATE_FAILED
@@ -67,7 +67,7 @@ def test_not_serving_until_a_version_is_ready(corrupt_repo, bundle_repo, make_us
         states = {v.version: v.state for v in refreshed.bundles[0].versions}
         assert states == {2: admin_pb2.VERSION_STATE_READY, 1: admin_pb2.VERSION_STATE_FAILED}
         assert client.health() == "SERVING"
-        response = client.retrieve("movies", [Query(make_user(1), [0.0])], 3)
+        response = client.retrieve("movies", [Query(make_user(1, 0.0))], 3)
         assert response.served_by.version == 2
         listed = admin.list_bundles().bundles[0]
         v2 = listed.versions[0]
@@ -84,7 +84,7 @@ def test_admin_labels_unload_and_policy(bundle_repo, tmp_path, make_user, server
     publish_copy(bundle_repo / "movies" / "1", repo, 2)
     server = server_factory(repo)
     server.wait_ready()
-    query = [Query(make_user(2), [0.0])]
+    query = [Query(make_user(2, 0.0))]
     with RecshipClient(server.target, timeout=30) as client, server.admin() as admin_client:
         admin = admin_client.admin  # the raw stub, with the token on every call
         token = bearer_metadata(server.admin_token)

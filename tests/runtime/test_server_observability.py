@@ -36,9 +36,9 @@ def value(samples, name: str, **labels: str) -> float:
 
 def test_metrics_count_requests_errors_batches_and_versions(live_server, client, make_user):
     before = scrape(live_server.metrics_port)
-    client.recommend("movies", [Query(make_user(1), DENSE)], retrieve_k=10, top_n=3)
+    client.recommend("movies", [Query(make_user(1))], retrieve_k=10, top_n=3)
     with pytest.raises(Exception, match="NOT_FOUND"):
-        client.retrieve("books", [Query(make_user(1), DENSE)], 3)
+        client.retrieve("books", [Query(make_user(1))], 3)
     after = scrape(live_server.metrics_port)
     method = "recship.v1.Recommender/Recommend"
     ok = value(after, "recship_requests_total", method=method, code="OK")
@@ -78,7 +78,7 @@ def test_64_concurrent_callers_are_batched_and_get_unbatched_answers(
     live_server, client, make_user
 ) -> None:
     users = list(range(64))
-    queries = {u: [Query(make_user(u), DENSE)] for u in users}
+    queries = {u: [Query(make_user(u))] for u in users}
     sequential = {u: client.recommend("movies", queries[u], 20, 5) for u in users}
     before = scrape(live_server.metrics_port)
 

@@ -19,8 +19,8 @@ def rank_request(make_user, rows: int) -> recommender_pb2.RankRequest:
         model=model_spec("movies"),
         queries=[
             recommender_pb2.RankQuery(
-                query=query_proto(Query(make_user(1), [0.0])),
-                candidate_item_ids=list(range(rows)),
+                query=query_proto(Query(make_user(1, 0.0))),
+                candidate_item_ids=[str(i + 1) for i in range(rows)],
             )
         ],
     )

@@ -108,6 +108,8 @@ class FeatureSpec:
             quantile buckets fitted on training rows).
         log1p / clip / standardize: dense.
         default: the raw value a query that does not send it gets (else required).
+        default_fit: fit the default on the training rows instead: "mode" (the most frequent
+            value) or "median" (numbers).
         max_length: multi-valued: most values a query may send.
         description: what it means, for people.
     """
@@ -133,6 +135,7 @@ class FeatureSpec:
     clip: tuple[float | None, float | None] = (None, None)
     standardize: bool = False
     default: Any = None
+    default_fit: Literal["mode", "median"] | None = None
     max_length: int = 64
     description: str = ""
 
@@ -350,7 +353,7 @@ class _Reader:
         known = {"name", "side", "kind", "column", "prefix", "pattern", "separator", "flags",
                  "aggregate", "vocabulary", "min_count", "oov", "buckets", "seed", "boundaries",
                  "quantiles", "missing_bucket", "log1p", "clip", "standardize", "default",
-                 "max_length", "description"}  # fmt: skip
+                 "default_fit", "max_length", "description"}  # fmt: skip
         self.unknown(raw, known, where)
         name = self.get(raw, "name", str, where)
         if not name:
@@ -388,6 +391,7 @@ class _Reader:
             clip=(clip[0], clip[1]),
             standardize=self.get(raw, "standardize", bool, where, False),
             default=raw.get("default"),
+            default_fit=self.get(raw, "default_fit", str, where),
             max_length=self.get(raw, "max_length", int, where, 64),
             description=self.get(raw, "description", str, where, ""),
         )
@@ -412,6 +416,10 @@ class _Reader:
             raise self.fail(where, "a dense feature holds one number, not a list")
         if spec.separator is not None and spec.flags:
             raise self.fail(where, "give either separator or flags, not both")
+        if spec.default_fit not in (None, "mode", "median"):
+            raise self.fail(f"{where}.default_fit", f"{spec.default_fit!r} is not mode or median")
+        if spec.default_fit is not None and spec.default is not None:
+            raise self.fail(where, "give either default or default_fit, not both")
         if spec.max_length < 1:
             raise self.fail(f"{where}.max_length", "must be >= 1")
         if spec.min_count < 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -163,9 +164,7 @@ def _located(
 
 def _column(table: pa.Table, name: str, where: str) -> pa.ChunkedArray:
     if name not in table.column_names:
-        raise InvalidInput(
-            f"{where}: no column {name!r} (has {', '.join(table.column_names)})"
-        )
+        raise InvalidInput(f"{where}: no column {name!r} (has {', '.join(table.column_names)})")
     return table.column(name)
 
 
@@ -181,7 +180,7 @@ class _Rows:
         return str(self.table.path) if self.table is not None else self.name
 
     def label(self, row: int) -> str:
-        """"line N" of a CSV/TSV file, else "row N" (both 1-based)."""
+        """ "line N" of a CSV/TSV file, else "row N" (both 1-based)."""
         original = int(self.order[row]) if self.order is not None else row
         if self.table is not None and self.table.format != "parquet":
             return f"line {original + 1 + (1 if self.table.header else 0)}"
@@ -280,6 +279,8 @@ def fit_transform(feature: FeatureSpec, values: pa.Array) -> FeatureTransform:
         InvalidInput: the values do not fit the kind, naming the feature.
     """
     flat = pc.list_flatten(values) if feature.multi_valued else values
+    if feature.default_fit is not None:
+        feature = replace(feature, default=_fitted_default(feature, values))
     common = {
         "name": feature.name,
         "side": feature.side,
@@ -324,6 +325,20 @@ def fit_transform(feature: FeatureSpec, values: pa.Array) -> FeatureTransform:
         raise InvalidInput(f"feature {feature.name!r}: {error}") from None
 
 
+def _fitted_default(feature: FeatureSpec, values: pa.Array) -> Any:
+    """The training rows' most frequent value ("mode") or median ("median")."""
+    present = pc.drop_null(values)
+    if len(present) == 0:
+        raise InvalidInput("no values to fit its default on")
+    if feature.default_fit == "median":
+        numbers = pc.cast(present, pa.float64()).to_numpy(zero_copy_only=False)
+        return float(np.median(numbers))
+    counts = pc.value_counts(present)
+    best = int(np.argmax(counts.field("counts").to_numpy()))
+    value = counts.field("values")[best].as_py()
+    return list(value) if isinstance(value, list) else value
+
+
 def _quantiles(feature: FeatureSpec, values: pa.Array) -> tuple[float, ...]:
     numbers = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
     numbers = numbers[np.isfinite(numbers)]
@@ -352,7 +367,7 @@ def encode_sparse(transform: FeatureTransform, values: pa.Array, rows: _Rows) ->
         shown = values[row].as_py() if row < len(values) else None
         raise InvalidInput(
             f"{rows.at(row)}: {transform.name} {shown!r} is not in its vocabulary "
-            f"({bad.size} rows like it); set oov = \"bucket\" to map such values to one id"
+            f'({bad.size} rows like it); set oov = "bucket" to map such values to one id'
         )
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return JaggedColumn(ids, offsets)
@@ -500,8 +515,12 @@ def _key_ids(
     bad = np.flatnonzero(ids < 0)
     if bad.size:
         row = int(bad[0])
-        side = "user" if key_feature == transforms[key_feature].name and (
-            transforms[key_feature].side == "user") else "item"
+        side = (
+            "user"
+            if key_feature == transforms[key_feature].name
+            and (transforms[key_feature].side == "user")
+            else "item"
+        )
         raise InvalidInput(
             f"{rows.at(row)}: {column} {str(values[row].as_py())!r} is not in the {side}s table"
             + (f" ({bad.size} interactions like it)" if bad.size > 1 else "")
