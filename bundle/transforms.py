@@ -27,6 +27,7 @@ Multi-valued features apply the rule to every element of a list.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,82 @@ class Vocabulary:
         return cls(values, hashes, ids)
 
 
+# -- derivations -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Derivation:
+    """What is cut out of a raw value before its kind's rule: the spec's `prefix`, `pattern`
+    (the first group of a regular expression) and `separator` (text listing several values).
+
+    Training derives every row's value this way (`recship.trainer.data.tables`) and the server
+    every request's text value, so a client sends the value its data holds (a zip code, a
+    date, "a|b|c") and both sides cut it alike. Values already typed as the feature takes them
+    (a list for a multi-valued feature, a number for a numeric one) pass unchanged.
+    """
+
+    prefix: int | None = None
+    pattern: str | None = None
+    separator: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.prefix is not None or self.pattern is not None or bool(self.separator)
+
+    def apply(self, values: pa.Array, *, numeric: bool) -> pa.Array:
+        """The derived values; text is parsed as numbers for numeric kinds (blank: missing).
+
+        Raises:
+            InvalidInput: the pattern is not a regular expression with one group, or text
+                that should be a number is not.
+        """
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        if self.active and not pa.types.is_list(values.type):
+            values = values if pa.types.is_string(values.type) else pc.cast(values, pa.string())
+            if self.prefix is not None:
+                values = pc.utf8_slice_codeunits(values, 0, self.prefix)
+            if self.pattern is not None:
+                values = pc.struct_field(pc.extract_regex(values, self._named_pattern()), [0])
+            if self.separator:
+                values = _split(values, self.separator)
+        if numeric and pa.types.is_string(values.type):
+            blank = pc.equal(pc.utf8_trim_whitespace(values), "")
+            try:
+                values = pc.cast(pc.if_else(blank, None, values), pa.float64())
+            except pa.ArrowInvalid as error:
+                raise InvalidInput(f"needs numbers: {str(error).splitlines()[0]}") from None
+        return values
+
+    def _named_pattern(self) -> str:
+        """The pattern with its one group named (Arrow's regex extraction needs names)."""
+        pattern = self.pattern or ""
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise InvalidInput(f"pattern {pattern!r}: {error}") from None
+        if compiled.groups != 1:
+            raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
+        if compiled.groupindex:
+            return pattern
+        opening = re.search(r"(?<!\\)\((?!\?)", pattern)
+        assert opening is not None
+        return pattern[: opening.start()] + "(?P<value>" + pattern[opening.end() :]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "pattern": self.pattern, "separator": self.separator}
+
+
+def _split(values: pa.Array, separator: str) -> pa.Array:
+    """Text listing values -> lists of the non-empty values."""
+    lists = pc.split_pattern(values, separator)
+    flat = pc.list_flatten(lists)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    owner = np.repeat(np.arange(len(lists)), lengths)
+    counts = np.bincount(owner[keep], minlength=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
+
+
 # -- one feature -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FeatureTransform:
@@ -247,6 +324,7 @@ class FeatureTransform:
         default: the raw value used when a query does not send the feature and no stored
             value exists; None makes it required.
         max_length: most elements of a multi-valued value.
+        derivation: what is cut out of a text value first (`Derivation`).
     """
 
     name: str
@@ -267,16 +345,21 @@ class FeatureTransform:
     std: float = 0.0
     default: Any = None
     max_length: int = 64
+    derivation: Derivation = field(default_factory=Derivation)
 
     @property
     def is_sparse(self) -> bool:
         return self.kind != "dense"
 
-    def encode_ids(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    def encode_ids(
+        self, values: pa.Array, *, derived: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Ids of a sparse feature for n rows.
 
         Args:
-            values: n raw values (lists for a multi-valued feature); nulls are missing values.
+            values: n raw values (lists for a multi-valued feature, or text its separator
+                splits); nulls are missing values.
+            derived: the values went through `derivation` already (training rows).
 
         Returns:
             (ids int64 [sum of lengths], lengths int32 [n]); a single-valued feature has
@@ -286,6 +369,8 @@ class FeatureTransform:
         Raises:
             InvalidInput: the values have a type the feature cannot read.
         """
+        if not derived:
+            values = self.derivation.apply(values, numeric=self.kind == "bucketized")
         if self.multi_valued:
             lists = values if not isinstance(values, pa.ChunkedArray) else values.combine_chunks()
             if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
@@ -313,8 +398,12 @@ class FeatureTransform:
             ids = np.where(np.isnan(numbers), 0, ids + 1)
         return ids
 
-    def encode_dense(self, values: pa.Array) -> np.ndarray:
-        """float32 [n] of a dense feature (missing values are NaN; callers fill defaults first)."""
+    def encode_dense(self, values: pa.Array, *, derived: bool = False) -> np.ndarray:
+        """float32 [n] of a dense feature (missing values are NaN; callers fill defaults first).
+
+        `derived`: the values went through `derivation` already (training rows)."""
+        if not derived:
+            values = self.derivation.apply(values, numeric=True)
         numbers = _numbers(values)
         if self.clip_min is not None or self.clip_max is not None:
             numbers = np.clip(numbers, self.clip_min, self.clip_max)
@@ -334,6 +423,7 @@ class FeatureTransform:
             "cardinality": self.cardinality,
             "default": self.default,
             "max_length": self.max_length,
+            **({"derive": self.derivation.to_json()} if self.derivation.active else {}),
         }
         if self.kind == "categorical":
             entry.update(oov=self.oov, vocabulary=f"{VOCAB_DIR}/{self.name}.arrow")
@@ -487,6 +577,7 @@ def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform
             "cardinality": int(entry.get("cardinality", 0)),
             "default": entry.get("default"),
             "max_length": int(entry.get("max_length", 64)),
+            "derivation": Derivation(**_derivation_keys(entry.get("derive") or {}, where)),
         }
         if kind == "categorical":
             table = read_arrow(folder / str(entry["vocabulary"]))
@@ -514,6 +605,17 @@ def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInput(f"{where}: malformed ({error})") from None
+
+
+def _derivation_keys(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) - {"prefix", "pattern", "separator"}:
+        raise InvalidInput(f"{where}: derive holds keys other than prefix, pattern, separator")
+    prefix = raw.get("prefix")
+    return {
+        "prefix": None if prefix is None else int(prefix),
+        "pattern": raw.get("pattern"),
+        "separator": raw.get("separator"),
+    }
 
 
 def check_transforms(transforms: Transforms, manifest: manifest_pb2.BundleManifest) -> None:

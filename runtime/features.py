@@ -365,8 +365,20 @@ class FeatureCodec:
     def _encode(
         self, transform: FeatureTransform, column: list[Any], where: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of raw values sent for one feature, each refusal naming its query."""
+        """Ids of raw values sent for one feature, each refusal naming its query.
+
+        Values go through the feature's derivation (`Derivation`: prefix, pattern, the
+        separator of a text list) as the training rows did; then the kind's rule applies.
+        """
         name = transform.name
+        derivation = transform.derivation
+        if transform.multi_valued and derivation.separator:
+            # Text lists ("a|b") split as the training rows were; lists sent as lists stay.
+            texts = [i for i, v in enumerate(column) if isinstance(v, str)]
+            if texts:
+                split = derivation.apply(pa.array([column[i] for i in texts]), numeric=False)
+                for i, values in zip(texts, split.to_pylist(), strict=True):
+                    column[i] = values
         for value, at in zip(column, where, strict=True):
             if transform.multi_valued:
                 if isinstance(value, list) and len(value) > transform.max_length:
@@ -377,7 +389,8 @@ class FeatureCodec:
                 raise InvalidInput(f"{_field(at, name)}: takes one value, not a list")
         if transform.multi_valued:
             column = [v if isinstance(v, list) else [v] for v in column]
-        textual = transform.kind in ("categorical", "hashed")
+        # Text is what derivations cut numbers out of (e.g. a year from a date).
+        textual = transform.kind in ("categorical", "hashed") or derivation.active
         for value, at in zip(column, where, strict=True):
             for element in value if isinstance(value, list) else (value,):
                 if textual and not isinstance(element, str | int):
@@ -415,16 +428,29 @@ class FeatureCodec:
         out = np.empty(len(raw), dtype=np.float32)
         requested = np.flatnonzero(sources == _REQUEST)
         if requested.size:
-            numbers = []
-            for i in requested:
-                value = raw[int(i)][name]
-                if isinstance(value, list | str) or not math.isfinite(float(value)):
-                    raise InvalidInput(
-                        f"{_field(where[int(i)], name)}: needs one finite number, got "
-                        f"{untrusted(value)}"
-                    )
-                numbers.append(float(value))
-            out[requested] = transform.encode_dense(pa.array(numbers, pa.float64()))
+            values = [raw[int(i)][name] for i in requested]
+            derive = transform.derivation.active
+            if any(isinstance(v, list) or (isinstance(v, str) and not derive) for v in values):
+                bad = next(
+                    i for i, v in enumerate(values) if isinstance(v, list | str) and not (
+                        derive and isinstance(v, str))
+                )  # fmt: skip
+                raise InvalidInput(
+                    f"{_field(where[int(requested[bad])], name)}: needs one finite number, "
+                    f"got {untrusted(values[bad])}"
+                )
+            column = pa.array([str(v) if derive else float(v) for v in values])
+            numbers = transform.derivation.apply(column, numeric=True).to_numpy(
+                zero_copy_only=False
+            )
+            finite = np.isfinite(numbers)
+            if not finite.all():
+                bad = int(np.flatnonzero(~finite)[0])
+                raise InvalidInput(
+                    f"{_field(where[int(requested[bad])], name)}: needs one finite number, "
+                    f"got {untrusted(values[bad])}"
+                )
+            out[requested] = transform.encode_dense(pa.array(numbers), derived=True)
         from_table = np.flatnonzero(sources == _STORED)
         if from_table.size:
             assert self.users is not None

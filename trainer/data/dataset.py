@@ -148,10 +148,12 @@ class InteractionDataset:
                     dense[:, column] = np.log1p(counts).astype(np.float32)
                     continue
                 if fitted.std > 0:  # standardised: refit the statistics on these counts
-                    plain = replace(fitted, mean=0.0, std=0.0).encode_dense(pa.array(counts))
+                    plain = replace(fitted, mean=0.0, std=0.0).encode_dense(
+                        pa.array(counts), derived=True
+                    )
                     fitted = replace(fitted, mean=float(plain.mean()), std=float(plain.std()))
                     transforms[spec.name] = fitted
-                dense[:, column] = fitted.encode_dense(pa.array(counts))
+                dense[:, column] = fitted.encode_dense(pa.array(counts), derived=True)
             tables[side] = EntityTable(num_rows=table.num_rows, sparse=table.sparse, dense=dense)
         refitted = (
             replace(self.transforms, features=transforms) if self.transforms is not None else None

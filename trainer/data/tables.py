@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 
 from recship.base.errors import InvalidInput, NotFound
 from recship.base.jagged import EntityTable, JaggedColumn
-from recship.bundle.transforms import FeatureTransform, Transforms, Vocabulary, unknown_rows
+from recship.bundle.transforms import (
+    Derivation,
+    FeatureTransform,
+    Transforms,
+    Vocabulary,
+    unknown_rows,
+)
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.schema import DatasetSchema, DenseFeatureSpec, SparseFeatureSpec
 from recship.trainer.data.spec import DataSpec, FeatureSpec, TableSpec
@@ -195,64 +201,20 @@ class _Rows:
 
 
 # -- raw values of one feature ------------------------------------------------------------------
+def derivation(feature: FeatureSpec) -> Derivation:
+    """The spec's single-column derivations of a feature, as the bundle records them."""
+    return Derivation(feature.prefix, feature.pattern, feature.separator)
+
+
 def raw_values(feature: FeatureSpec, table: pa.Table, where: str) -> pa.Array:
     """The feature's raw value of every row: its column after the spec's derivations."""
     if feature.flags:
         return _flag_lists(feature, table, where)
     values = _column(table, feature.column, where).combine_chunks()
-    if feature.prefix is not None or feature.pattern is not None or feature.separator:
-        values = _text(values)
-    if feature.prefix is not None:
-        values = pc.utf8_slice_codeunits(values, 0, feature.prefix)
-    if feature.pattern is not None:
-        groups = pc.extract_regex(values, _named_group(feature, where))
-        values = pc.struct_field(groups, [0])
-    if feature.separator:
-        lists = pc.split_pattern(values, feature.separator)
-        flat = pc.list_flatten(lists)
-        keep = pc.not_equal(flat, "")
-        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-        owner = np.repeat(np.arange(len(lists)), lengths)
-        kept_rows = owner[keep.to_numpy(zero_copy_only=False)]
-        counts = np.bincount(kept_rows, minlength=len(lists))
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        values = pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
-    if feature.kind in ("bucketized", "dense") and pa.types.is_string(values.type):
-        values = _parsed_numbers(values, feature, where)
-    return values
-
-
-def _parsed_numbers(values: pa.Array, feature: FeatureSpec, where: str) -> pa.Array:
-    """Text holding numbers (e.g. a year cut out of a date) as float64; empty text is missing."""
-    blank = pc.equal(pc.utf8_trim_whitespace(values), "")
     try:
-        return pc.cast(pc.if_else(blank, None, values), pa.float64())
-    except pa.ArrowInvalid as error:
-        raise InvalidInput(
-            f"{where}: {feature.name!r} needs numbers: {str(error).splitlines()[0]}"
-        ) from None
-
-
-def _named_group(feature: FeatureSpec, where: str) -> str:
-    """The feature's pattern with its one group named (Arrow's regex extraction needs names)."""
-    pattern = feature.pattern or ""
-    try:
-        compiled = re.compile(pattern)
-    except re.error as error:
-        raise InvalidInput(f"{where}: pattern of {feature.name!r}: {error}") from None
-    if compiled.groups != 1:
-        raise InvalidInput(f"{where}: pattern of {feature.name!r} needs exactly one (group)")
-    if compiled.groupindex:
-        return pattern
-    opening = re.search(r"(?<!\\)\((?!\?)", pattern)
-    assert opening is not None
-    return pattern[: opening.start()] + "(?P<value>" + pattern[opening.end() :]
-
-
-def _text(values: pa.Array) -> pa.Array:
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        return values
-    return pc.cast(values, pa.string())
+        return derivation(feature).apply(values, numeric=feature.kind in ("bucketized", "dense"))
+    except InvalidInput as error:
+        raise InvalidInput(f"{where}: {feature.name}: {error}") from None
 
 
 def _flag_lists(feature: FeatureSpec, table: pa.Table, where: str) -> pa.Array:
@@ -288,6 +250,9 @@ def fit_transform(feature: FeatureSpec, values: pa.Array) -> FeatureTransform:
         "multi_valued": feature.multi_valued,
         "default": feature.default,
         "max_length": feature.max_length,
+        # Values reach `fit_transform` derived already; the transform keeps the derivation for
+        # the raw values requests send.
+        "derivation": derivation(feature),
     }
     try:
         if feature.kind == "categorical":
@@ -316,7 +281,7 @@ def fit_transform(feature: FeatureSpec, values: pa.Array) -> FeatureTransform:
         low, high = feature.clip
         dense = FeatureTransform(**common, clip_min=low, clip_max=high, log1p=feature.log1p)
         if feature.standardize:
-            encoded = dense.encode_dense(flat)
+            encoded = dense.encode_dense(flat, derived=True)
             finite = encoded[np.isfinite(encoded)]
             std = float(finite.std()) if finite.size else 0.0
             dense = replace(dense, mean=float(finite.mean()) if finite.size else 0.0, std=std)
@@ -357,7 +322,7 @@ def encode_sparse(transform: FeatureTransform, values: pa.Array, rows: _Rows) ->
     """
     if transform.default is not None:
         values = pc.fill_null(values, transform.default)
-    ids, lengths = transform.encode_ids(values)
+    ids, lengths = transform.encode_ids(values, derived=True)
     bad = unknown_rows(transform, ids, lengths)
     if transform.kind == "categorical" and not transform.multi_valued:
         missing = np.flatnonzero(~values.is_valid().to_numpy(zero_copy_only=False))
@@ -489,7 +454,7 @@ def _entities(
         else:
             if feature.default is not None:
                 values = pc.fill_null(values, feature.default)
-            dense_columns.append(fitted.encode_dense(values))
+            dense_columns.append(fitted.encode_dense(values, derived=True))
     dense = (
         np.stack(dense_columns, axis=1)
         if dense_columns
