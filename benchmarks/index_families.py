@@ -42,7 +42,6 @@ import numpy.typing as npt
 from recship.bundle.index import search, write_index
 from recship.packager.index import IndexParams, build_index, recall_at_k, resolve_kind
 from recship.packager.options import IndexKind
-from recship.protos.v1 import manifest_pb2
 
 DIM = 64
 GENRES, CLUSTERS = 100, 1000
@@ -147,10 +146,7 @@ def build_one(
         write_index(built.index, path)
         file_bytes = path.stat().st_size
     _, found = search(built.index, held_out, K, threads=None)
-    name = family
-    if family == "auto":
-        chosen = manifest_pb2.IndexType.Name(built.spec.type).removeprefix("INDEX_TYPE_")
-        name = f"auto -> {chosen.lower()}"
+    name = f"auto -> {built.kind}" if family == "auto" else family
     row = Row(
         size=size,
         family=name,

@@ -116,6 +116,7 @@ class BuiltIndex:
         spec: Its IndexSpec (type, factory, metric, dim, num_vectors, search_params, recall,
             build time, faiss version). `spec.file` is empty: the caller names the file.
         recall_at_100: Measured recall@100 against exact search (1.0 for Flat).
+        kind: The concrete kind built: what `auto` resolved to, after any fallback.
         fallbacks: For `auto`, one line per family built first and rejected because it missed
             the recall floor (oldest first); empty when the first choice passed.
     """
@@ -123,6 +124,7 @@ class BuiltIndex:
     index: faiss.Index
     spec: manifest_pb2.IndexSpec
     recall_at_100: float
+    kind: IndexKind
     fallbacks: tuple[str, ...] = ()
 
 
@@ -244,7 +246,7 @@ def _build_and_tune(
         if progress is not None:
             progress("tune", 1, 1)
     spec.recall_at_100_vs_exact = recall
-    return BuiltIndex(index=index, spec=spec, recall_at_100=recall)
+    return BuiltIndex(index=index, spec=spec, recall_at_100=recall, kind=kind)
 
 
 def _check_items(

@@ -294,6 +294,7 @@ def test_auto_builds_the_family_of_its_size_band_and_passes_the_floor(
         refine_corpus.vectors, refine_corpus.ids, params=params, queries=refine_corpus.tuning
     )
     assert built.spec.type == expected and built.fallbacks == ()
+    assert EXPECTED_TYPES[built.kind] == expected
     _, ids = search(built.index, refine_corpus.held_out, K)
     assert recall_at_k(ids, refine_corpus.exact_ids(refine_corpus.held_out, K)) >= 0.95
 
@@ -307,7 +308,7 @@ def test_auto_falls_back_when_fast_scan_misses_the_floor(
         built = build_index(
             refine_corpus.vectors, refine_corpus.ids, params=params, queries=refine_corpus.tuning
         )
-    assert built.spec.type == manifest_pb2.INDEX_TYPE_IVF_FLAT
+    assert built.spec.type == manifest_pb2.INDEX_TYPE_IVF_FLAT and built.kind == "ivfflat"
     assert built.recall_at_100 >= 0.95
     (line,) = built.fallbacks
     assert line.startswith("ivfpqfs: IDMap2,IVF102,PQ2x4fs,RFlat index reaches recall@100 0.")
