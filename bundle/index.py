@@ -46,6 +46,9 @@ _MIN_READ_LIMIT = 1 << 16
 # what the file holds, it exceeds the file's size by at most about ksub / dsub (256 at most
 # for 8-bit codes), so such an index may allocate this much more than its size.
 _IVF_PQ_GROWTH = 256
+# The index types holding an 8-bit IVF-PQ, alone or under a refinement stage (fast-scan IVF-PQ
+# files loaded within their own size in tests/packager/test_index.py).
+_IVF_PQ_TYPES = (manifest_pb2.INDEX_TYPE_IVF_PQ, manifest_pb2.INDEX_TYPE_IVF_PQ_REFINE)
 
 
 def check_index_header(path: Path, spec: manifest_pb2.IndexSpec) -> None:
@@ -352,7 +355,7 @@ def read_index(
     flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     # Without a spec nothing says what the file holds (a caller that trusts it, e.g. the
     # packager reading back its own index): allow the IVF-PQ growth.
-    ivf_pq = spec is None or spec.type == manifest_pb2.INDEX_TYPE_IVF_PQ
+    ivf_pq = spec is None or spec.type in _IVF_PQ_TYPES
     try:
         index = _read_bounded(path, flags, _IVF_PQ_GROWTH if ivf_pq else 1)
     except (RuntimeError, MemoryError) as error:
