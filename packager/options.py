@@ -12,8 +12,10 @@ QuantType = Literal["int8", "int4", "fp16", "fp32"]
 QUANT_TYPES: tuple[QuantType, ...] = ("int8", "int4", "fp16", "fp32")
 ExportChoice = Literal["torchscript", "aoti", "both"]
 EXPORT_CHOICES: tuple[ExportChoice, ...] = ("torchscript", "aoti", "both")
-IndexKind = Literal["flat", "ivfflat", "ivfpq", "hnsw", "auto"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "hnsw", "auto")
+# Index families (recship.packager.index): ivfpq = IVF-PQ with exact refinement, ivfpqfs = 4-bit
+# fast-scan IVF-PQ with exact refinement; auto picks by corpus size.
+IndexKind = Literal["flat", "ivfflat", "ivfpq", "ivfpqfs", "hnsw", "auto"]
+INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "ivfpqfs", "hnsw", "auto")
 DEVICE_TYPES = ("cpu", "cuda")
 
 
