@@ -302,6 +302,8 @@ class _Packager:
             queries=self.packaged_queries,
             seed=self.options.seed,
         )
+        for rejected in self.built.fallbacks:
+            self.console.print(f"[yellow]index: {rejected}[/yellow]")
         write_index(self.built.index, staging / INDEX_FILE)
 
     # -- stage 5 ----------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class _Packager:
         )
         recall_packaged, _ = ranked_recall(
             by_user(self.packaged_queries),
-            functools.partial(search, self.built.index),
+            functools.partial(search, self.built.index, threads=None),
             retrieval.train,
             retrieval.held_out,
         )
