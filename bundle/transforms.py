@@ -408,7 +408,8 @@ class FeatureTransform:
         if self.clip_min is not None or self.clip_max is not None:
             numbers = np.clip(numbers, self.clip_min, self.clip_max)
         if self.log1p:
-            numbers = np.log1p(numbers)
+            with np.errstate(divide="ignore", invalid="ignore"):  # <= -1: -inf / NaN, refused
+                numbers = np.log1p(numbers)  # by callers that check finiteness
         if self.std > 0:
             numbers = (numbers - self.mean) / self.std
         return numbers.astype(np.float32)
@@ -451,7 +452,10 @@ def _numbers(values: pa.Array) -> np.ndarray:
     kind = values.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
         raise InvalidInput(f"expected numbers, got {kind}")
-    return pc.fill_null(values.cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+    # Integers beyond 2^53 round to the nearest double: bucket boundaries and dense statistics
+    # are doubles anyway, and refusing such an int64 would be surprising.
+    as_float = values.cast(pa.float64(), safe=False)
+    return pc.fill_null(as_float, float("nan")).to_numpy(zero_copy_only=False)
 
 
 def unknown_rows(transform: FeatureTransform, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

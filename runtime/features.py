@@ -450,7 +450,15 @@ class FeatureCodec:
                     f"{_field(where[int(requested[bad])], name)}: needs one finite number, "
                     f"got {untrusted(values[bad])}"
                 )
-            out[requested] = transform.encode_dense(pa.array(numbers), derived=True)
+            encoded = transform.encode_dense(pa.array(numbers), derived=True)
+            finite = np.isfinite(encoded)
+            if not finite.all():  # e.g. log1p of a value <= -1, or an overflow to float32
+                bad = int(np.flatnonzero(~finite)[0])
+                raise InvalidInput(
+                    f"{_field(where[int(requested[bad])], name)}: {untrusted(values[bad])} "
+                    "is outside the feature's domain (its transform gives no finite number)"
+                )
+            out[requested] = encoded
         from_table = np.flatnonzero(sources == _STORED)
         if from_table.size:
             assert self.users is not None

@@ -59,6 +59,8 @@ INVALID_QUERIES = [
     ("list for a single value", {"user_gender": ["F", "M"]}, "user_gender", "not a list"),
     ("non-finite dense", {"user_log_activity": float("inf")}, "user_log_activity", "finite"),
     ("non-finite bucketized", {"user_age_bucket": float("nan")}, "user_age_bucket", "finite"),
+    # A count is >= 0: log1p of -3 is no number (the spec's transform, not the request, says so).
+    ("outside the dense domain", {"user_log_activity": -3.0}, "user_log_activity", "domain"),
     ("the user key as a list", {"user_id": [1, 2]}, "user_id", "one text or integer"),
     ("no user key, no stored user", {"user_id": None}, "user_id", "missing"),
 ]

@@ -454,7 +454,15 @@ def _entities(
         else:
             if feature.default is not None:
                 values = pc.fill_null(values, feature.default)
-            dense_columns.append(fitted.encode_dense(values, derived=True))
+            encoded = fitted.encode_dense(values, derived=True)
+            bad = np.flatnonzero(~np.isfinite(encoded))
+            if bad.size:
+                raise InvalidInput(
+                    f"{where}: feature {feature.name}: {bad.size} rows (first: row {bad[0]}) "
+                    "are missing without a default or give no finite number after the "
+                    "transform (e.g. log1p of a value <= -1: set clip_min)"
+                )
+            dense_columns.append(encoded)
     dense = (
         np.stack(dense_columns, axis=1)
         if dense_columns
