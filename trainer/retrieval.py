@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.checkpoint import load_unsharded, resolve_checkpoint
 from recship.trainer.config import MODEL_CONFIG_FILE, TrainConfig, read_model_config
 from recship.trainer.models import TwoTower

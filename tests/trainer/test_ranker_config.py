@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.config import (
     TrainConfig,
     merge_for_resume,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.data.batches import WeightedBatch, pair_batch, pair_batches
 from recship.trainer.data.ranking_examples import (
     ExampleRecipe,

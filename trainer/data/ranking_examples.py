@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recship.runtime.errors import InvalidInput
+from recship.base.errors import InvalidInput
 from recship.trainer.data.dataset import InteractionDataset
 
 #: Scores per block while mining (users x items float64 values held at once).
