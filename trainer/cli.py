@@ -4,7 +4,7 @@ Examples::
 
     recship data fetch movielens-100k
     recship train two-tower --data movielens-100k --nproc 2 --out runs/tt
-    recship train dlrm --data movielens-100k --nproc 2 --out runs/dlrm
+    recship train dlrm --data movielens-100k --nproc 2 --out runs/dlrm --retrieval runs/tt
     recship train two-tower --data synthetic --num-users 5000 --out runs/syn --sharding row_wise
     recship train two-tower --data movielens-100k --out runs/tt --resume --epochs 30
 
@@ -178,6 +178,52 @@ def two_tower_command(**options: Any) -> None:
     "--over-arch-layers",
     callback=_layers("--over-arch-layers"),
     help="Top MLP sizes; the last must be 1 [64,32,1].",
+)
+@click.option(
+    "--retrieval",
+    metavar="DIR",
+    help="Two-tower output folder (same --data, --seed, --eval-fraction) whose top-K "
+    "candidates per user are the hard negatives; recorded in model_config.json.",
+)
+@click.option(
+    "--examples",
+    type=click.Choice(("interactions", "labelled")),
+    help="interactions: positives are the user's interactions, negatives come from the "
+    "retrieval candidates and the catalogue (what the ranker ranks when served); labelled: "
+    "the data set's own labels (Criteo clicks; MovieLens rating >= 4, which ranks retrieval "
+    "candidates badly) [interactions with --retrieval; labelled without, and for Criteo].",
+)
+@click.option(
+    "--hard-negatives",
+    type=int,
+    help="Negatives per positive drawn from the user's retrieval candidates [2; 0 without "
+    "--retrieval].",
+)
+@click.option(
+    "--random-negatives",
+    type=int,
+    help="Negatives per positive drawn from the catalogue items the user has not interacted "
+    "with [8; 10 without --retrieval].",
+)
+@click.option(
+    "--mine-k", type=int, help="Retrieval candidates per user the hard negatives come from [200]."
+)
+@click.option(
+    "--rating-weights/--no-rating-weights",
+    default=None,
+    help="Weight each positive by its rating / the mean rating (sources with ratings) [on].",
+)
+@click.option(
+    "--init-from-retrieval/--no-init-from-retrieval",
+    default=None,
+    help="Start the ranker's user-id and item-id tables from the --retrieval model's tower "
+    "outputs and keep them frozen, so the ranker learns corrections to the retrieval score "
+    "[on with --retrieval; --embedding-dim is then the two-tower output dim].",
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(("constant", "linear")),
+    help="Learning rates constant, or decayed linearly to 0 [linear for interaction examples].",
 )
 def dlrm_command(**options: Any) -> None:
     """DLRM ranking (torchrec.models.dlrm.DLRM) over dense and sparse features."""

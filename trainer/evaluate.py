@@ -4,6 +4,10 @@ Two-tower: recall@K and NDCG@10 by exact full ranking of every item for every ev
 with the user's training positives excluded (RecBole's definitions: recall@K = hits in the
 top K / the user's held-out items; averaged over users with at least one held-out item).
 DLRM: ROC AUC and log loss of the held-out interactions' labels.
+End to end (`end_to_end_metrics`): what Recommend serves, offline and exact: each held-out
+user's retrieval top K (training items excluded), re-ranked by the DLRM, cut to the top N,
+against retrieval alone and popularity on the same users. Only held-out interactions count as
+relevant; every one of them does (engagement, whatever the rating).
 
 The same functions run at the end of training (on weights gathered from the shards) and on a
 checkpoint reloaded in one process, so both give the same numbers.
@@ -22,12 +26,21 @@ from torchrec.models.dlrm import DLRM
 
 from recship.base.jagged import EntityTable
 from recship.trainer.config import ModelConfig
-from recship.trainer.data.batches import entity_kjt, ranking_batches
+from recship.trainer.data.batches import entity_kjt, pair_batch, ranking_batches
 from recship.trainer.data.dataset import InteractionDataset
+from recship.trainer.data.ranking_examples import mine_candidates
 from recship.trainer.models import TwoTower, dlrm_logits
 
 RECALL_KS: tuple[int, ...] = (10, 50, 100)
 NDCG_K = 10
+#: Candidates retrieved per user before ranking in the end-to-end evaluation.
+END_TO_END_KS: tuple[int, ...] = (50, 100, 200, 500, 1000)
+#: Items served per user after ranking (Recommend's top_n) in the end-to-end evaluation.
+END_TO_END_TOP_N = 10
+#: The retrieve_k a bundle should default to with a ranker trained on interactions: on ML-100K
+#: the end-to-end metrics are flat from K = 50 up (the ranker keeps the retrieval order's
+#: information), so the smallest K with room for a client's excluded items wins on cost.
+DEFAULT_RETRIEVE_K = 100
 
 
 @torch.no_grad()
@@ -221,5 +234,139 @@ def evaluate_ranking(model: nn.Module, batches: Iterable[Batch]) -> dict[str, fl
         if not logits:
             return {}
         return binary_metrics(np.concatenate(logits), np.concatenate(labels))
+    finally:
+        model.train(was_training)
+
+
+def top_n_metrics(
+    ranked: np.ndarray, targets: Sequence[np.ndarray], top_n: int = END_TO_END_TOP_N
+) -> tuple[float, float]:
+    """Mean recall@N and NDCG@N of served lists (the definitions of `retrieval_metrics`).
+
+    Args:
+        ranked: int [U, >= N] each user's served items, best first; -1 marks no item.
+        targets: U arrays of the user's relevant (held-out) items, each non-empty.
+        top_n: N.
+
+    Returns:
+        (recall@N, NDCG@N) averaged over the U users; (0, 0) when U is 0.
+    """
+    if len(targets) == 0:
+        return 0.0, 0.0
+    discounts = 1.0 / np.log2(np.arange(2, top_n + 2))
+    recall = ndcg = 0.0
+    for row, relevant in zip(ranked[:, :top_n], targets, strict=True):
+        is_hit = np.isin(row, relevant) & (row >= 0)
+        recall += is_hit.sum() / relevant.size
+        ideal = discounts[: min(relevant.size, top_n)].sum()
+        ndcg += float((is_hit * discounts[: is_hit.size]).sum() / ideal)
+    return recall / len(targets), ndcg / len(targets)
+
+
+@torch.no_grad()
+def ranker_logits(
+    ranker: nn.Module,
+    data: InteractionDataset,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    batch_size: int = 16384,
+) -> np.ndarray:
+    """DLRM logits of arbitrary (user, item) pairs, features from `data`'s tables.
+
+    Returns:
+        float32 [len(user_ids)].
+    """
+    if not isinstance(ranker, DLRM):
+        raise TypeError(f"ranking needs a DLRM, got {type(ranker).__name__}")
+    was_training = ranker.training
+    ranker.eval()
+    try:
+        parts = [np.zeros(0, dtype=np.float32)]
+        for start in range(0, user_ids.size, batch_size):
+            batch = pair_batch(
+                data, user_ids[start : start + batch_size], item_ids[start : start + batch_size]
+            )
+            parts.append(dlrm_logits(ranker, batch).numpy())
+        return np.concatenate(parts)
+    finally:
+        ranker.train(was_training)
+
+
+@torch.no_grad()
+def end_to_end_metrics(
+    user_embeddings: torch.Tensor | np.ndarray,
+    item_embeddings: torch.Tensor | np.ndarray,
+    ranker: nn.Module,
+    train: InteractionDataset,
+    held_out: InteractionDataset,
+    ks: Sequence[int] = END_TO_END_KS,
+    top_n: int = END_TO_END_TOP_N,
+) -> dict[str, float]:
+    """Recommend offline: retrieve K, rank with the DLRM, serve the top N; vs. retrieval alone.
+
+    For every user with held-out interactions: the exact inner-product top max(ks) items with
+    the user's training items excluded (so K real candidates, as when a client excludes what
+    the user has), DLRM logits for all of them, and for each K the N best-ranked of the first
+    K. Popularity (training counts, training items excluded) is the floor to beat.
+
+    Args:
+        user_embeddings: float [num_users, D] query-tower outputs, row = user id.
+        item_embeddings: float [num_items, D] candidate-tower outputs, row = item id.
+        ranker: an unsharded DLRM.
+        train: the training split (excluded from the candidates; supplies the features).
+        held_out: the evaluation split: its interactions are the relevant items.
+        ks: retrieval depths to rank.
+        top_n: items served.
+
+    Returns:
+        {"popularity/recall@N", "popularity/ndcg@N", "retrieval/recall@N", "retrieval/ndcg@N",
+        "recommend@K/recall@N", "recommend@K/ndcg@N" for each K, "eval_users"}; {} when the
+        held-out split is empty.
+    """
+    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
+    if not targets:
+        return {}
+    users = np.array(sorted(targets), dtype=np.int64)
+    relevant = [targets[int(u)] for u in users]
+    max_k = max(max(ks), top_n)
+    candidates = mine_candidates(user_embeddings, item_embeddings, train, max_k)[users]
+    metrics: dict[str, float] = {}
+    counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float64)
+    popular = mine_candidates(np.ones((train.num_users, 1)), counts[:, None], train, top_n)[users]
+    for name, served in (("popularity", popular), ("retrieval", candidates)):
+        recall, ndcg = top_n_metrics(served, relevant, top_n)
+        metrics[f"{name}/recall@{top_n}"] = recall
+        metrics[f"{name}/ndcg@{top_n}"] = ndcg
+    valid = candidates >= 0
+    rows = np.repeat(users, valid.sum(axis=1))
+    logits = np.full(candidates.shape, -np.inf)
+    logits[valid] = ranker_logits(ranker, train, rows, candidates[valid])
+    for k in ks:
+        depth = min(k, candidates.shape[1])
+        # Stable: equal logits keep the retrieval order.
+        order = np.argsort(-logits[:, :depth], axis=1, kind="stable")[:, :top_n]
+        served = np.take_along_axis(candidates[:, :depth], order, axis=1)
+        recall, ndcg = top_n_metrics(served, relevant, top_n)
+        metrics[f"recommend@{k}/recall@{top_n}"] = recall
+        metrics[f"recommend@{k}/ndcg@{top_n}"] = ndcg
+    metrics["eval_users"] = int(users.size)
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_embeddings(
+    model: TwoTower, data: InteractionDataset, batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user embeddings [num_users, D], item embeddings [num_items, D]) of a two-tower model."""
+    was_training = model.training
+    model.eval()
+    try:
+        users = tower_embeddings(
+            model.query_tower, data.users, model.query_tower.feature_names, batch_size
+        )
+        items = tower_embeddings(
+            model.candidate_tower, data.items, model.candidate_tower.feature_names, batch_size
+        )
+        return users, items
     finally:
         model.train(was_training)

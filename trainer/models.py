@@ -7,9 +7,10 @@ packager can export them separately.
 
 DLRM ranking: `torchrec.models.dlrm.DLRM` over the dense features and every sparse feature.
 
-`TwoTowerTrain` / `DLRMTrain` wrap a model with its loss in the `forward(batch) -> (loss,
-outputs)` shape that `TrainPipelineSparseDist` expects. Pooled embeddings are always indexed by
-feature name: once sharded, `KeyedTensor.values()` follows shard placement, not table order.
+`TwoTowerTrain` / `DLRMTrain` / `WeightedDLRMTrain` wrap a model with its loss in the
+`forward(batch) -> (loss, outputs)` shape that `TrainPipelineSparseDist` expects. Pooled
+embeddings are always indexed by feature name: once sharded, `KeyedTensor.values()` follows
+shard placement, not table order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recship.trainer.config import ModelConfig, TableSpec
-from recship.trainer.data.batches import TwoTowerBatch
+from recship.trainer.data.batches import TwoTowerBatch, WeightedBatch
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
@@ -248,6 +249,31 @@ def build_dlrm(
     )
 
 
+class WeightedDLRMTrain(nn.Module):
+    """A DLRM with a per-example weighted binary cross-entropy (`WeightedBatch.weights`).
+
+    Used for ranking examples built from interactions, where positives carry their rating as a
+    weight. Its state dict is the model's under "model.", like torchrec's `DLRMTrain`, so a
+    checkpoint loads into either wrapper.
+
+    Args:
+        model: the DLRM.
+    """
+
+    def __init__(self, model: DLRM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: WeightedBatch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Returns (loss, (detached loss, detached logits [B], labels [B]))."""
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        labels = batch.labels.float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels, weight=batch.weights)
+        return loss, (loss.detach(), logits.detach(), labels.detach())
+
+
 def build_model(
     config: ModelConfig,
     device: torch.device | None = None,
@@ -267,9 +293,13 @@ def build_model(
 
 
 def build_train_module(
-    config: ModelConfig, model: nn.Module, item_log_q: torch.Tensor | None = None
+    config: ModelConfig,
+    model: nn.Module,
+    item_log_q: torch.Tensor | None = None,
+    weighted: bool = False,
 ) -> nn.Module:
-    """Wraps `model` with its loss: `TwoTowerTrain` or torchrec's `DLRMTrain`.
+    """Wraps `model` with its loss: `TwoTowerTrain`, torchrec's `DLRMTrain`, or (DLRM with
+    `weighted`) `WeightedDLRMTrain`, which takes `WeightedBatch`es.
 
     The wrapper's state dict is the model's under the prefix "model.", which is the layout of
     the checkpoints.
@@ -285,7 +315,7 @@ def build_train_module(
         return TwoTowerTrain(model, config.loss, config.temperature, item_log_q)
     if not isinstance(model, DLRM):
         raise TypeError(f"dlrm config needs a DLRM, got {type(model).__name__}")
-    return DLRMTrain(model)
+    return WeightedDLRMTrain(model) if weighted else DLRMTrain(model)
 
 
 def dlrm_logits(model: DLRM, batch: Batch) -> torch.Tensor:

@@ -79,15 +79,39 @@ from recship.trainer.config import (
     model_config_for,
     read_model_config,
     resolve_defaults,
+    table_name,
     write_json_atomic,
     write_model_config,
 )
-from recship.trainer.data.batches import num_batches, ranking_batches, two_tower_batches
+from recship.trainer.data.batches import (
+    num_batches,
+    pair_batches,
+    ranking_batches,
+    two_tower_batches,
+)
 from recship.trainer.data.criteo import CriteoSource
 from recship.trainer.data.dataset import InteractionDataset
+from recship.trainer.data.ranking_examples import (
+    ExampleRecipe,
+    RankingExamples,
+    build_examples,
+    mine_candidates,
+)
 from recship.trainer.data.sources import open_source
-from recship.trainer.evaluate import evaluate, evaluate_ranking, popularity_baseline
+from recship.trainer.evaluate import (
+    end_to_end_metrics,
+    evaluate,
+    evaluate_ranking,
+    popularity_baseline,
+    retrieval_embeddings,
+)
 from recship.trainer.models import build_model, build_train_module, item_log_frequencies
+from recship.trainer.retrieval import (
+    RetrievalProvenance,
+    check_provenance,
+    load_retrieval,
+    retrieval_output_dim,
+)
 
 _SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
@@ -186,7 +210,11 @@ def _with_saved_config(config: TrainConfig) -> TrainConfig:
 
 
 class _InteractionData:
-    """An in-memory interaction data set, split per user into train and held-out parts."""
+    """An in-memory interaction data set, split per user into train and held-out parts.
+
+    A DLRM trained on "interactions" examples (`prepare_ranking`) sees each epoch's positives
+    and freshly drawn negatives (`ranking_examples.build_examples`) instead of the rated pairs.
+    """
 
     def __init__(self, data: InteractionDataset, eval_fraction: float, seed: int) -> None:
         self.schema = data.schema
@@ -194,11 +222,70 @@ class _InteractionData:
         self.train, self.held_out = data.split(eval_fraction, seed)
         self.num_train = len(self.train)
         self.num_eval = len(self.held_out)
+        self.recipe: ExampleRecipe | None = None
+        self.candidates: np.ndarray | None = None
+        self.retrieval: RetrievalProvenance | None = None
+        self.retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch_examples: tuple[int, RankingExamples] | None = None
+
+    def prepare_ranking(self, config: TrainConfig) -> None:
+        """Loads the retrieval model and mines candidates for a resolved DLRM run.
+
+        A no-op for two-tower runs and "labelled" examples. Every rank does the same work
+        (float64 scores, ties by item id), so every rank builds the same examples.
+        """
+        if config.model != "dlrm" or config.examples != "interactions":
+            return
+        self.recipe = ExampleRecipe(
+            int(config.hard_negatives or 0),
+            int(config.random_negatives or 0),
+            rating_weighted=bool(config.rating_weights),
+        )
+        if config.retrieval is None:
+            return
+        self.retrieval, model = load_retrieval(config.retrieval, config)
+        self.retrieval_vectors = retrieval_embeddings(model, self.train)
+        if self.recipe.hard_negatives:
+            users, items = self.retrieval_vectors
+            self.candidates = mine_candidates(users, items, self.train, int(config.mine_k or 1))
+
+    def examples(self, epoch: int) -> RankingExamples:
+        """The ranking examples of `epoch` (the last epoch's are cached)."""
+        if self.recipe is None:
+            raise InvalidInput("ranking examples need a DLRM run on interaction examples")
+        if self._epoch_examples is None or self._epoch_examples[0] != epoch:
+            built = build_examples(
+                self.train, self.recipe, self.candidates, epoch=epoch, seed=self.seed
+            )
+            self._epoch_examples = (epoch, built)
+        return self._epoch_examples[1]
+
+    def num_examples(self, kind: str) -> int:
+        """Training examples per epoch: interactions, or positives plus their negatives."""
+        if kind == "dlrm" and self.recipe is not None:
+            return len(self.examples(0))
+        return self.num_train
 
     def train_batches(
         self, kind: str, batch_size: int, rank: int, world_size: int, epoch: int, start: int
     ) -> Iterator[Any]:
         """This rank's training batches of `epoch` from batch `start` on (shuffled per epoch)."""
+        if kind == "dlrm" and self.recipe is not None:
+            examples = self.examples(epoch)
+            return pair_batches(
+                self.train,
+                examples.user_ids,
+                examples.item_ids,
+                examples.labels,
+                batch_size,
+                rank=rank,
+                world_size=world_size,
+                weights=examples.weights,
+                epoch=epoch,
+                seed=self.seed,
+                drop_last=True,
+                start_batch=start,
+            )
         make = two_tower_batches if kind == "two-tower" else ranking_batches
         return make(
             self.train,
@@ -219,6 +306,14 @@ class _InteractionData:
         """Held-out metrics of an unsharded model."""
         return evaluate(model_config, model, self.train, self.held_out)
 
+    def end_to_end(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+        """Recommend offline (retrieve K, rank, top 10) vs. retrieval alone, for a DLRM run
+        given a retrieval model and a held-out split; {} otherwise."""
+        if model_config.kind != "dlrm" or self.retrieval_vectors is None or not self.num_eval:
+            return {}
+        users, items = self.retrieval_vectors
+        return end_to_end_metrics(users, items, model, self.train, self.held_out)
+
     def baselines(self, model_config: ModelConfig) -> dict[str, dict[str, float]]:
         """Reference scores a trained model should beat."""
         if model_config.kind != "two-tower" or not self.num_eval:
@@ -228,6 +323,10 @@ class _InteractionData:
 
 class _CriteoData:
     """A streamed Criteo TSV file; held-out lines are picked by a seeded hash of the line."""
+
+    #: No retrieval model goes with click logs (see `_InteractionData`).
+    retrieval: RetrievalProvenance | None = None
+    retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, source: CriteoSource, eval_fraction: float, seed: int) -> None:
         self.source = source
@@ -254,6 +353,17 @@ class _CriteoData:
             split="train",
             start_batch=start,
         )
+
+    def prepare_ranking(self, config: TrainConfig) -> None:
+        """Criteo keeps its click labels: nothing to mine."""
+
+    def num_examples(self, kind: str) -> int:
+        """Training lines per epoch."""
+        return self.num_train
+
+    def end_to_end(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+        """No users and items: no end-to-end evaluation."""
+        return {}
 
     def item_log_q(self) -> torch.Tensor:
         """Criteo has no items (DLRM only)."""
@@ -328,14 +438,22 @@ def _sharded_model(
     config: TrainConfig,
     env: DistEnv,
     device: torch.device,
+    frozen_tables: frozenset[str] = frozenset(),
 ) -> tuple[DistributedModelParallel, CombinedOptimizer, dict[str, dict[str, Any]]]:
-    """Shards `train_module` over the world; returns (DMP, combined optimizer, plan summary)."""
-    tables = [m for m in train_module.modules() if isinstance(m, EmbeddingBagCollection)]
-    apply_optimizer_in_backward(
-        RowWiseAdagrad,
-        [p for ebc in tables for p in ebc.parameters()],
-        {"lr": config.sparse_lr or 0.05},
-    )
+    """Shards `train_module` over the world; returns (DMP, combined optimizer, plan summary).
+
+    Tables named in `frozen_tables` get a fused optimizer with learning rate 0 (they keep the
+    values loaded into them; the learning-rate schedule scales 0 to 0).
+    """
+    ebcs = [m for m in train_module.modules() if isinstance(m, EmbeddingBagCollection)]
+    named = [(name, p) for ebc in ebcs for name, p in ebc.named_parameters()]
+    # EmbeddingBagCollection parameters are named "embedding_bags.<table>.weight".
+    fixed = [p for name, p in named if name.split(".")[1] in frozen_tables]
+    trained = [p for name, p in named if name.split(".")[1] not in frozen_tables]
+    if trained:
+        apply_optimizer_in_backward(RowWiseAdagrad, trained, {"lr": config.sparse_lr or 0.05})
+    if fixed:
+        apply_optimizer_in_backward(RowWiseAdagrad, fixed, {"lr": 0.0})
     sharder = CpuRowWiseEmbeddingBagCollectionSharder()
     planner = EmbeddingShardingPlanner(
         topology=Topology(
@@ -392,6 +510,34 @@ def _gather_state(dmp: DistributedModelParallel, rank: int) -> dict[str, torch.T
     return full
 
 
+def _copy_into(target: Any, full: torch.Tensor) -> None:
+    """Copies a full (unsharded) tensor into this rank's part of a state-dict tensor.
+
+    Handles `ShardedTensor` (each local shard takes its block by its offsets), replicated
+    `DTensor`s and plain tensors.
+
+    Raises:
+        InvalidInput: on a shape mismatch or a DTensor placement other than replicated.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if tuple(target.size()) != tuple(full.shape):
+        raise InvalidInput(f"table of shape {tuple(target.size())} cannot take {tuple(full.shape)}")
+    with torch.no_grad():
+        if isinstance(target, ShardedTensor):
+            for shard in target.local_shards():
+                rows, cols = shard.metadata.shard_offsets
+                height, width = shard.metadata.shard_sizes
+                shard.tensor.copy_(full[rows : rows + height, cols : cols + width])
+        elif isinstance(target, DTensor):
+            if not all(isinstance(p, Replicate) for p in target.placements):
+                raise InvalidInput(f"cannot load a table placed as {target.placements}")
+            target.to_local().copy_(full)
+        else:
+            target.copy_(full)
+
+
 def _unsharded_from_state(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     model = build_model(model_config, torch.device("cpu"))
     build_train_module(model_config, model).load_state_dict(state)
@@ -420,7 +566,10 @@ class _Trainer:
         self.console = Console(stderr=True)
         config = _with_saved_config(config)
         self.data = _open_data(config)
-        self.config = resolve_defaults(config, self.data.schema.name)
+        retrieval_dim = retrieval_output_dim(config.retrieval) if config.retrieval else None
+        self.config = resolve_defaults(config, self.data.schema.name, retrieval_dim)
+        self.data.prepare_ranking(self.config)
+        self._check_resumed_retrieval()
         self.model_config = model_config_for(self.config, self.data.schema)
         self.split = {
             "seed": self.config.seed,
@@ -429,12 +578,13 @@ class _Trainer:
             "num_eval": self.data.num_eval,
         }
         self.batch_size = int(self.config.batch_size or 0)
+        self.examples_per_epoch = self.data.num_examples(self.model_config.kind)
         self.steps_per_epoch = num_batches(
-            self.data.num_train, self.batch_size, env.world_size, drop_last=True
+            self.examples_per_epoch, self.batch_size, env.world_size, drop_last=True
         )
         if self.steps_per_epoch == 0:
             raise InvalidInput(
-                f"--data {self.config.data}: {self.data.num_train} training examples are fewer "
+                f"--data {self.config.data}: {self.examples_per_epoch} training examples are fewer "
                 f"than one step ({self.batch_size} per rank x {env.world_size} ranks); "
                 "lower --batch-size"
             )
@@ -443,8 +593,30 @@ class _Trainer:
         if self.config.max_steps:
             self.total_steps = min(self.total_steps, self.config.max_steps)
         self.history: list[dict[str, Any]] = []
+        self.end_to_end: dict[str, float] = {}
 
     # -- set-up ----------------------------------------------------------------------------
+
+    def _check_resumed_retrieval(self) -> None:
+        """A resumed ranker must mine from the retrieval checkpoint it started from (its
+        frozen id tables and its negatives came from it).
+
+        Raises:
+            InvalidInput: the --retrieval folder now holds another model or step.
+        """
+        provenance = self.data.retrieval
+        if not self.config.resume or provenance is None:
+            return
+        if not (self.config.out / MODEL_CONFIG_FILE).is_file():
+            return
+        _, saved = read_model_config(self.config.out)
+        check_provenance(
+            saved,
+            provenance.model_config_sha256,
+            provenance.step,
+            f"--resume {self.config.out} with --retrieval {provenance.path}",
+            provenance.checkpoint_sha256,
+        )
 
     def _prepare_out(self) -> tuple[CheckpointProgress, dict[str, Any]] | None:
         """Validates and initialises the output folder; loads the checkpoint to resume.
@@ -458,7 +630,14 @@ class _Trainer:
         if self.rank == 0:
             self.config.out.mkdir(parents=True, exist_ok=True)
             sweep_incomplete(self.config.out)
-            write_model_config(self.config.out, self.model_config, self.config, self.split)
+            provenance = self.data.retrieval
+            write_model_config(
+                self.config.out,
+                self.model_config,
+                self.config,
+                self.split,
+                retrieval=None if provenance is None else provenance.to_dict(),
+            )
             if self.config.resume:
                 where = "starting fresh" if found is None else f"resuming from {found[1].name}"
                 self.console.print(f"{self.config.out}: {where}", soft_wrap=True)
@@ -475,13 +654,62 @@ class _Trainer:
         log_q = None
         if self.model_config.kind == "two-tower":
             log_q = self.data.item_log_q().to(self.device)
-        train_module = build_train_module(self.model_config, model, log_q)
+        weighted = self.model_config.kind == "dlrm" and self.config.examples == "interactions"
+        train_module = build_train_module(self.model_config, model, log_q, weighted=weighted)
+        retrieval_tables = self._retrieval_tables()
         self.dmp, self.optimizer, self.plan = _sharded_model(
-            self.model_config, train_module, self.config, self.env, self.device
+            self.model_config,
+            train_module,
+            self.config,
+            self.env,
+            self.device,
+            frozen_tables=frozenset(retrieval_tables),
         )
+        if retrieval_tables:
+            self._load_tables(retrieval_tables)
         # Optimizer state exists only after a first step; create it (zero update) so that a
         # checkpoint's optimizer state has somewhere to load into.
         self.optimizer.init_state()
+        self.base_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def _retrieval_tables(self) -> dict[str, torch.Tensor]:
+        """{table: retrieval vectors} the ranker's id tables start from (and keep), or {}.
+
+        With `init_from_retrieval`, the user-id table holds the query tower's output of each
+        user and the item-id table the candidate tower's output of each item, so the DLRM's
+        user-id x item-id dot product is the retrieval score.
+        """
+        vectors = self.data.retrieval_vectors
+        if not self.config.init_from_retrieval or vectors is None:
+            return {}
+        schema = self.model_config.schema
+        users, items = vectors
+        return {
+            table_name(schema.user_id_feature or ""): users,
+            table_name(schema.item_id_feature or ""): items,
+        }
+
+    def _load_tables(self, tables: dict[str, torch.Tensor]) -> None:
+        """Copies full tables into the sharded model (each rank its own shards)."""
+        state = self.dmp.state_dict()
+        found = set()
+        for key, value in state.items():
+            for table, full in tables.items():
+                if key.endswith(f"embedding_bags.{table}.weight"):
+                    _copy_into(value, full.to(torch.float32))
+                    found.add(table)
+        missing = sorted(set(tables) - found)
+        if missing:
+            raise InvalidInput(f"the ranker has no table(s) {', '.join(missing)} to initialise")
+        self.dmp.load_state_dict(state)
+
+    def _schedule_lr(self, step: int) -> None:
+        """Sets every learning rate for the update of step `step` (0-based) by the schedule."""
+        if self.config.lr_schedule != "linear" or not self.total_steps:
+            return
+        factor = max(0.0, 1.0 - step / self.total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor  # type: ignore[index]
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
@@ -527,13 +755,19 @@ class _Trainer:
             keep_last=self.config.keep_checkpoints,
         )
 
-    def _evaluate(self) -> dict[str, float]:
-        """Gathers the weights to rank 0 and evaluates there; {} on other ranks. Collective."""
+    def _evaluate(self, end_to_end: bool = False) -> dict[str, float]:
+        """Gathers the weights to rank 0 and evaluates there; {} on other ranks. Collective.
+
+        With `end_to_end`, the end-to-end metrics (see `_InteractionData.end_to_end`) are kept
+        in `self.end_to_end` as well.
+        """
         state = _gather_state(self.dmp, self.rank)
         metrics: dict[str, float] = {}
         if self.rank == 0:
             model = _unsharded_from_state(self.model_config, state)
             metrics = self.data.evaluate(self.model_config, model)
+            if end_to_end:
+                self.end_to_end = self.data.end_to_end(self.model_config, model)
         _barrier()
         return metrics
 
@@ -543,10 +777,31 @@ class _Trainer:
             return end_of_epoch
         return every > 0 and step % every == 0
 
+    def _warn_without_retrieval(self) -> None:
+        """Says, once, that a ranker on interaction data trained without --retrieval will
+        rank retrieval candidates badly (after input validation: errors stay one line)."""
+        interactions = isinstance(self.data, _InteractionData)
+        if self.rank != 0 or self.model_config.kind != "dlrm" or not interactions:
+            return
+        if self.config.retrieval is not None:
+            return
+        recipe = (
+            "trains on the rated pairs (rating >= 4)"
+            if self.config.examples == "labelled"
+            else "draws its negatives from the catalogue only"
+        )
+        self.console.print(
+            f"[yellow]dlrm without --retrieval {recipe}: behind a retrieval model it ranks "
+            "worse than retrieval alone (issue 11). Pass --retrieval <two-tower "
+            "output folder> to train on the candidates it will rank.[/]",
+            soft_wrap=True,
+        )
+
     def run(self) -> dict[str, Any]:
         """Trains (from the start or the latest checkpoint), checkpoints, evaluates."""
         self._build()
         loaded = self._prepare_out()
+        self._warn_without_retrieval()
         state = _RunState() if loaded is None else self._resume(*loaded)
         return self._loop(state)
 
@@ -580,7 +835,7 @@ class _Trainer:
                 batches = itertools.islice(
                     self._batches(state.epoch, state.batch_in_epoch), remaining
                 )
-                pipeline = self._pipeline()
+                pipeline = self._pipeline(state)
                 for output in pipeline(batches):
                     state.step += 1
                     state.batch_in_epoch += 1
@@ -602,16 +857,22 @@ class _Trainer:
         elapsed = time.perf_counter() - started
         if last_saved != state.step:
             self._save(state)
-        final = self._evaluate()
+        final = self._evaluate(end_to_end=True)
         return self._finish(state, start_step, elapsed, final)
 
-    def _pipeline(self) -> Any:
-        """Returns a function mapping a batch iterator to per-step model outputs."""
+    def _pipeline(self, state: _RunState) -> Any:
+        """Returns a function mapping a batch iterator to per-step model outputs.
+
+        Before each step the learning rates are set for it (`state.step` is the number of
+        steps done: the loop consuming the outputs advances it).
+        """
         if self.config.pipeline:
             pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device)
 
             def run_pipelined(batches: Iterator[Any]) -> Iterator[Any]:
                 while True:
+                    # zero_grad() inside progress() hands the fused optimizers their rate.
+                    self._schedule_lr(state.step)
                     try:
                         yield pipeline.progress(batches)
                     except StopIteration:
@@ -621,6 +882,7 @@ class _Trainer:
 
         def run_plain(batches: Iterator[Any]) -> Iterator[Any]:
             for batch in batches:
+                self._schedule_lr(state.step)
                 self.optimizer.zero_grad()
                 loss, output = self.dmp(batch.to(self.device))
                 loss.backward()
@@ -660,6 +922,10 @@ class _Trainer:
             "eval": final,
             "history": self.history,
         }
+        if self.model_config.kind == "dlrm":
+            metrics["train"]["examples_per_epoch"] = self.examples_per_epoch
+            if self.rank == 0 and self.end_to_end:
+                metrics["end_to_end"] = self.end_to_end
         if self.rank == 0:
             metrics["baselines"] = self.data.baselines(self.model_config)
             write_json_atomic(self.config.out / METRICS_FILE, _json_safe(metrics))
@@ -699,6 +965,11 @@ def _print_summary(console: Console, metrics: dict[str, Any]) -> None:
     rows += [(f"eval {name}", value) for name, value in metrics["eval"].items()]
     for baseline, values in metrics.get("baselines", {}).items():
         rows += [(f"{baseline} {name}", value) for name, value in values.items() if "@" in name]
+    rows += [
+        (f"end to end {name}", value)
+        for name, value in metrics.get("end_to_end", {}).items()
+        if "@" in name
+    ]
     for name, value in rows:
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         table.add_row(name, text)

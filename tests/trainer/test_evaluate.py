@@ -54,3 +54,59 @@ def test_popularity_baseline_beats_random_on_skewed_data() -> None:
     data = generate(num_users=200, num_items=300, interactions_per_user=10, seed=2)
     train, held_out = data.split(0.2, seed=0)
     assert popularity_baseline(train, held_out)["recall@10"] > 3 * 10 / data.num_items
+
+
+def _scored_ranker(data, scores: np.ndarray):
+    """A real DLRM whose logit is `scores[user, item]`, for end-to-end tests.
+
+    The over arch is replaced by a lookup: the ranker stage is what is tested, not the DLRM.
+    """
+    from pathlib import Path
+
+    from recship.trainer.config import TrainConfig, model_config_for, resolve_defaults
+    from recship.trainer.models import build_model
+
+    config = resolve_defaults(
+        TrainConfig(model="dlrm", data="synthetic", out=Path("unused"), embedding_dim=4),
+        data.schema.name,
+    )
+    model = build_model(model_config_for(config, data.schema))
+    table = torch.from_numpy(scores.astype(np.float32))
+
+    def forward(dense, sparse):
+        features = sparse.to_dict()
+        users = features["user_id"].values()
+        items = features["item_id"].values()
+        return table[users, items].unsqueeze(1)
+
+    model.forward = forward  # type: ignore[method-assign]
+    return model
+
+
+def test_end_to_end_metrics_against_retrieval_and_an_oracle_ranker() -> None:
+    from recship.trainer.evaluate import end_to_end_metrics
+
+    data = generate(num_users=40, num_items=60, interactions_per_user=8, seed=5)
+    train, held_out = data.split(0.25, seed=0)
+    rng = np.random.default_rng(0)
+    users = torch.from_numpy(rng.normal(size=(data.num_users, 5))).float()
+    items = torch.from_numpy(rng.normal(size=(data.num_items, 5))).float()
+    oracle = np.zeros((data.num_users, data.num_items))
+    oracle[held_out.user_ids, held_out.item_ids] = 10.0
+    metrics = end_to_end_metrics(
+        users, items, _scored_ranker(data, oracle), train, held_out, ks=(5, 20, 60)
+    )
+    reference = retrieval_metrics(users, items, train, held_out, ks=(10,))
+    assert metrics["retrieval/recall@10"] == pytest.approx(reference["recall@10"], abs=1e-9)
+    assert metrics["retrieval/ndcg@10"] == pytest.approx(reference["ndcg@10"], abs=1e-9)
+    popularity = popularity_baseline(train, held_out, ks=(10,))
+    assert metrics["popularity/recall@10"] == pytest.approx(popularity["recall@10"], abs=0.02)
+    # The oracle ranker serves every held-out item among the candidates: with K covering the
+    # catalogue that is all of them (each user has 2 held-out items, fewer than 10).
+    assert metrics["recommend@60/recall@10"] == pytest.approx(1.0)
+    assert metrics["recommend@60/ndcg@10"] == pytest.approx(1.0)
+    # With K = 5 it can only reorder the retrieval's first 5: recall@10 is retrieval's recall@5.
+    assert metrics["recommend@5/recall@10"] == pytest.approx(
+        retrieval_metrics(users, items, train, held_out, ks=(5,))["recall@5"], abs=1e-9
+    )
+    assert metrics["eval_users"] == reference["eval_users"]

@@ -42,7 +42,9 @@ def two_tower_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 @pytest.fixture(scope="module")
 def dlrm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dlrm") / "run"
-    return out, _train(out, "dlrm", sharding="row_wise")
+    # Labelled pairs, so that the held-out AUC of the labels measures the training; the
+    # interaction recipe is judged end to end in test_ranker_end_to_end.py.
+    return out, _train(out, "dlrm", sharding="row_wise", examples="labelled")
 
 
 def _held_out(out: Path):

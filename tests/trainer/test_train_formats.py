@@ -22,7 +22,16 @@ def test_dlrm_trains_on_a_movielens_format_directory(tmp_path: Path) -> None:
     data = generate(num_users=300, num_items=150, interactions_per_user=10, seed=5)
     folder = write_movielens(data, tmp_path / "ml", layout="grouplens")
     out = tmp_path / "run"
-    config = TrainConfig(model="dlrm", data=str(folder), out=out, nproc=2, epochs=2, batch_size=64)
+    # Labelled pairs (rating >= 4): the held-out AUC then checks that the ratings were read.
+    config = TrainConfig(
+        model="dlrm",
+        data=str(folder),
+        out=out,
+        nproc=2,
+        epochs=2,
+        batch_size=64,
+        examples="labelled",
+    )
     metrics = launch(config)
     assert metrics["dataset"] == "ml"
     assert metrics["eval"]["auc"] > 0.6

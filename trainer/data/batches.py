@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,6 +83,41 @@ class TwoTowerBatch(Pipelineable):
             query=self.query.pin_memory(),
             candidate=self.candidate.pin_memory(),
             item_ids=self.item_ids.pin_memory(),
+        )
+
+
+@dataclass
+class WeightedBatch(Batch):
+    """A DLRM batch whose examples carry loss weights (torchrec's `Batch` plus `weights`).
+
+    Attributes:
+        weights: float32 [B] per-example weight of the binary cross-entropy (1 = plain), e.g.
+            positives weighted by their explicit rating.
+    """
+
+    weights: torch.Tensor = field(default_factory=lambda: torch.ones(0))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> WeightedBatch:
+        """The batch on `device`."""
+        return WeightedBatch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            weights=self.weights.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Mark every tensor as used by `stream` (CUDA pipelining)."""
+        super().record_stream(stream)
+        self.weights.record_stream(stream)
+
+    def pin_memory(self) -> WeightedBatch:
+        """The batch in pinned host memory."""
+        return WeightedBatch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
         )
 
 
@@ -178,20 +213,51 @@ def ranking_batch(data: InteractionDataset, index: np.ndarray) -> Batch:
     Dense features are the user's then the item's columns; the KJT holds every sparse feature
     in schema order (user side, then item side) with int32 lengths.
     """
-    user_rows = data.user_ids[index]
-    item_rows = data.item_ids[index]
+    return pair_batch(data, data.user_ids[index], data.item_ids[index], data.labels[index])
+
+
+def pair_batch(
+    data: InteractionDataset,
+    user_rows: np.ndarray,
+    item_rows: np.ndarray,
+    labels: np.ndarray | None = None,
+) -> Batch:
+    """The DLRM batch of arbitrary (user, item) pairs, interactions or not.
+
+    The layout is `ranking_batch`'s: dense features are the user's then the item's columns, the
+    KJT holds every sparse feature in schema order. Used for sampled negatives and for scoring
+    retrieval candidates, which are pairs the data set has no row for.
+
+    Args:
+        data: the data set whose user and item tables hold the features.
+        user_rows: int [B] user ids.
+        item_rows: int [B] item ids (same length).
+        labels: float [B] labels; zeros when None (scoring only).
+
+    Raises:
+        InvalidInput: if the id arrays differ in length.
+    """
+    user_rows = np.asarray(user_rows, dtype=np.int64)
+    item_rows = np.asarray(item_rows, dtype=np.int64)
+    if user_rows.shape != item_rows.shape or user_rows.ndim != 1:
+        raise InvalidInput(
+            f"pair batch: user ids {user_rows.shape} and item ids {item_rows.shape} must be "
+            "1-d and of equal length"
+        )
     dense = np.concatenate([data.users.dense[user_rows], data.items.dense[item_rows]], axis=1)
     sparse = _build_kjt(
         [
             (data.users, user_rows, f.name) if f.side == "user" else (data.items, item_rows, f.name)
             for f in data.schema.sparse
         ],
-        stride=index.size,
+        stride=user_rows.size,
     )
+    if labels is None:
+        labels = np.zeros(user_rows.size, dtype=np.float32)
     return Batch(
         dense_features=torch.from_numpy(dense),
         sparse_features=sparse,
-        labels=torch.from_numpy(data.labels[index]),
+        labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)),
     )
 
 
@@ -250,4 +316,62 @@ def _rank_indices(
     return (
         np.array_split(order[s * step : (s + 1) * step], world_size)[rank]
         for s in range(start_batch, total)
+    )
+
+
+def pair_batches(
+    data: InteractionDataset,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    weights: np.ndarray | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    drop_last: bool = True,
+    start_batch: int = 0,
+    shuffle: bool = True,
+) -> Iterator[Batch]:
+    """This rank's DLRM batches over arbitrary (user, item, label) examples.
+
+    Sharded and shuffled exactly like `ranking_batches` (see the module doc), over examples
+    that need not be interactions of `data`, e.g. the sampled negatives of
+    `recship.trainer.data.ranking_examples`.
+
+    Args:
+        data: the tables the features come from.
+        user_ids / item_ids / labels: [N] the examples.
+        batch_size, rank, world_size, epoch, seed, drop_last, start_batch, shuffle: as in
+            `ranking_batches`.
+        weights: float [N] loss weights; given, the batches are `WeightedBatch`es.
+    """
+    batches = _rank_indices(
+        int(user_ids.size),
+        batch_size,
+        rank,
+        world_size,
+        epoch,
+        seed,
+        drop_last,
+        start_batch,
+        shuffle,
+    )
+    if weights is None:
+        return (pair_batch(data, user_ids[i], item_ids[i], labels[i]) for i in batches)
+    return (
+        _weighted(pair_batch(data, user_ids[i], item_ids[i], labels[i]), weights[i])
+        for i in batches
+    )
+
+
+def _weighted(batch: Batch, weights: np.ndarray) -> WeightedBatch:
+    """`batch` with per-example loss weights."""
+    return WeightedBatch(
+        dense_features=batch.dense_features,
+        sparse_features=batch.sparse_features,
+        labels=batch.labels,
+        weights=torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
     )
