@@ -61,20 +61,23 @@ def train_models(
     reuse: bool = False,
     **config: Any,
 ) -> TrainedRuns:
-    """Trains the two-tower and the DLRM model into `out/two-tower` and `out/dlrm`.
+    """Trains the two-tower and then the DLRM on its candidates (`--retrieval`) into
+    `out/two-tower` and `out/dlrm`.
 
     Args:
         nproc: ranks per model, one number for both or per model name.
         reuse: keep a model whose folder already holds a finished run (its metrics.json).
         config: any further `TrainConfig` field, for both models.
     """
-    for model in MODELS:
-        folder = out / model
+    runs = TrainedRuns(out / "two-tower", out / "dlrm")
+    for model, folder in zip(MODELS, (runs.retrieval, runs.ranking), strict=True):
         if reuse and (folder / METRICS_FILE).is_file():
             continue
         ranks = nproc if isinstance(nproc, int) else nproc[model]
-        train_model(folder, model, data, data_options, nproc=ranks, **config)
-    return TrainedRuns(out / "two-tower", out / "dlrm")
+        # The ranker learns to order the two-tower's candidates (trainer.retrieval).
+        mined = {"retrieval": str(runs.retrieval)} if model == "dlrm" else {}
+        train_model(folder, model, data, data_options, nproc=ranks, **config, **mined)
+    return runs
 
 
 def package_runs(

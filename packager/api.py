@@ -83,7 +83,6 @@ GOLDEN_ATOL = 1e-4
 GOLDEN_RTOL = 1e-4
 # Exported (quantized) entry points against the fp32 eager models on the golden inputs.
 MIN_QUERY_COSINE = 0.99
-MAX_RANKER_LOGIT_DIFF = 0.25
 # Reloaded exported files against the eager quantized module they were exported from.
 MAX_EXPORT_DIFF = 1e-4
 
@@ -369,7 +368,7 @@ class _Packager:
         )
         golden_checks = (
             ("query_tower min cosine vs fp32", MIN_QUERY_COSINE, ">="),
-            ("ranker max logit diff vs fp32", MAX_RANKER_LOGIT_DIFF, "<="),
+            ("ranker max logit diff vs fp32", self.options.thresholds.max_logit_diff, "<="),
             ("query_tower export vs eager quantized", MAX_EXPORT_DIFF, "<="),
             ("ranker export vs eager quantized", MAX_EXPORT_DIFF, "<="),
         )

@@ -9,7 +9,13 @@ from rich.console import Console
 
 from recship.base.errors import InvalidInput
 from recship.bundle.cli import print_summary
-from recship.packager.options import DEVICE_TYPES, EXPORT_CHOICES, INDEX_KINDS, QUANT_TYPES
+from recship.packager.options import (
+    DEVICE_TYPES,
+    EXPORT_CHOICES,
+    INDEX_KINDS,
+    QUANT_TYPES,
+    QualityThresholds,
+)
 
 
 def _parse_table_quant(values: tuple[str, ...]) -> dict[str, str]:
@@ -99,23 +105,30 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--min-index-recall",
     type=click.FloatRange(0, 1),
-    default=0.95,
+    default=QualityThresholds.min_index_recall,
     show_default=True,
     help="Recall@100 the index must reach against exact search.",
 )
 @click.option(
     "--max-recall-loss",
     type=click.FloatRange(0, 1),
-    default=0.02,
+    default=QualityThresholds.max_recall_loss,
     show_default=True,
     help="Largest relative recall@10/@100 loss of the packaged pipeline vs fp32 exact.",
 )
 @click.option(
     "--max-auc-loss",
     type=click.FloatRange(0, 1),
-    default=0.005,
+    default=QualityThresholds.max_auc_loss,
     show_default=True,
     help="Largest ranker AUC loss vs fp32.",
+)
+@click.option(
+    "--max-logit-diff",
+    type=click.FloatRange(min=0),
+    default=QualityThresholds.max_logit_diff,
+    show_default=True,
+    help="Largest ranker logit difference vs fp32 on the golden inputs.",
 )
 @click.option(
     "--golden-examples",
@@ -146,13 +159,14 @@ def package_command(
     min_index_recall: float,
     max_recall_loss: float,
     max_auc_loss: float,
+    max_logit_diff: float,
     golden_examples: int,
     seed: int,
     sign_key: Path | None,
 ) -> None:
     """Quantize, shard, export, index and verify two checkpoints into the next bundle version."""
     from recship.packager.api import package
-    from recship.packager.options import PackageOptions, QualityThresholds
+    from recship.packager.options import PackageOptions
 
     options = PackageOptions(
         retrieval=retrieval,
@@ -166,7 +180,9 @@ def package_command(
         export_format=export_format,  # type: ignore[arg-type]
         index=index,  # type: ignore[arg-type]
         index_params=_parse_index_params(index_param),
-        thresholds=QualityThresholds(max_recall_loss, max_auc_loss, min_index_recall),
+        thresholds=QualityThresholds(
+            max_recall_loss, max_auc_loss, min_index_recall, max_logit_diff
+        ),
         golden_examples=golden_examples,
         seed=seed,
         sign_key=sign_key,

@@ -52,12 +52,20 @@ def synthetic_folder(root: Path, **options: int) -> Path:
     return folder
 
 
-def _train_synthetic(out: Path, model: str, nproc: int, **data: int) -> Path:
-    """Trains `model` on synthetic data with real TorchRec ranks; returns the output folder."""
+def _train_synthetic(
+    out: Path, model: str, nproc: int, retrieval: Path | None = None, **data: int
+) -> Path:
+    """Trains `model` on synthetic data with real TorchRec ranks; returns the output folder.
+
+    A DLRM ranks the candidates of `retrieval` (a two-tower output on the same data), or,
+    without one, is trained on the rated pairs (`--examples labelled`)."""
     from recship.cli.pipeline import train_model
 
     folder = synthetic_folder(out.parent, **{**PACKAGING_DATA, **data})
-    return train_model(out, model, str(folder), {}, nproc=nproc, epochs=3, batch_size=64)
+    ranking: dict[str, str] = {}
+    if model == "dlrm":
+        ranking = {"retrieval": str(retrieval)} if retrieval else {"examples": "labelled"}
+    return train_model(out, model, str(folder), {}, nproc=nproc, epochs=3, batch_size=64, **ranking)
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +78,8 @@ def train_synthetic() -> Callable[..., Path]:
 def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(two-tower output written by 2 ranks, DLRM output written by 1 rank) on the same items."""
     root = tmp_path_factory.mktemp("runs")
-    return (
-        _train_synthetic(root / "tt", "two-tower", 2),
-        _train_synthetic(root / "dlrm", "dlrm", 1),
-    )
+    retrieval = _train_synthetic(root / "tt", "two-tower", 2)
+    return retrieval, _train_synthetic(root / "dlrm", "dlrm", 1, retrieval)
 
 
 BUNDLE = "movies"

@@ -407,11 +407,11 @@ def resolve_defaults(
     """Fills every `None` field of `config` with the default for its model and data set.
 
     DLRM ranking examples: Criteo-style data sets (`LABELLED_ONLY_DATASETS`) keep their labels
-    ("labelled"); interaction data with `retrieval` defaults to "interactions". Without
-    `retrieval` the default stays "labelled" (the pre-existing behaviour; the trainer warns
-    that it ranks retrieval candidates badly); "interactions" asked for without `retrieval`
-    has no candidates to mine, so its hard negatives are drawn from the catalogue instead
-    (the same number of negatives per positive).
+    ("labelled"); interaction data needs `retrieval` and then defaults to "interactions".
+    Without `retrieval` the examples must be chosen explicitly (the trainer warns that either
+    ranks retrieval candidates worse than retrieval alone): "labelled" (rated pairs) or
+    "interactions", whose hard negatives are then drawn from the catalogue instead (the same
+    number of negatives per positive).
 
     Args:
         config: the requested run.
@@ -425,7 +425,8 @@ def resolve_defaults(
 
     Raises:
         InvalidInput: interaction examples or --retrieval asked for on a labelled-only data
-            set, hard negatives or table initialisation asked for without --retrieval, or an
+            set, a ranker on interaction data with neither --retrieval nor --examples, hard
+            negatives or table initialisation asked for without --retrieval, or an
             embedding dim other than the retrieval output dim with table initialisation.
     """
     defaults = dict(_COMMON_DEFAULTS)
@@ -440,11 +441,13 @@ def resolve_defaults(
                 f"data set {dataset_name!r} is labelled pairs with no users and items: it keeps "
                 "its labels (--examples labelled, no --retrieval)"
             )
-        # Without a retrieval model the old labelled recipe stays the default, so that callers
-        # not yet passing --retrieval keep their behaviour (the trainer warns).
-        examples = examples or (
-            "labelled" if labelled_only or config.retrieval is None else "interactions"
-        )
+        if examples is None and not labelled_only and config.retrieval is None:
+            raise InvalidInput(
+                "dlrm on interaction data ranks a retrieval model's candidates: pass "
+                "--retrieval <two-tower output folder> (or choose --examples interactions / "
+                "labelled to train without one, which ranks worse than retrieval alone)"
+            )
+        examples = examples or ("labelled" if labelled_only else "interactions")
         given = [
             name
             for name in (*ranking_fields, "init_from_retrieval")

@@ -15,7 +15,7 @@ checkpoint reloaded in one process, so both give the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -327,9 +327,47 @@ def end_to_end_metrics(
     if not targets:
         return {}
     users = np.array(sorted(targets), dtype=np.int64)
-    relevant = [targets[int(u)] for u in users]
     max_k = max(max(ks), top_n)
     candidates = mine_candidates(user_embeddings, item_embeddings, train, max_k)[users]
+    return pipeline_metrics(
+        users,
+        candidates,
+        lambda user_ids, item_ids: ranker_logits(ranker, train, user_ids, item_ids),
+        targets,
+        train,
+        ks,
+        top_n,
+    )
+
+
+def pipeline_metrics(
+    users: np.ndarray,
+    candidates: np.ndarray,
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    targets: Mapping[int, np.ndarray],
+    train: InteractionDataset,
+    ks: Sequence[int] = END_TO_END_KS,
+    top_n: int = END_TO_END_TOP_N,
+) -> dict[str, float]:
+    """Top-N quality of popularity, retrieval alone and retrieve K -> rank -> top N.
+
+    The one definition the trainer (fp32, exact retrieval) and the packager's gate (packaged
+    query tower, index and ranker) share, so their figures compare.
+
+    Args:
+        users: int [U] evaluated users, each with held-out items in `targets`.
+        candidates: int [U, >= max(ks)] each user's retrieved items, best first, training
+            items already excluded; -1 pads.
+        score: (user ids [P], item ids [P]) -> ranker logits [P] of those pairs.
+        targets: user -> held-out (relevant) items.
+        train: the training split (popularity counts; its items are excluded from it).
+        ks: retrieval depths to rank; depths beyond `candidates`' width use all of it.
+        top_n: items served.
+
+    Returns:
+        See `end_to_end_metrics`.
+    """
+    relevant = [targets[int(u)] for u in users]
     metrics: dict[str, float] = {}
     counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float64)
     popular = mine_candidates(np.ones((train.num_users, 1)), counts[:, None], train, top_n)[users]
@@ -337,15 +375,16 @@ def end_to_end_metrics(
         recall, ndcg = top_n_metrics(served, relevant, top_n)
         metrics[f"{name}/recall@{top_n}"] = recall
         metrics[f"{name}/ndcg@{top_n}"] = ndcg
+    depth = min(max(ks), candidates.shape[1])
+    candidates = candidates[:, :depth]
     valid = candidates >= 0
     rows = np.repeat(users, valid.sum(axis=1))
     logits = np.full(candidates.shape, -np.inf)
-    logits[valid] = ranker_logits(ranker, train, rows, candidates[valid])
+    logits[valid] = score(rows, candidates[valid])
     for k in ks:
-        depth = min(k, candidates.shape[1])
         # Stable: equal logits keep the retrieval order.
-        order = np.argsort(-logits[:, :depth], axis=1, kind="stable")[:, :top_n]
-        served = np.take_along_axis(candidates[:, :depth], order, axis=1)
+        order = np.argsort(-logits[:, :k], axis=1, kind="stable")[:, :top_n]
+        served = np.take_along_axis(candidates[:, :k], order, axis=1)
         recall, ndcg = top_n_metrics(served, relevant, top_n)
         metrics[f"recommend@{k}/recall@{top_n}"] = recall
         metrics[f"recommend@{k}/ndcg@{top_n}"] = ndcg

@@ -103,7 +103,9 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
 def test_second_run_publishes_the_next_version_and_int8_is_smaller(runs, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     first = package(_options(runs, repo))
-    second = package(_options(runs, repo, quant="int4"))
+    # int4 tables under a dot product move logits further than int8's golden tolerance.
+    int4_gate = QualityThresholds(max_logit_diff=1.0)
+    second = package(_options(runs, repo, quant="int4", thresholds=int4_gate))
     assert (first.ref.version, second.ref.version) == (1, 2)
     assert published_versions(repo / "movies") == [1, 2]
     for report in (first, second):

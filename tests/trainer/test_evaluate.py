@@ -67,7 +67,9 @@ def _scored_ranker(data, scores: np.ndarray):
     from recship.trainer.models import build_model
 
     config = resolve_defaults(
-        TrainConfig(model="dlrm", data="synthetic", out=Path("unused"), embedding_dim=4),
+        TrainConfig(
+            model="dlrm", data="synthetic", out=Path("unused"), embedding_dim=4, examples="labelled"
+        ),
         data.schema.name,
     )
     model = build_model(model_config_for(config, data.schema))

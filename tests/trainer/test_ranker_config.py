@@ -39,10 +39,12 @@ def test_interaction_data_defaults_to_interaction_examples_with_retrieval_tables
     assert config.rating_weights and config.lr_schedule == "linear"
 
 
-def test_without_retrieval_the_labelled_recipe_stays_the_default() -> None:
-    assert resolve_defaults(_dlrm(), "synthetic").examples == "labelled"
+def test_without_retrieval_the_examples_must_be_chosen() -> None:
+    with pytest.raises(InvalidInput, match="pass --retrieval"):
+        resolve_defaults(_dlrm(), "synthetic")
+    assert resolve_defaults(_dlrm(examples="labelled"), "synthetic").examples == "labelled"
     with pytest.raises(InvalidInput, match="--random-negatives: only for --examples"):
-        resolve_defaults(_dlrm(random_negatives=3), "synthetic")
+        resolve_defaults(_dlrm(examples="labelled", random_negatives=3), "synthetic")
 
 
 def test_interactions_without_retrieval_draw_every_negative_from_the_catalogue() -> None:

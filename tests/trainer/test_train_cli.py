@@ -52,7 +52,21 @@ def test_refuses_non_empty_out_without_resume(
     [
         (["two-tower", "--data", "/no/such/data"], 3, "no such file or directory"),
         (["two-tower", *TINY, "--tower-layers", "64,x"], 2, "--tower-layers"),
-        (["dlrm", *TINY, "--embedding-dim", "8", "--dense-arch-layers", "32,16"], 2, "end in"),
+        (
+            [
+                "dlrm",
+                *TINY,
+                "--examples",
+                "labelled",
+                "--embedding-dim",
+                "8",
+                "--dense-arch-layers",
+                "32,16",
+            ],
+            2,
+            "end in",
+        ),
+        (["dlrm", *TINY], 2, "pass --retrieval"),
         (["two-tower", *TINY, "--batch-size", "4096"], 2, "fewer than one step"),
         (["two-tower", *TINY, "--eval-fraction", "1.5"], 2, "--eval-fraction"),
         (["two-tower", *TINY, "--table-size", "10"], 2, "table_size"),
