@@ -67,16 +67,21 @@ def train_models(
     Args:
         nproc: ranks per model, one number for both or per model name.
         reuse: keep a model whose folder already holds a finished run (its metrics.json).
-        config: any further `TrainConfig` field, for both models.
+        config: any further `TrainConfig` field, for both models (but `embedding_dim`, which
+            the DLRM takes from the two-tower's output dim).
     """
     runs = TrainedRuns(out / "two-tower", out / "dlrm")
     for model, folder in zip(MODELS, (runs.retrieval, runs.ranking), strict=True):
         if reuse and (folder / METRICS_FILE).is_file():
             continue
         ranks = nproc if isinstance(nproc, int) else nproc[model]
-        # The ranker learns to order the two-tower's candidates (trainer.retrieval).
-        mined = {"retrieval": str(runs.retrieval)} if model == "dlrm" else {}
-        train_model(folder, model, data, data_options, nproc=ranks, **config, **mined)
+        model_config = dict(config)
+        if model == "dlrm":
+            # The ranker learns to order the two-tower's candidates (trainer.retrieval); its
+            # id tables are the two-tower's outputs, so its tables take their dim.
+            model_config.pop("embedding_dim", None)
+            model_config["retrieval"] = str(runs.retrieval)
+        train_model(folder, model, data, data_options, nproc=ranks, **model_config)
     return runs
 
 
