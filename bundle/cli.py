@@ -16,6 +16,7 @@ from rich.table import Table
 
 from recship.base.errors import InvalidInput, RecshipError, clip
 from recship.bundle.layout import BundleRef
+from recship.bundle.manifest import END_TO_END_PREFIX
 from recship.protos.v1 import manifest_pb2
 
 
@@ -102,7 +103,10 @@ def print_summary(
         files.add_row(entry.path, _size(entry.size_bytes), entry.sha256[:16])
     console.print(files)
 
-    quality = Table(title="quality gate " + ("passed" if manifest.quality.passed else "FAILED"))
+    report = manifest.quality
+    verdict = "UNGATED" if report.ungated else ("passed" if report.passed else "FAILED")
+    title = f"quality gate {verdict}" + (f" on {report.eval_source}" if report.eval_source else "")
+    quality = Table(title=title)
     for column in ("check", "value", "threshold", "ok"):
         quality.add_column(column)
     for check in manifest.quality.checks:
@@ -117,8 +121,11 @@ def print_summary(
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
     for key in sorted(manifest.quality.metrics):
-        metrics.add_row(key, f"{manifest.quality.metrics[key]:.4f}")
+        if not key.startswith(END_TO_END_PREFIX):  # shown in the table below
+            metrics.add_row(key, f"{manifest.quality.metrics[key]:.4f}")
     console.print(metrics)
+    if report.HasField("end_to_end"):
+        console.print(_end_to_end_table(report, manifest.serving.retrieve_k))
     if stage_seconds:
         timings = Table(title="stages")
         timings.add_column("stage")
@@ -127,6 +134,40 @@ def print_summary(
             timings.add_row(stage, f"{seconds:.1f}")
         timings.add_row("total", f"{sum(stage_seconds.values()):.1f}", style="bold")
         console.print(timings)
+
+
+def _end_to_end_table(report: manifest_pb2.QualityReport, default_k: int) -> Table:
+    """Popularity, retrieval alone and Recommend at each retrieve_k of the packager's sweep."""
+    measured = report.end_to_end
+    n = measured.top_n
+    table = Table(title=f"top {n} on {measured.users} validation users (training items excluded)")
+    for column in ("pipeline", f"recall@{n}", f"NDCG@{n}", "vs retrieval"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    base_recall, base_ndcg = measured.retrieval_recall, measured.retrieval_ndcg
+
+    def versus(recall: float, ndcg: float) -> str:
+        if base_recall <= 0 or base_ndcg <= 0:
+            return ""
+        return f"{recall / base_recall - 1:+.1%} / {ndcg / base_ndcg - 1:+.1%}"
+
+    popularity = (
+        report.metrics.get(f"{END_TO_END_PREFIX}popularity/recall@{n}"),
+        report.metrics.get(f"{END_TO_END_PREFIX}popularity/ndcg@{n}"),
+    )
+    if None not in popularity:
+        recall, ndcg = popularity
+        table.add_row("popularity", f"{recall:.4f}", f"{ndcg:.4f}", versus(recall, ndcg))
+    table.add_row("retrieval alone", f"{base_recall:.4f}", f"{base_ndcg:.4f}", "")
+    for point in measured.sweep:
+        chosen = point.retrieve_k == default_k
+        table.add_row(
+            f"Recommend, retrieve_k {point.retrieve_k}" + (" (default)" if chosen else ""),
+            f"{point.recall:.4f}",
+            f"{point.ndcg:.4f}",
+            versus(point.recall, point.ndcg),
+            style="bold" if chosen else None,
+        )
+    return table
 
 
 def _parse_bundle_path(target: str, version_required: bool) -> tuple[Path, str, int | None]:

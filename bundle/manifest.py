@@ -33,6 +33,12 @@ _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # nests about 5 levels deep; anything far beyond is not a manifest.
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 MAX_JSON_DEPTH = 32
+#: The deepest top_k / retrieve_k a server answers by default (`recship serve`'s limit); the
+#: packager chooses a bundle's default retrieve_k within it.
+DEFAULT_MAX_TOP_K = 1000
+#: QualityReport.metrics keys of the end-to-end measurement start with this (e.g.
+#: "end_to_end/recommend@100/recall@10", "end_to_end/popularity/ndcg@10").
+END_TO_END_PREFIX = "end_to_end/"
 # JSON strings, so that brackets inside them are not counted as nesting.
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 

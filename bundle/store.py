@@ -35,6 +35,9 @@ from recship.bundle.layout import (
 from recship.bundle.manifest import read_manifest, validate_manifest
 from recship.protos.v1 import manifest_pb2
 
+#: How a server's log and `recship verify` flag a version published with --no-quality-gate.
+UNGATED_WARNING = "UNGATED: published with --no-quality-gate, its quality was never measured"
+
 
 @dataclass(frozen=True)
 class ValidatedVersion:
@@ -44,7 +47,8 @@ class ValidatedVersion:
         ref: The version.
         manifest: Its manifest; treat as read-only (it is not copied for each reader).
         warnings: Library differences that do not prevent loading (e.g. another faiss release),
-            or a signature that was not checked because no public key is configured.
+            a signature that was not checked because no public key is configured, or a
+            bundle published without a quality gate (`UNGATED_WARNING`).
         signed: True when MANIFEST.sig was verified against the store's public key.
     """
 
@@ -205,6 +209,8 @@ class BundleStore:
                 + "; ".join(compatibility.errors)
             )
         warnings.extend(compatibility.warnings)
+        if manifest.quality.ungated:
+            warnings.append(UNGATED_WARNING)
         return ValidatedVersion(ref=ref, manifest=manifest, warnings=tuple(warnings), signed=signed)
 
     def _check_signature(self, ref: BundleRef, warnings: list[str]) -> bool:

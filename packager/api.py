@@ -56,6 +56,7 @@ from recship.bundle.writer import BundleWriter
 from recship.packager import export
 from recship.packager.checkpoint import LoadedCheckpoint, check_pair, load_checkpoint
 from recship.packager.entrypoints import QueryTowerEntry, RankerEntry, jagged_inputs
+from recship.packager.evaluation import EvalSplit, held_out_split, read_eval_data
 from recship.packager.index import IndexParams, build_index
 from recship.packager.options import PackageOptions
 from recship.packager.quantize import (
@@ -66,16 +67,19 @@ from recship.packager.quantize import (
 )
 from recship.packager.verify import (
     Check,
+    EndToEnd,
     QualityResult,
     auc,
     exact_search,
+    measure_end_to_end,
     quality_gate,
     ranked_recall,
+    retrieve_k_sweep,
 )
 from recship.protos.v1 import manifest_pb2
-from recship.trainer.data.batches import ranking_batch
+from recship.trainer.data.batches import pair_batch, ranking_batch
 from recship.trainer.data.dataset import InteractionDataset
-from recship.trainer.evaluate import tower_embeddings
+from recship.trainer.evaluate import DEFAULT_RETRIEVE_K, tower_embeddings
 
 # The runtime's self-test recomputes the exported entry points on the golden inputs; only
 # thread-count dependent float summation order may differ.
@@ -85,6 +89,8 @@ GOLDEN_RTOL = 1e-4
 MIN_QUERY_COSINE = 0.99
 # Reloaded exported files against the eager quantized module they were exported from.
 MAX_EXPORT_DIFF = 1e-4
+# (user, item) pairs per call of the packaged ranker in the gate.
+SCORE_BATCH = 16384
 
 _QUANT_DTYPES = {
     "int8": manifest_pb2.QUANT_DTYPE_INT8,
@@ -226,6 +232,35 @@ class _Packager:
         self.ranker_item_features = [f.name for f in ranking_schema.item_sparse()]
         self.query_fp32 = QueryTowerEntry(tower, self.query_features).eval()
         self.ranker_fp32 = RankerEntry(self.ranking.model, self.ranker_features).eval()
+        self.evaluation = self._evaluation_split()
+
+    def _evaluation_split(self) -> EvalSplit | None:
+        """The validation users the gate measures; None when ungated.
+
+        Raises:
+            InvalidInput: the gate is on and there is nothing but training data to measure.
+        """
+        options = self.options
+        if not options.quality_gate:
+            if options.eval_data is not None:
+                raise InvalidInput("--eval-data and --no-quality-gate exclude each other")
+            return None
+        if options.eval_data is not None:
+            split = read_eval_data(options.eval_data, self.retrieval.train)
+            if split.dropped:
+                self.console.print(
+                    f"[yellow]--eval-data: {split.dropped} rows dropped (unknown user or item "
+                    "key, or a training interaction)[/yellow]"
+                )
+            return split
+        split = held_out_split(self.retrieval.held_out, self.retrieval.path)
+        if split is None:
+            raise InvalidInput(
+                f"{self.retrieval.path} was trained without held-out data (--eval-fraction 0): "
+                "give --eval-data <table of user and item keys> to gate on, or "
+                "--no-quality-gate to publish it UNGATED"
+            )
+        return split
 
     # -- stage 2 ----------------------------------------------------------------------------
     def quantize(self) -> None:
@@ -284,13 +319,20 @@ class _Packager:
         self.item_embeddings = (
             tower_embeddings(candidate, items, candidate.feature_names).numpy().astype(np.float32)
         )
-        self.query_users = np.unique(retrieval.held_out.user_ids)
-        if self.query_users.size == 0:
-            self.query_users = np.unique(retrieval.train.user_ids)
-        self.packaged_queries = _batched(
-            self.loaded[QUERY_TOWER],
-            lambda users: _query_inputs(retrieval.train, users, self.query_features),
-            self.query_users,
+        # Validation users' queries tune the index too; ungated, sampled item vectors do.
+        self.eval_users = (
+            self.evaluation.sample(self.options.max_eval_users, self.rng)
+            if self.evaluation is not None
+            else np.zeros(0, dtype=np.int64)
+        )
+        self.packaged_queries = (
+            _batched(
+                self.loaded[QUERY_TOWER],
+                lambda users: _query_inputs(retrieval.train, users, self.query_features),
+                self.eval_users,
+            )
+            if self.eval_users.size
+            else None
         )
         self.built = build_index(
             self.item_embeddings,
@@ -307,7 +349,6 @@ class _Packager:
 
     # -- stage 5 ----------------------------------------------------------------------------
     def verify(self, staging: Path) -> QualityResult:
-        retrieval, ranking = self.retrieval, self.ranking
         golden_records = {}
         self.golden_checks: dict[str, float] = {}
         for entry in self.entries:
@@ -328,57 +369,83 @@ class _Packager:
             golden_records[entry.name] = golden.GoldenRecord(entry.golden_inputs, packaged)
         golden.write_golden(staging / GOLDEN_FILE, golden_records, GOLDEN_ATOL, GOLDEN_RTOL)
 
-        users = self.query_users
+        checks = tuple(
+            Check(f"golden: {name}", self.golden_checks[name], threshold, comparison)
+            for name, threshold, comparison in (
+                ("query_tower min cosine vs fp32", MIN_QUERY_COSINE, ">="),
+                ("ranker max logit diff vs fp32", self.options.thresholds.max_logit_diff, "<="),
+                ("query_tower export vs eager quantized", MAX_EXPORT_DIFF, "<="),
+                ("ranker export vs eager quantized", MAX_EXPORT_DIFF, "<="),
+            )
+        )
+        if self.evaluation is None:  # --no-quality-gate: what needs no validation data
+            index_recall = self.built.recall_at_100
+            minimum = self.options.thresholds.min_index_recall
+            index_check = Check("index recall@100 vs exact", index_recall, minimum, ">=")
+            return QualityResult(
+                {"index/recall@100_vs_exact": index_recall}, (*checks, index_check), 0, 0
+            )
+        quality = self._quality_gate()
+        return dataclasses.replace(quality, checks=quality.checks + checks)
+
+    def _quality_gate(self) -> QualityResult:
+        """Per-stage and end-to-end quality on the sampled validation users."""
+        assert self.evaluation is not None and self.packaged_queries is not None
+        users, targets = self.eval_users, self.evaluation.targets
+        train = self.retrieval.train
         fp32_queries = _batched(
-            self.query_fp32,
-            lambda block: _query_inputs(retrieval.train, block, self.query_features),
+            self.query_fp32, lambda block: _query_inputs(train, block, self.query_features), users
+        )
+        index_search = functools.partial(search, self.built.index, threads=None)
+        recall_fp32 = ranked_recall(
+            fp32_queries, exact_search(self.item_embeddings), users, targets, train
+        )
+        recall_packaged = ranked_recall(self.packaged_queries, index_search, users, targets, train)
+        end_to_end = measure_end_to_end(
             users,
+            self.packaged_queries,
+            lambda queries, k, exclude: index_search(queries, k, exclude)[1],
+            self._packaged_scores,
+            train,
+            targets,
+            retrieve_k_sweep(train.num_items),
         )
-
-        def by_user(embeddings: np.ndarray) -> np.ndarray:
-            full = np.zeros((retrieval.train.num_users, embeddings.shape[1]), dtype=np.float32)
-            full[users] = embeddings
-            return full
-
-        recall_fp32, eval_queries = ranked_recall(
-            by_user(fp32_queries),
-            exact_search(self.item_embeddings),
-            retrieval.train,
-            retrieval.held_out,
-        )
-        recall_packaged, _ = ranked_recall(
-            by_user(self.packaged_queries),
-            functools.partial(search, self.built.index, threads=None),
-            retrieval.train,
-            retrieval.held_out,
-        )
-        held_out = ranking.held_out if len(ranking.held_out) else ranking.train
-        rows = np.arange(len(held_out))
-        logits_fp32 = _batched(self.ranker_fp32, lambda r: _ranker_inputs(held_out, r), rows)
-        logits_packaged = _batched(self.loaded[RANKER], lambda r: _ranker_inputs(held_out, r), rows)
-        quality = quality_gate(
+        ranker_auc, examples = self._ranker_auc(users)
+        return quality_gate(
             recall_fp32,
             recall_packaged,
-            auc(logits_fp32, held_out.labels),
-            auc(logits_packaged, held_out.labels),
+            ranker_auc,
             self.built.recall_at_100,
+            end_to_end,
             self.options.thresholds,
-            eval_queries,
-            int(rows.size),
+            examples,
         )
-        golden_checks = (
-            ("query_tower min cosine vs fp32", MIN_QUERY_COSINE, ">="),
-            ("ranker max logit diff vs fp32", self.options.thresholds.max_logit_diff, "<="),
-            ("query_tower export vs eager quantized", MAX_EXPORT_DIFF, "<="),
-            ("ranker export vs eager quantized", MAX_EXPORT_DIFF, "<="),
-        )
-        extra = tuple(
-            Check(f"golden: {name}", self.golden_checks[name], threshold, comparison)
-            for name, threshold, comparison in golden_checks
-        )
-        return QualityResult(
-            quality.metrics, quality.checks + extra, quality.eval_queries, quality.eval_examples
-        )
+
+    def _packaged_scores(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """Packaged ranker logits of (user, item) pairs, features from the bundle's tables."""
+        data, ranker = self.ranking.train, self.loaded[RANKER]
+        parts = [np.zeros(0, dtype=np.float32)]
+        with torch.no_grad():
+            for start in range(0, user_ids.size, SCORE_BATCH):
+                stop = start + SCORE_BATCH
+                batch = pair_batch(data, user_ids[start:stop], item_ids[start:stop])
+                sparse = batch.sparse_features
+                parts.append(
+                    ranker(batch.dense_features, sparse.values(), sparse.lengths()).numpy()
+                )
+        return np.concatenate(parts)
+
+    def _ranker_auc(self, users: np.ndarray) -> tuple[tuple[float, float] | None, int]:
+        """((fp32, packaged) AUC, pairs) on the ranker's held-out labelled pairs of `users`;
+        (None, 0) when gating on --eval-data (pairs without labels) or without both labels."""
+        held_out = self.ranking.held_out
+        rows = np.flatnonzero(np.isin(held_out.user_ids, users))
+        if self.options.eval_data is not None or np.unique(held_out.labels[rows]).size < 2:
+            return None, 0
+        fp32 = _batched(self.ranker_fp32, lambda r: _ranker_inputs(held_out, r), rows)
+        packaged = _batched(self.loaded[RANKER], lambda r: _ranker_inputs(held_out, r), rows)
+        labels = held_out.labels[rows]
+        return (auc(fp32, labels), auc(packaged, labels)), int(rows.size)
 
     # -- stage 6 ----------------------------------------------------------------------------
     def fill_manifest(self, manifest: manifest_pb2.BundleManifest, quality: QualityResult) -> None:
@@ -436,8 +503,12 @@ class _Packager:
             users.num_users = ranking.train.num_users
             users.sparse_features.extend(self.user_sparse)
             users.dense_features.extend(self.user_dense)
-        # Replaced by the gate's retrieve_k sweep; until then the depth the gate measures.
-        manifest.serving.retrieve_k = min(100, retrieval.train.num_items)
+        end_to_end = quality.end_to_end
+        manifest.serving.retrieve_k = (
+            end_to_end.retrieve_k
+            if end_to_end is not None
+            else min(DEFAULT_RETRIEVE_K, retrieval.train.num_items)
+        )
         manifest.transforms.file = TRANSFORMS_FILE
         manifest.transforms.features.extend(ranking.train.transforms.features)
         items.format = "npz"
@@ -453,6 +524,11 @@ class _Packager:
         report.metrics.update(quality.metrics)
         report.eval_queries = quality.eval_queries
         report.eval_examples = quality.eval_examples
+        report.ungated = self.evaluation is None
+        if self.evaluation is not None:
+            report.eval_source = self.evaluation.source
+        if end_to_end is not None:
+            _fill_end_to_end(report.end_to_end, end_to_end)
         for check in quality.checks:
             report.checks.add(
                 name=check.name,
@@ -601,6 +677,20 @@ class _Packager:
         manifest = captured[0]
         manifest.version = ref.version
         return PackageReport(ref, manifest, quality, dict(timer.seconds))
+
+
+def _fill_end_to_end(message: manifest_pb2.EndToEndQuality, measured: EndToEnd) -> None:
+    """The manifest's record of Recommend against retrieval alone (and the retrieve_k sweep)."""
+    (retrieval_recall, retrieval_ndcg), (recall, ndcg) = measured.retrieval(), measured.recommend()
+    message.top_n = measured.top_n
+    message.users = measured.users
+    message.retrieval_recall, message.retrieval_ndcg = retrieval_recall, retrieval_ndcg
+    message.recommend_recall, message.recommend_ndcg = recall, ndcg
+    message.recall_ratio = recall / retrieval_recall if retrieval_recall > 0 else 0.0
+    message.ndcg_ratio = ndcg / retrieval_ndcg if retrieval_ndcg > 0 else 0.0
+    for k in measured.sweep:
+        point_recall, point_ndcg = measured.recommend(k)
+        message.sweep.add(retrieve_k=k, recall=point_recall, ndcg=point_ndcg)
 
 
 def _signer(key: Path | None):

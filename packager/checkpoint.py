@@ -7,7 +7,6 @@ packager's quality gate runs on the checkpoint's own held-out split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from recship.trainer.checkpoint import load_unsharded, resolve_checkpoint
 from recship.trainer.config import MODEL_CONFIG_FILE, ModelConfig, read_model_config
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.sources import open_source
+from recship.trainer.retrieval import check_provenance, checkpoint_sha256, config_sha256
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class LoadedCheckpoint:
         config: the model config.
         model: the unsharded model (`TwoTower` or `DLRM`) on CPU, eval mode.
         step: the checkpoint's training step.
+        folder: the checkpoint's folder (its shards).
         payload: the whole model_config.json (data source, split, training section).
         config_sha256: sha256 of model_config.json.
         train / held_out: the data split the trainer used.
@@ -40,6 +41,7 @@ class LoadedCheckpoint:
     config: ModelConfig
     model: nn.Module
     step: int
+    folder: Path
     payload: dict[str, Any]
     config_sha256: str
     train: InteractionDataset
@@ -86,25 +88,36 @@ def load_checkpoint(path: Path, kind: str, step: int | None = None) -> LoadedChe
     config, payload = read_model_config(path)
     if config.kind != kind:
         raise InvalidInput(f"{path} holds a {config.kind} model, expected {kind}")
-    found_step, _ = resolve_checkpoint(path, step)
+    found_step, folder = resolve_checkpoint(path, step)
     _, model = load_unsharded(path, found_step)
     train, held_out = _reopen_split(payload, path)
-    digest = hashlib.sha256((path / MODEL_CONFIG_FILE).read_bytes()).hexdigest()
-    return LoadedCheckpoint(path, config, model, found_step, payload, digest, train, held_out)
+    return LoadedCheckpoint(
+        path, config, model, found_step, folder, payload, config_sha256(path), train, held_out
+    )
 
 
 def check_pair(retrieval: LoadedCheckpoint, ranking: LoadedCheckpoint) -> None:
-    """Checks that the retrieval candidates are items the ranker knows, with the same features.
+    """Checks that the ranker was trained on this retrieval model's candidates, and that they
+    are items the ranker knows, with the same features.
 
-    The two-tower candidate side and the DLRM must share the item id feature, its cardinality
-    and every item-side sparse feature the DLRM uses, so that any retrieved id can be ranked
-    with the features stored in the bundle.
+    A ranker mined from a retrieval run (`recship train dlrm --retrieval`) must be packaged
+    with that run's checkpoint: its negatives and frozen id tables came from it. The two-tower
+    candidate side and the DLRM must share the item id feature, its cardinality and every
+    item-side sparse feature the DLRM uses, so that any retrieved id can be ranked with the
+    features stored in the bundle.
 
     Raises:
         InvalidInput: naming the first mismatch.
     """
     left, right = retrieval.config.schema, ranking.config.schema
     where = f"{retrieval.path} and {ranking.path}"
+    check_provenance(
+        ranking.payload,
+        retrieval.config_sha256,
+        retrieval.step,
+        where,
+        checkpoint_sha256(retrieval.folder),
+    )
     if left.item_id_feature != right.item_id_feature:
         raise InvalidInput(
             f"{where}: item id features differ ({left.item_id_feature!r} vs "

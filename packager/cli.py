@@ -10,6 +10,7 @@ from rich.console import Console
 from recship.base.errors import InvalidInput
 from recship.bundle.cli import print_summary
 from recship.packager.options import (
+    DEFAULT_MAX_EVAL_USERS,
     DEVICE_TYPES,
     EXPORT_CHOICES,
     INDEX_KINDS,
@@ -131,6 +132,32 @@ def _parse_index_params(values: tuple[str, ...]) -> dict[str, int]:
     help="Largest ranker logit difference vs fp32 on the golden inputs.",
 )
 @click.option(
+    "--max-recommend-loss",
+    type=click.FloatRange(0, 1),
+    default=QualityThresholds.max_recommend_loss,
+    show_default=True,
+    help="Largest relative recall@10/NDCG@10 loss of Recommend vs retrieval alone.",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV/TSV/Parquet of relevant (user key, item key) pairs to gate on, columns named "
+    "by the key features [default: the checkpoint's held-out split].",
+)
+@click.option(
+    "--max-eval-users",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_EVAL_USERS,
+    show_default=True,
+    help="Validation users the gate measures (a seeded sample beyond it).",
+)
+@click.option(
+    "--no-quality-gate",
+    is_flag=True,
+    help="Publish without measuring quality; the bundle is marked UNGATED.",
+)
+@click.option(
     "--golden-examples",
     type=click.IntRange(min=2),
     default=16,
@@ -160,6 +187,10 @@ def package_command(
     max_recall_loss: float,
     max_auc_loss: float,
     max_logit_diff: float,
+    max_recommend_loss: float,
+    eval_data: Path | None,
+    max_eval_users: int,
+    no_quality_gate: bool,
     golden_examples: int,
     seed: int,
     sign_key: Path | None,
@@ -181,8 +212,11 @@ def package_command(
         index=index,  # type: ignore[arg-type]
         index_params=_parse_index_params(index_param),
         thresholds=QualityThresholds(
-            max_recall_loss, max_auc_loss, min_index_recall, max_logit_diff
+            max_recall_loss, max_auc_loss, min_index_recall, max_logit_diff, max_recommend_loss
         ),
+        eval_data=eval_data,
+        max_eval_users=max_eval_users,
+        quality_gate=not no_quality_gate,
         golden_examples=golden_examples,
         seed=seed,
         sign_key=sign_key,

@@ -17,6 +17,8 @@ EXPORT_CHOICES: tuple[ExportChoice, ...] = ("torchscript", "aoti", "both")
 IndexKind = Literal["flat", "ivfflat", "ivfpq", "ivfpqfs", "hnsw", "auto"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivfflat", "ivfpq", "ivfpqfs", "hnsw", "auto")
 DEVICE_TYPES = ("cpu", "cuda")
+#: Validation users the quality gate measures by default; more are sampled down to this many.
+DEFAULT_MAX_EVAL_USERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,16 @@ class QualityThresholds:
         min_index_recall: recall@100 the ANN index must reach against exact search.
         max_logit_diff: largest ranker logit difference of the exported entry point against
             the fp32 model on the golden inputs (int4 tables that feed a dot product need more).
+        max_recommend_loss: largest relative recall@10 / NDCG@10 loss of the packaged
+            Recommend pipeline (at the bundle's default retrieve_k) against packaged retrieval
+            alone; 0: ranking must not make the top N worse.
     """
 
     max_recall_loss: float = 0.02
     max_auc_loss: float = 0.005
     min_index_recall: float = 0.95
     max_logit_diff: float = 0.25
+    max_recommend_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,11 @@ class PackageOptions:
         seed: seeds sampling of golden inputs and index training.
         sign_key: PEM EC private key; the version is published with a MANIFEST.sig made with
             it (`recship.bundle.signature`). None publishes it unsigned.
+        eval_data: a table of relevant (user key, item key) pairs to gate on instead of the
+            checkpoint's held-out split (`recship.packager.evaluation.read_eval_data`).
+        max_eval_users: validation users the gate measures (a seeded sample beyond it).
+        quality_gate: False publishes without measuring quality, marked UNGATED (golden
+            outputs and the index's recall against exact search are still checked).
     """
 
     retrieval: Path
@@ -79,3 +90,6 @@ class PackageOptions:
     ranking_step: int | None = None
     seed: int = 0
     sign_key: Path | None = None
+    eval_data: Path | None = None
+    max_eval_users: int = DEFAULT_MAX_EVAL_USERS
+    quality_gate: bool = True

@@ -24,6 +24,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from recship.base.errors import InvalidInput
+from recship.bundle.manifest import DEFAULT_MAX_TOP_K
 from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
 from recship.runtime.manager import VersionManager
 from recship.runtime.servable import Servable
@@ -43,7 +44,7 @@ class ServiceLimits:
             INVALID_ARGUMENT by this check rather than RESOURCE_EXHAUSTED by gRPC.
     """
 
-    max_top_k: int = 1000
+    max_top_k: int = DEFAULT_MAX_TOP_K
     max_queries: int = 1024
     max_candidates: int = 4096
     max_exclusions: int = 1024

@@ -69,6 +69,12 @@ def _train_synthetic(
 
 
 @pytest.fixture(scope="session")
+def synthetic_data() -> Callable[..., Path]:
+    """`synthetic_data(root, **options) -> folder`: synthetic data as a MovieLens folder."""
+    return synthetic_folder
+
+
+@pytest.fixture(scope="session")
 def train_synthetic() -> Callable[..., Path]:
     """`train(out, model, nproc, **data_overrides) -> out`: real training on synthetic data."""
     return _train_synthetic

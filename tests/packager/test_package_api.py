@@ -28,8 +28,8 @@ from recship.packager.checkpoint import load_checkpoint
 from recship.packager.entrypoints import jagged_inputs
 from recship.packager.options import PackageOptions, QualityThresholds
 from recship.packager.verify import exact_search, ranked_recall
-from recship.trainer.data.batches import entity_kjt
-from recship.trainer.evaluate import tower_embeddings
+from recship.trainer.data.batches import entity_kjt, pair_batch
+from recship.trainer.evaluate import pipeline_metrics, positives_by_user, tower_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +85,15 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
     assert cosine.min() > 0.99
     candidate = retrieval.model.candidate_tower  # type: ignore[union-attr]
     items = tower_embeddings(candidate, retrieval.train.items, candidate.feature_names).numpy()
-    fp32, _ = ranked_recall(fp32_queries, exact_search(items), retrieval.train, retrieval.held_out)
-    packaged, _ = ranked_recall(
-        packaged_queries, functools.partial(search, index), retrieval.train, retrieval.held_out
+    targets = positives_by_user(retrieval.held_out.user_ids, retrieval.held_out.item_ids)
+    held_out_users = np.array(sorted(targets))
+    train = retrieval.train
+    fp32 = ranked_recall(
+        fp32_queries[held_out_users], exact_search(items), held_out_users, targets, train
+    )
+    index_search = functools.partial(search, index, threads=None)
+    packaged = ranked_recall(
+        packaged_queries[held_out_users], index_search, held_out_users, targets, train
     )
     metrics = manifest.quality.metrics
     for k in (10, 100):
@@ -96,6 +102,32 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
         assert packaged[f"recall@{k}"] >= 0.98 * fp32[f"recall@{k}"]
     # A model that learned something: far above random retrieval (10 / 300 items).
     assert fp32["recall@10"] > 3 * 10 / retrieval.train.num_items
+    # End to end, recomputed from the published index and ranker: retrieve the deepest K of
+    # the sweep with training items excluded inside the search, rank, keep the top 10.
+    ranker = load_entry_point(report.ref.path / "ranker.pt")
+    ranking = load_checkpoint(runs[1], "dlrm")
+    sweep = [point.retrieve_k for point in manifest.quality.end_to_end.sweep]
+    seen = positives_by_user(train.user_ids, train.item_ids)
+    _, candidates = index_search(
+        packaged_queries[held_out_users], max(sweep), [seen[int(u)] for u in held_out_users]
+    )
+
+    def score(user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        batch = pair_batch(ranking.train, user_ids, item_ids)
+        kjt = batch.sparse_features
+        with torch.no_grad():
+            return ranker(batch.dense_features, kjt.values(), kjt.lengths()).numpy()
+
+    expected = pipeline_metrics(held_out_users, candidates, score, targets, train, sweep, 10)
+    end_to_end = manifest.quality.end_to_end
+    assert end_to_end.users == held_out_users.size
+    assert end_to_end.retrieval_recall == pytest.approx(expected["retrieval/recall@10"])
+    assert end_to_end.retrieval_ndcg == pytest.approx(expected["retrieval/ndcg@10"])
+    for point in end_to_end.sweep:
+        assert point.recall == pytest.approx(expected[f"recommend@{point.retrieve_k}/recall@10"])
+        assert point.ndcg == pytest.approx(expected[f"recommend@{point.retrieve_k}/ndcg@10"])
+    assert manifest.serving.retrieve_k in sweep
+    assert end_to_end.recommend_recall >= end_to_end.retrieval_recall  # the gate's default
     assert metrics["packaged/auc"] > 0.6
     assert abs(metrics["fp32/auc"] - metrics["packaged/auc"]) <= 0.005
 
