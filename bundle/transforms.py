@@ -223,7 +223,9 @@ class Vocabulary:
         ids = table.column("id").combine_chunks().to_numpy()
         if hashes.dtype != np.uint64 or ids.dtype != np.int64:
             raise InvalidInput(f"{source}: hash must be uint64 and id int64")
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or np.any(np.diff(hashes) < 0)):
+        # Compared, not differenced: a uint64 difference wraps around and is never negative.
+        unsorted = bool(np.any(hashes[1:] < hashes[:-1]))
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or unsorted):
             raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
         return cls(values, hashes, ids)
 
