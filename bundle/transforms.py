@@ -17,7 +17,8 @@ Rules, per kind:
   spec says.
 - `hashed`: `fnv1a_64(seed, text) mod buckets`.
 - `bucketized`: the number of `boundaries` that are <= the value (0 .. len(boundaries)); with
-  `missing_bucket`, a missing value is id 0 and every other id is one higher.
+  `missing_bucket`, a missing value is id 0 and every other id is one higher; without it, a
+  missing value has no id (refused, like an unknown category under `oov` "error").
 - `dense`: float32 of the value, clipped to [clip_min, clip_max] when set, then `log1p`,
   then standardised `(x - mean) / std` when `std > 0`.
 
@@ -365,8 +366,9 @@ class FeatureTransform:
 
         Returns:
             (ids int64 [sum of lengths], lengths int32 [n]); a single-valued feature has
-            length 1 per row. Unknown categorical values with `oov` "error" are id -1 (the
-            caller words the error, see `unknown_rows`).
+            length 1 per row. Unknown categorical values with `oov` "error", and missing
+            bucketized values without `missing_bucket`, are id -1 (the caller words the error,
+            see `unknown_rows`).
 
         Raises:
             InvalidInput: the values have a type the feature cannot read.
@@ -396,8 +398,10 @@ class FeatureTransform:
             return (fnv1a_64(text, self.seed) % np.uint64(self.buckets)).astype(np.int64)
         numbers = _numbers(values)
         ids = np.searchsorted(np.asarray(self.boundaries), numbers, side="right").astype(np.int64)
+        missing = np.isnan(numbers)  # searchsorted sorts NaN last: it would get the top bucket
         if self.missing_bucket:
-            ids = np.where(np.isnan(numbers), 0, ids + 1)
+            return np.where(missing, 0, ids + 1)
+        ids[missing] = -1  # no id: the caller refuses it, as an unknown category
         return ids
 
     def encode_dense(self, values: pa.Array, *, derived: bool = False) -> np.ndarray:
@@ -461,7 +465,8 @@ def _numbers(values: pa.Array) -> np.ndarray:
 
 
 def unknown_rows(transform: FeatureTransform, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows holding an id the feature could not map (unknown value under `oov` "error")."""
+    """Rows holding an id the feature could not map (an unknown value under `oov` "error", a
+    missing bucketized value without a missing bucket)."""
     bad = np.flatnonzero(ids < 0)
     if bad.size == 0:
         return bad

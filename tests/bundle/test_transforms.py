@@ -277,12 +277,6 @@ def test_with_a_missing_bucket_missing_is_zero_and_every_other_id_one_higher() -
     assert ids.tolist() == [0, *(_bucket(v) + 1 for v in AROUND)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="without missing_bucket a missing value has no id (FORMAT.md), but np.searchsorted "
-    "sorts NaN last, so it silently gets the top bucket (training rows and derived request "
-    "values alike) instead of -1 for the caller to refuse",
-)
 def test_without_a_missing_bucket_a_missing_value_has_no_id() -> None:
     transform = FeatureTransform("age", "user", "bucketized", cardinality=4, boundaries=BOUNDARIES)
     ids, lengths = transform.encode_ids(pa.array([5.0, None, 20.0], pa.float64()))
