@@ -27,6 +27,7 @@ Multi-valued features apply the rule to every element of a list.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -278,21 +279,67 @@ class Derivation:
 
     def _named_pattern(self) -> str:
         """The pattern with its one group named (Arrow's regex extraction needs names)."""
-        pattern = self.pattern or ""
-        try:
-            compiled = re.compile(pattern)
-        except re.error as error:
-            raise InvalidInput(f"pattern {pattern!r}: {error}") from None
-        if compiled.groups != 1:
-            raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
-        if compiled.groupindex:
-            return pattern
-        opening = re.search(r"(?<!\\)\((?!\?)", pattern)
-        assert opening is not None
-        return pattern[: opening.start()] + "(?P<value>" + pattern[opening.end() :]
+        return _arrow_pattern(self.pattern or "")
 
     def to_json(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "pattern": self.pattern, "separator": self.separator}
+
+
+@functools.lru_cache(maxsize=256)
+def _arrow_pattern(pattern: str) -> str:
+    """`pattern` with its one group named, as Arrow's regex extraction needs (cached: the
+    server derives every request's values with it).
+
+    Checked twice: by Python's `re` for the one group, and by Arrow's RE2, which runs it and
+    lacks some of Python's constructs (lookbehind, backreferences).
+
+    Raises:
+        InvalidInput: naming the pattern.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise InvalidInput(f"pattern {pattern!r}: {error}") from None
+    if compiled.groups != 1:
+        raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
+    named = pattern
+    if not compiled.groupindex:
+        opening = _group_opening(pattern)
+        named = pattern[:opening] + "(?P<value>" + pattern[opening + 1 :]
+    try:
+        pc.extract_regex(pa.array([], pa.string()), named)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        reason = str(error).splitlines()[0]
+        raise InvalidInput(f"pattern {pattern!r} is not supported ({reason})") from None
+    return named
+
+
+def _group_opening(pattern: str) -> int:
+    """Index of the "(" opening the first capturing group of a pattern that has one.
+
+    Scans the pattern as a regex engine does: an escape takes the next character, and a
+    character class ("[...]", where a first "]" is literal) holds no groups.
+    """
+    position, in_class = 0, False
+    while position < len(pattern):
+        char = pattern[position]
+        if char == "\\":
+            position += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            position += 1
+            if pattern.startswith("^", position):
+                position += 1
+            if pattern.startswith("]", position):
+                position += 1
+            continue
+        elif char == "(" and not pattern.startswith("(?", position):
+            return position
+        position += 1
+    raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
 
 
 def _split(values: pa.Array, separator: str) -> pa.Array:

@@ -433,27 +433,15 @@ def test_patterns_without_exactly_one_group_are_refused(pattern: str, problem: s
         Derivation(pattern=pattern).apply(pa.array(["ab"]), numeric=False)
 
 
-GROUP_NAMING = (
-    "Derivation._named_pattern finds the group to name with a regex that ignores escaped "
-    "backslashes and character classes: an escaped backslash before the group hits an assert "
-    "and a '(' inside [...] is named instead of the group, and Arrow (RE2) then refuses the "
-    "pattern with a raw ArrowInvalid"
-)
-
-
 @pytest.mark.parametrize(
     ("pattern", "text", "expected"),
     [
-        pytest.param(
-            r"\\(\d+)", "a\\12", "12", marks=pytest.mark.xfail(strict=True, reason=GROUP_NAMING)
-        ),
-        pytest.param(
-            r"[(](\d+)", "(12", "12", marks=pytest.mark.xfail(strict=True, reason=GROUP_NAMING)
-        ),
-        pytest.param(
-            r"[\](](\w+)", "]ab", "ab", marks=pytest.mark.xfail(strict=True, reason=GROUP_NAMING)
-        ),
+        (r"\\(\d+)", "a\\12", "12"),
+        (r"[(](\d+)", "(12", "12"),
+        (r"[\](](\w+)", "]ab", "ab"),
         (r"[)](\w+)", ")ab", "ab"),
+        (r"[]()](\w+)", "(ab", "ab"),  # a first "]" is literal: the class holds "](", ")"
+        (r"[^]](\d)", "x1", "1"),
     ],
 )
 def test_the_group_is_found_past_escapes_and_character_classes(
@@ -464,12 +452,6 @@ def test_the_group_is_found_past_escapes_and_character_classes(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="patterns are checked with Python's re but run by Arrow's RE2: a construct RE2 lacks "
-    "(lookbehind, backreference) passes the check and escapes as a raw ArrowInvalid (INTERNAL "
-    "at the server) instead of InvalidInput naming the pattern",
-)
 @pytest.mark.parametrize("pattern", [r"(?<=x)(\d)", r"(a)\1"])
 def test_patterns_arrow_cannot_run_are_refused_naming_them(pattern: str) -> None:
     with pytest.raises(InvalidInput, match="pattern"):
