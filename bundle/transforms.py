@@ -221,13 +221,24 @@ class Vocabulary:
         if not {"value", "hash", "id"} <= names:
             raise InvalidInput(f"{source}: a vocabulary needs columns value, hash, id")
         values = table.column("value").combine_chunks()
-        hashes = table.column("hash").combine_chunks().to_numpy()
-        ids = table.column("id").combine_chunks().to_numpy()
-        if hashes.dtype != np.uint64 or ids.dtype != np.int64:
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise InvalidInput(f"{source}: value must be utf8 text, not {values.type}")
+        try:
+            values.validate(full=True)  # the IPC reader does not check the UTF-8
+        except pa.ArrowInvalid as error:
+            raise InvalidInput(f"{source}: value is not valid text ({error})") from None
+        hash_column = table.column("hash").combine_chunks()
+        id_column = table.column("id").combine_chunks()
+        if values.null_count or hash_column.null_count or id_column.null_count:
+            raise InvalidInput(f"{source}: value, hash and id may not hold missing values")
+        if hash_column.type != pa.uint64() or id_column.type != pa.int64():
             raise InvalidInput(f"{source}: hash must be uint64 and id int64")
+        hashes, ids = hash_column.to_numpy(), id_column.to_numpy()
         # Compared, not differenced: a uint64 difference wraps around and is never negative.
         unsorted = bool(np.any(hashes[1:] < hashes[:-1]))
         if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or unsorted):
+            raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
+        if np.any(np.bincount(ids, minlength=len(values)) != 1):  # each id exactly once
             raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
         return cls(values, hashes, ids)
 
