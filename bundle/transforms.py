@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 
 from recship.base.errors import InvalidInput, untrusted
 from recship.base.files import atomic_output, write_bytes_atomic
+from recship.bundle.checksums import is_safe_relative_path
 from recship.bundle.layout import TRANSFORMS_FILE, VOCAB_DIR
 from recship.protos.v1 import manifest_pb2
 
@@ -609,7 +611,9 @@ def read_arrow(path: Path) -> pa.Table:
 
 
 def read_transforms(folder: Path) -> Transforms:
-    """Reads what `write_transforms` wrote.
+    """Reads what `write_transforms` wrote, checking every value as well as its type: a
+    transform that cannot encode (no buckets, unsorted boundaries, a pattern Arrow cannot run,
+    a default of the wrong kind) is refused with the bundle, not on the request that needs it.
 
     Raises:
         InvalidInput: a malformed document or vocabulary, naming the file and the field.
@@ -624,11 +628,46 @@ def read_transforms(folder: Path) -> Transforms:
         or document.get("format_version") != TRANSFORMS_FORMAT_VERSION
     ):
         raise InvalidInput(f"{path}: format_version is not {TRANSFORMS_FORMAT_VERSION}")
-    features = {}
-    for position, entry in enumerate(document.get("features") or []):
-        feature = _feature_from_json(folder, entry, f"{path}: features[{position}]")
+    entries = document.get("features")
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{path}: features must be a list")
+    features: dict[str, FeatureTransform] = {}
+    for position, entry in enumerate(entries):
+        where = f"{path}: features[{position}]"
+        feature = _feature_from_json(folder, entry, where)
+        if feature.name in features:
+            raise InvalidInput(f"{where}: feature {untrusted(feature.name)} is declared twice")
         features[feature.name] = feature
-    return Transforms(features, document.get("user_key"), document.get("item_key"))
+    keys = [_key_feature(document, key, side, features, path) for key, side in _KEYS]
+    return Transforms(features, keys[0], keys[1])
+
+
+_KEYS = (("user_key", "user"), ("item_key", "item"))
+
+
+def _key_feature(
+    document: dict[str, Any],
+    key: str,
+    side: Side,
+    features: Mapping[str, FeatureTransform],
+    path: Path,
+) -> str | None:
+    """The document's `user_key` / `item_key`: absent, or a single-valued categorical feature
+    of its side (its vocabulary holds the users' keys / the catalogue)."""
+    name = document.get(key)
+    if name is None:
+        return None
+    feature = features.get(name) if isinstance(name, str) else None
+    if (
+        feature is None
+        or feature.kind != "categorical"
+        or feature.multi_valued
+        or feature.side != side
+    ):
+        raise InvalidInput(
+            f"{path}: {key} {untrusted(name)} is not a single-valued categorical {side} feature"
+        )
+    return name
 
 
 def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform:
@@ -638,53 +677,155 @@ def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform
         kind = entry["kind"]
         if kind not in KINDS or entry["side"] not in SIDES:
             raise InvalidInput(f"{where}: unknown kind {kind!r} or side {entry['side']!r}")
+        name = entry["name"]
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}: name must be non-empty text")
         common: dict[str, Any] = {
-            "name": str(entry["name"]),
+            "name": name,
             "side": entry["side"],
             "kind": kind,
-            "multi_valued": bool(entry.get("multi_valued", False)),
-            "cardinality": int(entry.get("cardinality", 0)),
+            "multi_valued": _flag(entry, "multi_valued", where),
+            "cardinality": _integer(entry, "cardinality", where, default=0, minimum=0),
             "default": entry.get("default"),
-            "max_length": int(entry.get("max_length", 64)),
-            "derivation": Derivation(**_derivation_keys(entry.get("derive") or {}, where)),
+            "max_length": _integer(entry, "max_length", where, default=64, minimum=1),
+            "derivation": _derivation(entry.get("derive") or {}, where),
         }
         if kind == "categorical":
-            table = read_arrow(folder / str(entry["vocabulary"]))
-            vocabulary = Vocabulary.from_table(table, str(folder / entry["vocabulary"]))
-            return FeatureTransform(**common, vocabulary=vocabulary, oov=entry["oov"])
-        if kind == "hashed":
+            oov = entry["oov"]
+            if oov not in ("bucket", "error"):
+                raise InvalidInput(f"{where}: oov {untrusted(oov)} is not bucket or error")
+            relative = entry["vocabulary"]
+            if not (
+                isinstance(relative, str)
+                and is_safe_relative_path(relative)
+                and relative.startswith(f"{VOCAB_DIR}/")
+            ):
+                raise InvalidInput(
+                    f"{where}: vocabulary {untrusted(relative)} is not a file under {VOCAB_DIR}/"
+                )
+            vocabulary = Vocabulary.from_table(
+                read_arrow(folder / relative), str(folder / relative)
+            )
+            feature = FeatureTransform(**common, vocabulary=vocabulary, oov=oov)
+        elif kind == "hashed":
             if entry.get("hash") != "fnv1a_64":
                 raise InvalidInput(f"{where}: unknown hash {entry.get('hash')!r}")
-            return FeatureTransform(
-                **common, seed=int(entry["seed"]), buckets=int(entry["buckets"])
-            )
-        if kind == "bucketized":
-            return FeatureTransform(
+            feature = FeatureTransform(
                 **common,
-                boundaries=tuple(float(b) for b in entry["boundaries"]),
-                missing_bucket=bool(entry.get("missing_bucket", False)),
+                seed=_integer(entry, "seed", where, minimum=-(2**63), maximum=2**64 - 1),
+                buckets=_integer(entry, "buckets", where, minimum=1, maximum=2**63 - 1),
             )
-        return FeatureTransform(
-            **common,
-            clip_min=entry.get("clip_min"),
-            clip_max=entry.get("clip_max"),
-            log1p=bool(entry.get("log1p", False)),
-            mean=float(entry.get("mean", 0.0)),
-            std=float(entry.get("std", 0.0)),
-        )
+        elif kind == "bucketized":
+            boundaries = entry["boundaries"]
+            numbers = [_finite(b, f"{where}: boundaries") for b in boundaries]
+            if numbers != sorted(set(numbers)):
+                raise InvalidInput(f"{where}: boundaries must be strictly increasing")
+            feature = FeatureTransform(
+                **common,
+                boundaries=tuple(numbers),
+                missing_bucket=_flag(entry, "missing_bucket", where),
+            )
+        else:
+            feature = FeatureTransform(
+                **common,
+                clip_min=_optional_finite(entry, "clip_min", where),
+                clip_max=_optional_finite(entry, "clip_max", where),
+                log1p=_flag(entry, "log1p", where),
+                mean=_finite(entry.get("mean", 0.0), f"{where}: mean"),
+                std=_finite(entry.get("std", 0.0), f"{where}: std", minimum=0.0),
+            )
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInput(f"{where}: malformed ({error})") from None
+    _check_default(feature, where)
+    return feature
 
 
-def _derivation_keys(raw: Any, where: str) -> dict[str, Any]:
+def _flag(entry: dict[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: {key} must be true or false, not {untrusted(value)}")
+    return value
+
+
+def _integer(
+    entry: dict[str, Any],
+    key: str,
+    where: str,
+    *,
+    minimum: int,
+    maximum: int = 2**63 - 1,
+    default: int | None = None,
+) -> int:
+    value = entry[key] if default is None else entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidInput(
+            f"{where}: {key} must be an integer in [{minimum}, {maximum}], not {untrusted(value)}"
+        )
+    return value
+
+
+def _finite(value: Any, what: str, minimum: float | None = None) -> float:
+    """`value` as a float: a finite JSON number, at least `minimum` when given."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InvalidInput(f"{what} must be a finite number{bound}, not {untrusted(value)}")
+    return float(value)
+
+
+def _optional_finite(entry: dict[str, Any], key: str, where: str) -> float | None:
+    value = entry.get(key)
+    return None if value is None else _finite(value, f"{where}: {key}")
+
+
+def _derivation(raw: Any, where: str) -> Derivation:
+    """The entry's `derive` object, its pattern checked as `Derivation.apply` will run it."""
     if not isinstance(raw, dict) or set(raw) - {"prefix", "pattern", "separator"}:
         raise InvalidInput(f"{where}: derive holds keys other than prefix, pattern, separator")
-    prefix = raw.get("prefix")
-    return {
-        "prefix": None if prefix is None else int(prefix),
-        "pattern": raw.get("pattern"),
-        "separator": raw.get("separator"),
-    }
+    prefix = None if raw.get("prefix") is None else _integer(raw, "prefix", where, minimum=0)
+    pattern, separator = raw.get("pattern"), raw.get("separator")
+    for key, value in (("pattern", pattern), ("separator", separator)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"{where}: {key} must be text, not {untrusted(value)}")
+    if pattern is not None:
+        try:
+            _arrow_pattern(pattern)
+        except InvalidInput as error:
+            raise InvalidInput(f"{where}: {error}") from None
+    return Derivation(prefix, pattern, separator)
+
+
+def _check_default(feature: FeatureTransform, where: str) -> None:
+    """The default's JSON type fits the feature: numbers for numeric kinds (text too where a
+    derivation cuts the number out of it), text or integers for the others, a list of such
+    for a multi-valued feature (or its separator's text)."""
+    default = feature.default
+    if default is None:
+        return
+    kind = feature.kind
+    numeric = kind in ("bucketized", "dense")
+    derived = feature.derivation.active
+
+    def fits(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, str):
+            return derived or not numeric
+        if isinstance(value, int):
+            return True
+        return isinstance(value, float) and numeric and math.isfinite(value)
+
+    if feature.multi_valued and isinstance(default, list):
+        ok = all(fits(value) for value in default)
+    else:
+        ok = fits(default)
+    if not ok:
+        shape = "list" if feature.multi_valued else "value"
+        raise InvalidInput(f"{where}: default {untrusted(default)} does not fit a {kind} {shape}")
 
 
 def check_transforms(transforms: Transforms, manifest: manifest_pb2.BundleManifest) -> None:
