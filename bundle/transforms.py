@@ -238,9 +238,9 @@ class Vocabulary:
         hashes, ids = hash_column.to_numpy(), id_column.to_numpy()
         # Compared, not differenced: a uint64 difference wraps around and is never negative.
         unsorted = bool(np.any(hashes[1:] < hashes[:-1]))
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or unsorted):
-            raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
-        if np.any(np.bincount(ids, minlength=len(values)) != 1):  # each id exactly once
+        out_of_range = len(ids) > 0 and (ids.min() < 0 or ids.max() >= len(values))
+        # bincount only once every id is in range: each row must be named exactly once.
+        if unsorted or out_of_range or np.any(np.bincount(ids, minlength=len(values)) != 1):
             raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
         return cls(values, hashes, ids)
 
@@ -413,6 +413,13 @@ class FeatureTransform:
     @property
     def is_sparse(self) -> bool:
         return self.kind != "dense"
+
+    @property
+    def unmapped(self) -> str:
+        """Why a value has id -1 (see `unknown_rows`), to follow the value in a message."""
+        if self.kind == "bucketized":
+            return "has no bucket: it is not a number and the feature has no missing bucket"
+        return "is not in its vocabulary"
 
     def encode_ids(
         self, values: pa.Array, *, derived: bool = False

@@ -413,8 +413,7 @@ class FeatureCodec:
         if bad.size:
             row = int(bad[0])
             raise InvalidInput(
-                f"{_field(where[row], name)}: value {untrusted(column[row])} is not in its "
-                "vocabulary"
+                f"{_field(where[row], name)}: value {untrusted(column[row])} {transform.unmapped}"
             )
         return ids, lengths.astype(np.int32)
 

@@ -282,6 +282,7 @@ def test_without_a_missing_bucket_a_missing_value_has_no_id() -> None:
     ids, lengths = transform.encode_ids(pa.array([5.0, None, 20.0], pa.float64()))
     assert ids.tolist() == [2, -1, 3]
     assert unknown_rows(transform, ids, lengths).tolist() == [1]
+    assert "no missing bucket" in transform.unmapped  # what callers word the refusal with
     year = FeatureTransform(
         "year",
         "item",

@@ -619,13 +619,24 @@ def _parquet_users(folder: Path, **columns: list[Any]) -> None:
     pq.write_table(table, folder / "users.parquet")
 
 
+def _parquet_shop(folder: Path, *changes: tuple[str, str], **columns: list[Any]) -> Path:
+    """The shop with its users in Parquet (`_parquet_users`), each (old, new) of `changes`
+    made to its spec; returns the spec's path."""
+    _parquet_users(folder, **columns)
+    text = _shop(folder).read_text().replace('path = "users.csv"', 'path = "users.parquet"')
+    for old, new in changes:
+        assert old in text, old
+        text = text.replace(old, new)
+    (folder / "spec.toml").write_text(text)
+    return folder / "spec.toml"
+
+
 def test_fitted_defaults_are_the_users_mode_and_median(tmp_path: Path) -> None:
     # Parquet, so that a missing country is a null (CSV has no null text, see below).
-    folder = tmp_path / "shop"
-    _parquet_users(folder, country=["DE", "FR", None, "FR"], age=[31, None, 22, 67])
-    spec = _shop(folder).read_text().replace('path = "users.csv"', 'path = "users.parquet"')
-    (folder / "spec.toml").write_text(spec)
-    data = load_tables(read_spec(folder / "spec.toml"))
+    spec = _parquet_shop(
+        tmp_path / "shop", country=["DE", "FR", None, "FR"], age=[31, None, 22, 67]
+    )
+    data = load_tables(read_spec(spec))
     country, age = data.transforms.features["country"], data.transforms.features["age_group"]
     assert country.default == "FR"  # the mode of DE, FR, FR (the missing value not counted)
     assert age.default == 31.0  # the median of 31, 22, 67
@@ -709,7 +720,11 @@ def test_a_missing_bucketized_value_without_a_missing_bucket_names_its_line(
     features = FEATURES.replace('quantiles = 2\ndefault_fit = "median"', "boundaries = [40]")
     with pytest.raises(InvalidInput) as error:
         _load(tmp_path, features, **{"users.csv": users})
-    assert str(error.value).startswith(f"{tmp_path / 'shop' / 'users.csv'}:3: age_group None")
+    assert str(error.value) == (
+        f"{tmp_path / 'shop' / 'users.csv'}:3: age_group None has no bucket: it is not a number "
+        "and the feature has no missing bucket (1 rows like it); set missing_bucket = true or a "
+        "default to give them a bucket"
+    )
 
 
 @pytest.mark.xfail(
@@ -727,16 +742,13 @@ def test_a_missing_dense_value_names_its_line(tmp_path: Path) -> None:
 
 def test_parquet_errors_name_the_row(tmp_path: Path) -> None:
     folder = tmp_path / "shop"
-    _parquet_users(folder, country=["DE", "FR", "FR", "NO"])
-    spec = (
-        _shop(folder)
-        .read_text()
-        .replace('path = "users.csv"', 'path = "users.parquet"')
-        .replace('oov = "bucket"\ndefault_fit = "mode"', 'vocabulary = ["DE", "FR", "SE"]')
+    spec = _parquet_shop(
+        folder,
+        ('oov = "bucket"\ndefault_fit = "mode"', 'vocabulary = ["DE", "FR", "SE"]'),
+        country=["DE", "FR", "FR", "NO"],
     )
-    (folder / "spec.toml").write_text(spec)
     with pytest.raises(InvalidInput) as error:
-        load_tables(read_spec(folder / "spec.toml"))
+        load_tables(read_spec(spec))
     assert str(error.value).startswith(f"{folder / 'users.parquet'}: row 4: country 'NO'")
 
 
@@ -821,16 +833,12 @@ def test_an_empty_csv_field_is_missing_like_a_parquet_null(tmp_path: Path) -> No
     "[default]) before filling",
 )
 def test_a_default_is_derived_in_training_as_the_server_derives_it(tmp_path: Path) -> None:
-    folder = tmp_path / "shop"
-    _parquet_users(folder, zip=["10001", None, "02139", "X1234"])
-    spec = (
-        _shop(folder)
-        .read_text()
-        .replace('path = "users.csv"', 'path = "users.parquet"')
-        .replace('column = "zip"\nprefix = 1', 'column = "zip"\nprefix = 1\ndefault = "90210"')
+    spec = _parquet_shop(
+        tmp_path / "shop",
+        ('column = "zip"\nprefix = 1', 'column = "zip"\nprefix = 1\ndefault = "90210"'),
+        zip=["10001", None, "02139", "X1234"],
     )
-    (folder / "spec.toml").write_text(spec)
-    data = load_tables(read_spec(folder / "spec.toml"))
+    data = load_tables(read_spec(spec))
     assert _column(data, "user", "zip_prefix")[0] == [9]
 
 
