@@ -808,14 +808,15 @@ def _derivation(raw: Any, where: str) -> Derivation:
 
 def _check_default(feature: FeatureTransform, where: str) -> None:
     """The default's JSON type fits the feature: numbers for numeric kinds (text too where a
-    derivation cuts the number out of it), text or integers for the others, a list of such
-    for a multi-valued feature (or its separator's text)."""
+    derivation cuts a bucketized number out of it; a dense default is the number itself, never
+    derived), text or integers for the others, a list of such for a multi-valued feature (or
+    its separator's text)."""
     default = feature.default
     if default is None:
         return
     kind = feature.kind
     numeric = kind in ("bucketized", "dense")
-    derived = feature.derivation.active
+    derived = feature.derivation.active and kind != "dense"
 
     def fits(value: Any) -> bool:
         if isinstance(value, bool):

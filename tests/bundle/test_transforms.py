@@ -691,6 +691,11 @@ def test_malformed_documents_are_refused_naming_the_file_and_entry(
         (lambda d: _entry(d, 4, std=-1.0), "features[4]: std"),
         (lambda d: _entry(d, 4, mean=[1]), "features[4]: mean"),
         (lambda d: _entry(d, 4, default="cheap"), "features[4]: default"),
+        # A dense default is the number itself (never derived): text is refused even with one.
+        (
+            lambda d: _entry(d, 4, derive={"pattern": r"(\d+)"}, default="12"),
+            "features[4]: default",
+        ),
         (lambda d: _entry(d, 0, default={"u": 1}), "features[0]: default"),
         (lambda d: _entry(d, 0, vocabulary="../outside.arrow"), "features[0]: vocabulary"),
         (lambda d: _entry(d, 0, vocabulary="/etc/x.arrow"), "features[0]: vocabulary"),
