@@ -34,6 +34,7 @@ a known user sends every feature.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -304,7 +305,7 @@ def _raw_value(transform: FeatureTransform, position: int, count: int) -> RawVal
         else _dense_points(transform)
     )
     if transform.kind == "bucketized" and transform.missing_bucket and transform.derivation.active:
-        points.append(None)
+        points.insert(1, None)  # early, so that a record of few queries holds one
     start = position % len(points)
     ordered = [points[(start + k) % len(points)] for k in range(len(points))]
     if not transform.derivation.active:
@@ -429,14 +430,13 @@ def _unknown_text(transform: FeatureTransform, text: str) -> str:
 
 
 def _bucket_points(boundaries: Sequence[float]) -> list[float]:
-    """Below the first boundary, every boundary, and between and beyond them."""
+    """One value per bucket first (below the first boundary, then every boundary exactly, which
+    counts itself, then beyond the last), then the values between boundaries."""
     ordered = sorted(set(boundaries))
     if not ordered:
         return [0.0, 1.5]
-    points = [ordered[0] - 1.0]
-    for low, high in zip(ordered, [*ordered[1:], None], strict=True):
-        points += [low, (low + high) / 2 if high is not None else low + 1.0]
-    return points
+    between = [(low + high) / 2 for low, high in itertools.pairwise(ordered)]
+    return [ordered[0] - 1.0, *ordered, ordered[-1] + 1.0, *between]
 
 
 def _dense_points(transform: FeatureTransform) -> list[float]:
