@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,8 @@ from recship.bundle.golden import GoldenSet, RawGolden
 from recship.bundle.transforms import Derivation, FeatureTransform, Transforms, unknown_rows
 
 RawValue = str | int | float | list[str] | list[int] | list[float]
+# Whether a query sends the user key, and whether the bundle knows it.
+KeyState = Literal["none", "known", "cold"]
 
 RAW_QUERY_COUNT = 16
 # The last queries of a record are cold starts that omit every feature with a default.
@@ -126,6 +128,8 @@ def encode_queries(
                 dense[position, column] = dense_value(transform, query[name], field)
             else:
                 default = _value(transform, query, state, field)
+                if not _finite_number(default):
+                    raise InvalidInput(f"{field}: its default {untrusted(default)} is no number")
                 dense[position, column] = transform.encode_dense(pa.array([float(default)]))[0]
     per_feature = [bag for feature in bags for bag in feature]
     return EncodedQueries(
@@ -142,7 +146,7 @@ def _transform(transforms: Transforms, name: str) -> FeatureTransform:
     return transform
 
 
-def _key_state(transforms: Transforms, query: Mapping[str, Any], where: str) -> str:
+def _key_state(transforms: Transforms, query: Mapping[str, Any], where: str) -> KeyState:
     """ "none" (no user key sent), "known" (a stored user's key) or "cold" (an unknown key)."""
     key = transforms.user_key
     if key is None or key not in query:
@@ -156,7 +160,9 @@ def _key_state(transforms: Transforms, query: Mapping[str, Any], where: str) -> 
     return "known" if found >= 0 else "cold"
 
 
-def _value(transform: FeatureTransform, query: Mapping[str, Any], state: str, field: str) -> Any:
+def _value(
+    transform: FeatureTransform, query: Mapping[str, Any], state: KeyState, field: str
+) -> Any:
     """The raw value of one feature of a query: sent, else its default."""
     if transform.name in query:
         return query[transform.name]

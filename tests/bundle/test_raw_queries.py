@@ -205,6 +205,10 @@ def test_missing_features_need_a_default_and_never_a_stored_user() -> None:
     known = {k: v for k, v in make_queries(transforms, SPARSE, DENSE)[0].items() if k != "plan"}
     with pytest.raises(InvalidInput, match=r"plan: missing; the record holds no stored user"):
         encode_queries(transforms, [known], SPARSE, DENSE)
+    texty = dataclasses.replace(transforms.features["score"], default="high")
+    changed = Transforms({**transforms.features, "score": texty}, "user_id", None)
+    with pytest.raises(InvalidInput, match=r"score: its default 'high' is no number"):
+        encode_queries(changed, [{"user_id": "nobody", "tags": [], "city": "x"}], SPARSE, DENSE)
 
 
 def test_a_pattern_that_gives_nothing_back_is_named() -> None:
