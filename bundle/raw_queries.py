@@ -24,18 +24,17 @@ deterministically, so that each rule is exercised where an implementation can go
 - the user key: known keys; the last two queries are cold starts (an unknown key) that omit every
   feature with a default, so defaults are encoded too.
 
-The encoding is the server's request rule (bundle/FORMAT.md, "Encoding a query"; the runtime's
-`FeatureCodec` applies it to whole request columns) for one query at a time: where each feature's
-value comes from (the query, its default, or nothing for an unknown user key), the checks of a
-sent value, then the transforms' own `FeatureTransform.encode_ids` / `encode_dense` as the server
-calls them. A stored user's values (user_features.npz) are outside the record: a query that names
+The encoding is the server's request rule (bundle/FORMAT.md, "Encoding a query") for one query
+at a time: where each feature's value comes from (the query, its default, or nothing for an
+unknown user key) is decided here; the checks and encoding of a sent value or a default are
+`bundle.query_values`', the very functions the runtime's `FeatureCodec` applies to whole request
+columns. A stored user's values (user_features.npz) are outside the record: a query that names
 a known user sends every feature.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,8 @@ from torch import Tensor
 
 from recship.base.errors import InvalidInput, shown, untrusted
 from recship.bundle.golden import GoldenSet, RawGolden
-from recship.bundle.transforms import Derivation, FeatureTransform, Transforms, unknown_rows
+from recship.bundle.query_values import default_dense, sent_dense, sent_ids
+from recship.bundle.transforms import Derivation, FeatureTransform, Transforms
 
 RawValue = str | int | float | list[str] | list[int] | list[float]
 # Whether a query sends the user key, and whether the bundle knows it.
@@ -120,17 +120,15 @@ def encode_queries(
                 bags[column].append(np.zeros(0, dtype=np.int64))  # a cold start: no id
             else:
                 value = _value(transform, query, state, field)
-                bags[column].append(sparse_ids(transform, value, field))
+                bags[column].append(sent_ids(transform, [value], [field])[0])
         for column, name in enumerate(dense_features):
             transform = _transform(transforms, name)
             field = f"{where}: {shown(name)}"
             if name in query:
-                dense[position, column] = dense_value(transform, query[name], field)
+                dense[position, column] = sent_dense(transform, [query[name]], [field])[0]
             else:
-                default = _value(transform, query, state, field)
-                if not _finite_number(default):
-                    raise InvalidInput(f"{field}: its default {untrusted(default)} is no number")
-                dense[position, column] = transform.encode_dense(pa.array([float(default)]))[0]
+                _value(transform, query, state, field)  # refused unless a default applies
+                dense[position, column] = default_dense(transform, field)
     per_feature = [bag for feature in bags for bag in feature]
     return EncodedQueries(
         values=np.concatenate([np.zeros(0, dtype=np.int64), *per_feature]).astype(np.int64),
@@ -174,73 +172,6 @@ def _value(
     if transform.default is None:
         raise InvalidInput(f"{field}: missing, and the feature has no default")
     return transform.default
-
-
-def sparse_ids(transform: FeatureTransform, value: Any, field: str) -> np.ndarray:
-    """int64 ids of one raw value of a sparse feature, as the server encodes a sent value.
-
-    A multi-valued feature with a separator splits a text (after its prefix and pattern); any
-    other single value of a multi-valued feature is a list of one; a list is not derived.
-
-    Raises:
-        InvalidInput: naming `field`, for a value the server refuses.
-    """
-    derivation = transform.derivation
-    if transform.multi_valued:
-        if isinstance(value, str) and derivation.separator:
-            value = derivation.apply(pa.array([value], pa.string()), numeric=False)[0].as_py()
-        elements = value if isinstance(value, list) else [value]
-        if len(elements) > transform.max_length:
-            raise InvalidInput(f"{field}: {len(elements)} values, at most {transform.max_length}")
-    elif isinstance(value, list):
-        raise InvalidInput(f"{field}: takes one value, not a list")
-    else:
-        elements = [value]
-    textual = transform.kind in ("categorical", "hashed") or derivation.active
-    for element in elements:
-        if textual and (isinstance(element, bool) or not isinstance(element, str | int)):
-            raise InvalidInput(f"{field}: takes text or an integer, got {untrusted(element)}")
-        if not textual and not _finite_number(element):
-            raise InvalidInput(f"{field}: takes a finite number, got {untrusted(element)}")
-    if textual:
-        texts = [str(element) for element in elements]
-        array = (
-            pa.array([texts], pa.list_(pa.string()))
-            if transform.multi_valued
-            else pa.array(texts, pa.string())
-        )
-    else:
-        array = pa.array([elements] if transform.multi_valued else elements)
-    try:
-        ids, lengths = transform.encode_ids(array)
-    except InvalidInput as error:
-        raise InvalidInput(f"{field}: {error}") from None
-    if unknown_rows(transform, ids, lengths).size:
-        raise InvalidInput(f"{field}: value {untrusted(value)} is not in its vocabulary")
-    return ids
-
-
-def dense_value(transform: FeatureTransform, value: Any, field: str) -> float:
-    """The float32 value of one raw value of a dense feature, as the server encodes it.
-
-    Raises:
-        InvalidInput: naming `field`: not one finite number (text only through a derivation).
-    """
-    derive = transform.derivation.active
-    if not (_finite_number(value) or (derive and isinstance(value, str))):
-        raise InvalidInput(f"{field}: needs one finite number, got {untrusted(value)}")
-    column = pa.array([str(value) if derive else float(value)])
-    try:
-        numbers = transform.derivation.apply(column, numeric=True).to_numpy(zero_copy_only=False)
-    except InvalidInput as error:
-        raise InvalidInput(f"{field}: {error}") from None
-    if not np.isfinite(numbers).all():
-        raise InvalidInput(f"{field}: needs one finite number, got {untrusted(value)}")
-    return float(transform.encode_dense(pa.array(numbers), derived=True)[0])
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # -- generation --------------------------------------------------------------------------------
