@@ -90,18 +90,38 @@ std::vector<std::string> split(const std::string& text, const std::string& separ
   }
 }
 
-// The pattern with its capturing group named, as Arrow's extract_regex requires: the first '('
-// that is neither escaped nor followed by '?' (the rule bundle/transforms.py applies).
+// The pattern with its capturing group named, as Arrow's extract_regex requires: the '(' that
+// opens the first capturing group, found as a regex engine reads the pattern (an escape takes
+// the next character; a character class, where a first ']' is literal, holds no groups), the
+// rule of bundle/transforms.py.
 std::string named_pattern(const std::string& pattern) {
   if (pattern.find("(?P<") != std::string::npos) {
     return pattern;
   }
-  for (size_t i = 0; i < pattern.size(); ++i) {
-    const bool escaped = i > 0 && pattern[i - 1] == '\\';
-    const bool option = i + 1 < pattern.size() && pattern[i + 1] == '?';
-    if (pattern[i] == '(' && !escaped && !option) {
+  bool in_class = false;
+  size_t i = 0;
+  while (i < pattern.size()) {
+    const char c = pattern[i];
+    if (c == '\\') {
+      i += 2;
+      continue;
+    }
+    if (in_class) {
+      in_class = c != ']';
+    } else if (c == '[') {
+      in_class = true;
+      ++i;
+      if (i < pattern.size() && pattern[i] == '^') {
+        ++i;
+      }
+      if (i < pattern.size() && pattern[i] == ']') {
+        ++i;
+      }
+      continue;
+    } else if (c == '(' && !(i + 1 < pattern.size() && pattern[i + 1] == '?')) {
       return pattern.substr(0, i) + "(?P<value>" + pattern.substr(i + 1);
     }
+    ++i;
   }
   throw EncodingError("pattern '" + pattern + "' needs exactly one (group)");
 }
@@ -128,9 +148,16 @@ int64_t text_id(const Feature& feature, const std::optional<std::string>& text,
   }
 }
 
-int64_t bucket_id(const Feature& feature, double number) {
-  if (std::isnan(number)) {  // missing: the missing bucket, else above every boundary
-    return feature.missing_bucket ? 0 : static_cast<int64_t>(feature.boundaries.size());
+// The bucket of one number (NaN: missing, which has a bucket only with missing_bucket).
+int64_t bucket_id(const Feature& feature, double number, const std::string& field,
+                  const json& raw) {
+  if (std::isnan(number)) {
+    if (!feature.missing_bucket) {
+      throw EncodingError(field + ": value " + shown(raw) +
+                          " has no bucket: it is not a number and the feature has no missing "
+                          "bucket");
+    }
+    return 0;
   }
   const auto above = std::upper_bound(feature.boundaries.begin(), feature.boundaries.end(), number);
   return (above - feature.boundaries.begin()) + (feature.missing_bucket ? 1 : 0);
@@ -194,7 +221,7 @@ std::vector<int64_t> sparse_ids(const Feature& feature, const json& value,
       throw EncodingError(field + ": takes a finite number, got " + shown(element));
     }
     if (!textual) {
-      ids.push_back(bucket_id(feature, element.get<double>()));
+      ids.push_back(bucket_id(feature, element.get<double>(), field, element));
       continue;
     }
     const std::string text = text_of(element);
@@ -203,8 +230,9 @@ std::vector<int64_t> sparse_ids(const Feature& feature, const json& value,
       if (feature.multi_valued) {  // list elements are not derived: text is no number here
         throw EncodingError(field + ": expected numbers, got text");
       }
-      ids.push_back(bucket_id(feature, cut ? number_of(*cut, field)
-                                           : std::numeric_limits<double>::quiet_NaN()));
+      ids.push_back(bucket_id(
+          feature, cut ? number_of(*cut, field) : std::numeric_limits<double>::quiet_NaN(), field,
+          element));
     } else {
       ids.push_back(text_id(feature, cut, field, value));
     }
@@ -226,7 +254,12 @@ float dense_value(const Feature& feature, const json& value, const std::string& 
   if (!std::isfinite(number)) {
     throw EncodingError(field + ": needs one finite number, got " + shown(value));
   }
-  return dense_rule(feature, number);
+  const float encoded = dense_rule(feature, number);
+  if (!std::isfinite(encoded)) {  // e.g. log1p of a value <= -1, or beyond float32
+    throw EncodingError(field + ": " + shown(value) +
+                        " is outside the feature's domain (its transform gives no finite number)");
+  }
+  return encoded;
 }
 
 enum class KeyState { kNone, kKnown, kCold };

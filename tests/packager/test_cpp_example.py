@@ -215,7 +215,8 @@ def _swap_genres(feature: FeatureTransform) -> FeatureTransform:
         ("user_genres", _swap_genres, "user_genres of raw query"),
         ("user_spend", lambda f: dataclasses.replace(f, mean=f.mean + 0.5), "user_spend of raw"),
         ("user_id", lambda f: dataclasses.replace(f, seed=12), "user_id of raw query"),
-        ("user_age", lambda f: dataclasses.replace(f, missing_bucket=False), "user_age of raw"),
+        # Without its missing bucket, the query sending a text with no number is refused.
+        ("user_age", lambda f: dataclasses.replace(f, missing_bucket=False), "has no bucket"),
         ("user_genres", lambda f: dataclasses.replace(f, max_length=4), "5 values, at most 4"),
         (
             "user_tenure",
