@@ -234,8 +234,9 @@ def verify_command(target: str, public_key: Path | None) -> None:
     and declared shapes, every file's kind, size and sha256, the signature with --public-key,
     library compatibility, file headers), then what the server checks as it loads the files
     (index ids and shape, item table arrays, golden record shapes, embedding table sizes),
-    then the golden self-test of every entry point file the manifest lists. A problem exits
-    non-zero with one line naming it.
+    then the golden self-test of every entry point file the manifest lists, and the raw golden
+    queries: the query tower files on their recorded inputs, and the transforms encoding them
+    to those inputs. A problem exits non-zero with one line naming it.
     """
     from recship.bundle.store import BundleStore
 
@@ -262,7 +263,8 @@ def verify_command(target: str, public_key: Path | None) -> None:
 
 
 def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.BundleManifest):
-    """What a server checks while loading the files, then the golden self-test.
+    """What a server checks while loading the files, then the golden self-test and the raw
+    golden queries.
 
     Returns the self-test failures; raises InvalidInput for a file that disagrees with the
     manifest.
@@ -271,18 +273,22 @@ def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.Bun
     from recship.bundle.golden import (
         check_golden,
         check_golden_shapes,
+        check_raw_output,
         describe_failures,
         read_golden,
     )
     from recship.bundle.index import read_index
     from recship.bundle.item_features import read_item_features, read_user_features
+    from recship.bundle.layout import QUERY_TOWER
+    from recship.bundle.raw_queries import raw_golden_problems
     from recship.bundle.transforms import check_transforms, read_transforms
 
     read_index(ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items)
     read_item_features(ref.path / manifest.item_features.file, manifest)
     if manifest.HasField("user_features"):
         read_user_features(ref.path / manifest.user_features.file, manifest)
-    check_transforms(read_transforms(ref.path), manifest)
+    transforms = read_transforms(ref.path)
+    check_transforms(transforms, manifest)
     golden_set = read_golden(ref.path / manifest.golden.file)
     check_golden_shapes(golden_set, manifest)
     console.print(
@@ -309,7 +315,36 @@ def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.Bun
             "yes" if result.passed else "NO",
         )
         failures.extend(f"{entry.file}: {line}" for line in describe_failures(results, golden_set))
+        if entry.name == QUERY_TOWER and golden_set.raw is not None:
+            try:
+                raw = check_raw_output(module, golden_set)
+            except Exception as error:  # a query tower that cannot run the raw queries' inputs
+                raise InvalidInput(
+                    f"{entry.file}: fails on its raw golden inputs: {clip(first_line(error), 200)}"
+                ) from None
+            results_table.add_row(
+                "query_tower from raw values",
+                escape(entry.file),
+                f"{raw.max_abs_diff:.2e}",
+                "yes" if raw.passed else "NO",
+            )
+            if not raw.passed:
+                failures.append(
+                    f"{entry.file}: differs on the raw golden queries by up to "
+                    f"{raw.max_abs_diff:.3g} (atol {golden_set.atol:g}, rtol {golden_set.rtol:g})"
+                )
     console.print(results_table)
+    # Python's encoding of the raw queries, with this version's transforms, must reproduce the
+    # recorded inputs: what a host in another language checks with its own encoder.
+    if golden_set.raw is None:
+        console.print("raw golden queries: none recorded (packaged before they were)")
+    else:
+        problems = raw_golden_problems(golden_set, transforms)
+        failures.extend(problems)
+        if not problems:
+            console.print(
+                f"raw golden queries: {len(golden_set.raw.queries)} encode to the recorded inputs"
+            )
     return failures
 
 

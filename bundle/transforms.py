@@ -17,7 +17,8 @@ Rules, per kind:
   spec says.
 - `hashed`: `fnv1a_64(seed, text) mod buckets`.
 - `bucketized`: the number of `boundaries` that are <= the value (0 .. len(boundaries)); with
-  `missing_bucket`, a missing value is id 0 and every other id is one higher.
+  `missing_bucket`, a missing value is id 0 and every other id is one higher; without it, a
+  missing value has no id (refused, like an unknown category under `oov` "error").
 - `dense`: float32 of the value, clipped to [clip_min, clip_max] when set, then `log1p`,
   then standardised `(x - mean) / std` when `std > 0`.
 
@@ -26,7 +27,9 @@ Multi-valued features apply the rule to every element of a list.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ import pyarrow.compute as pc
 
 from recship.base.errors import InvalidInput, untrusted
 from recship.base.files import atomic_output, write_bytes_atomic
+from recship.bundle.checksums import is_safe_relative_path
 from recship.bundle.layout import TRANSFORMS_FILE, VOCAB_DIR
 from recship.protos.v1 import manifest_pb2
 
@@ -219,11 +223,24 @@ class Vocabulary:
         if not {"value", "hash", "id"} <= names:
             raise InvalidInput(f"{source}: a vocabulary needs columns value, hash, id")
         values = table.column("value").combine_chunks()
-        hashes = table.column("hash").combine_chunks().to_numpy()
-        ids = table.column("id").combine_chunks().to_numpy()
-        if hashes.dtype != np.uint64 or ids.dtype != np.int64:
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise InvalidInput(f"{source}: value must be utf8 text, not {values.type}")
+        try:
+            values.validate(full=True)  # the IPC reader does not check the UTF-8
+        except pa.ArrowInvalid as error:
+            raise InvalidInput(f"{source}: value is not valid text ({error})") from None
+        hash_column = table.column("hash").combine_chunks()
+        id_column = table.column("id").combine_chunks()
+        if values.null_count or hash_column.null_count or id_column.null_count:
+            raise InvalidInput(f"{source}: value, hash and id may not hold missing values")
+        if hash_column.type != pa.uint64() or id_column.type != pa.int64():
             raise InvalidInput(f"{source}: hash must be uint64 and id int64")
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(values) or np.any(np.diff(hashes) < 0)):
+        hashes, ids = hash_column.to_numpy(), id_column.to_numpy()
+        # Compared, not differenced: a uint64 difference wraps around and is never negative.
+        unsorted = bool(np.any(hashes[1:] < hashes[:-1]))
+        out_of_range = len(ids) > 0 and (ids.min() < 0 or ids.max() >= len(values))
+        # bincount only once every id is in range: each row must be named exactly once.
+        if unsorted or out_of_range or np.any(np.bincount(ids, minlength=len(values)) != 1):
             raise InvalidInput(f"{source}: the vocabulary's lookup index is not consistent")
         return cls(values, hashes, ids)
 
@@ -275,21 +292,67 @@ class Derivation:
 
     def _named_pattern(self) -> str:
         """The pattern with its one group named (Arrow's regex extraction needs names)."""
-        pattern = self.pattern or ""
-        try:
-            compiled = re.compile(pattern)
-        except re.error as error:
-            raise InvalidInput(f"pattern {pattern!r}: {error}") from None
-        if compiled.groups != 1:
-            raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
-        if compiled.groupindex:
-            return pattern
-        opening = re.search(r"(?<!\\)\((?!\?)", pattern)
-        assert opening is not None
-        return pattern[: opening.start()] + "(?P<value>" + pattern[opening.end() :]
+        return _arrow_pattern(self.pattern or "")
 
     def to_json(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "pattern": self.pattern, "separator": self.separator}
+
+
+@functools.lru_cache(maxsize=256)
+def _arrow_pattern(pattern: str) -> str:
+    """`pattern` with its one group named, as Arrow's regex extraction needs (cached: the
+    server derives every request's values with it).
+
+    Checked twice: by Python's `re` for the one group, and by Arrow's RE2, which runs it and
+    lacks some of Python's constructs (lookbehind, backreferences).
+
+    Raises:
+        InvalidInput: naming the pattern.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise InvalidInput(f"pattern {pattern!r}: {error}") from None
+    if compiled.groups != 1:
+        raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
+    named = pattern
+    if not compiled.groupindex:
+        opening = _group_opening(pattern)
+        named = pattern[:opening] + "(?P<value>" + pattern[opening + 1 :]
+    try:
+        pc.extract_regex(pa.array([], pa.string()), named)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        reason = str(error).splitlines()[0]
+        raise InvalidInput(f"pattern {pattern!r} is not supported ({reason})") from None
+    return named
+
+
+def _group_opening(pattern: str) -> int:
+    """Index of the "(" opening the first capturing group of a pattern that has one.
+
+    Scans the pattern as a regex engine does: an escape takes the next character, and a
+    character class ("[...]", where a first "]" is literal) holds no groups.
+    """
+    position, in_class = 0, False
+    while position < len(pattern):
+        char = pattern[position]
+        if char == "\\":
+            position += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            position += 1
+            if pattern.startswith("^", position):
+                position += 1
+            if pattern.startswith("]", position):
+                position += 1
+            continue
+        elif char == "(" and not pattern.startswith("(?", position):
+            return position
+        position += 1
+    raise InvalidInput(f"pattern {pattern!r} needs exactly one (group)")
 
 
 def _split(values: pa.Array, separator: str) -> pa.Array:
@@ -351,6 +414,13 @@ class FeatureTransform:
     def is_sparse(self) -> bool:
         return self.kind != "dense"
 
+    @property
+    def unmapped(self) -> str:
+        """Why a value has id -1 (see `unknown_rows`), to follow the value in a message."""
+        if self.kind == "bucketized":
+            return "has no bucket: it is not a number and the feature has no missing bucket"
+        return "is not in its vocabulary"
+
     def encode_ids(
         self, values: pa.Array, *, derived: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -363,8 +433,9 @@ class FeatureTransform:
 
         Returns:
             (ids int64 [sum of lengths], lengths int32 [n]); a single-valued feature has
-            length 1 per row. Unknown categorical values with `oov` "error" are id -1 (the
-            caller words the error, see `unknown_rows`).
+            length 1 per row. Unknown categorical values with `oov` "error", and missing
+            bucketized values without `missing_bucket`, are id -1 (the caller words the error,
+            see `unknown_rows`).
 
         Raises:
             InvalidInput: the values have a type the feature cannot read.
@@ -394,8 +465,10 @@ class FeatureTransform:
             return (fnv1a_64(text, self.seed) % np.uint64(self.buckets)).astype(np.int64)
         numbers = _numbers(values)
         ids = np.searchsorted(np.asarray(self.boundaries), numbers, side="right").astype(np.int64)
+        missing = np.isnan(numbers)  # searchsorted sorts NaN last: it would get the top bucket
         if self.missing_bucket:
-            ids = np.where(np.isnan(numbers), 0, ids + 1)
+            return np.where(missing, 0, ids + 1)
+        ids[missing] = -1  # no id: the caller refuses it, as an unknown category
         return ids
 
     def encode_dense(self, values: pa.Array, *, derived: bool = False) -> np.ndarray:
@@ -459,7 +532,8 @@ def _numbers(values: pa.Array) -> np.ndarray:
 
 
 def unknown_rows(transform: FeatureTransform, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows holding an id the feature could not map (unknown value under `oov` "error")."""
+    """Rows holding an id the feature could not map (an unknown value under `oov` "error", a
+    missing bucketized value without a missing bucket)."""
     bad = np.flatnonzero(ids < 0)
     if bad.size == 0:
         return bad
@@ -544,7 +618,9 @@ def read_arrow(path: Path) -> pa.Table:
 
 
 def read_transforms(folder: Path) -> Transforms:
-    """Reads what `write_transforms` wrote.
+    """Reads what `write_transforms` wrote, checking every value as well as its type: a
+    transform that cannot encode (no buckets, unsorted boundaries, a pattern Arrow cannot run,
+    a default of the wrong kind) is refused with the bundle, not on the request that needs it.
 
     Raises:
         InvalidInput: a malformed document or vocabulary, naming the file and the field.
@@ -559,11 +635,46 @@ def read_transforms(folder: Path) -> Transforms:
         or document.get("format_version") != TRANSFORMS_FORMAT_VERSION
     ):
         raise InvalidInput(f"{path}: format_version is not {TRANSFORMS_FORMAT_VERSION}")
-    features = {}
-    for position, entry in enumerate(document.get("features") or []):
-        feature = _feature_from_json(folder, entry, f"{path}: features[{position}]")
+    entries = document.get("features")
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{path}: features must be a list")
+    features: dict[str, FeatureTransform] = {}
+    for position, entry in enumerate(entries):
+        where = f"{path}: features[{position}]"
+        feature = _feature_from_json(folder, entry, where)
+        if feature.name in features:
+            raise InvalidInput(f"{where}: feature {untrusted(feature.name)} is declared twice")
         features[feature.name] = feature
-    return Transforms(features, document.get("user_key"), document.get("item_key"))
+    keys = [_key_feature(document, key, side, features, path) for key, side in _KEYS]
+    return Transforms(features, keys[0], keys[1])
+
+
+_KEYS = (("user_key", "user"), ("item_key", "item"))
+
+
+def _key_feature(
+    document: dict[str, Any],
+    key: str,
+    side: Side,
+    features: Mapping[str, FeatureTransform],
+    path: Path,
+) -> str | None:
+    """The document's `user_key` / `item_key`: absent, or a single-valued categorical feature
+    of its side (its vocabulary holds the users' keys / the catalogue)."""
+    name = document.get(key)
+    if name is None:
+        return None
+    feature = features.get(name) if isinstance(name, str) else None
+    if (
+        feature is None
+        or feature.kind != "categorical"
+        or feature.multi_valued
+        or feature.side != side
+    ):
+        raise InvalidInput(
+            f"{path}: {key} {untrusted(name)} is not a single-valued categorical {side} feature"
+        )
+    return name
 
 
 def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform:
@@ -573,53 +684,156 @@ def _feature_from_json(folder: Path, entry: Any, where: str) -> FeatureTransform
         kind = entry["kind"]
         if kind not in KINDS or entry["side"] not in SIDES:
             raise InvalidInput(f"{where}: unknown kind {kind!r} or side {entry['side']!r}")
+        name = entry["name"]
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}: name must be non-empty text")
         common: dict[str, Any] = {
-            "name": str(entry["name"]),
+            "name": name,
             "side": entry["side"],
             "kind": kind,
-            "multi_valued": bool(entry.get("multi_valued", False)),
-            "cardinality": int(entry.get("cardinality", 0)),
+            "multi_valued": _flag(entry, "multi_valued", where),
+            "cardinality": _integer(entry, "cardinality", where, default=0, minimum=0),
             "default": entry.get("default"),
-            "max_length": int(entry.get("max_length", 64)),
-            "derivation": Derivation(**_derivation_keys(entry.get("derive") or {}, where)),
+            "max_length": _integer(entry, "max_length", where, default=64, minimum=1),
+            "derivation": _derivation(entry.get("derive") or {}, where),
         }
         if kind == "categorical":
-            table = read_arrow(folder / str(entry["vocabulary"]))
-            vocabulary = Vocabulary.from_table(table, str(folder / entry["vocabulary"]))
-            return FeatureTransform(**common, vocabulary=vocabulary, oov=entry["oov"])
-        if kind == "hashed":
+            oov = entry["oov"]
+            if oov not in ("bucket", "error"):
+                raise InvalidInput(f"{where}: oov {untrusted(oov)} is not bucket or error")
+            relative = entry["vocabulary"]
+            if not (
+                isinstance(relative, str)
+                and is_safe_relative_path(relative)
+                and relative.startswith(f"{VOCAB_DIR}/")
+            ):
+                raise InvalidInput(
+                    f"{where}: vocabulary {untrusted(relative)} is not a file under {VOCAB_DIR}/"
+                )
+            vocabulary = Vocabulary.from_table(
+                read_arrow(folder / relative), str(folder / relative)
+            )
+            feature = FeatureTransform(**common, vocabulary=vocabulary, oov=oov)
+        elif kind == "hashed":
             if entry.get("hash") != "fnv1a_64":
                 raise InvalidInput(f"{where}: unknown hash {entry.get('hash')!r}")
-            return FeatureTransform(
-                **common, seed=int(entry["seed"]), buckets=int(entry["buckets"])
-            )
-        if kind == "bucketized":
-            return FeatureTransform(
+            feature = FeatureTransform(
                 **common,
-                boundaries=tuple(float(b) for b in entry["boundaries"]),
-                missing_bucket=bool(entry.get("missing_bucket", False)),
+                seed=_integer(entry, "seed", where, minimum=-(2**63), maximum=2**64 - 1),
+                buckets=_integer(entry, "buckets", where, minimum=1, maximum=2**63 - 1),
             )
-        return FeatureTransform(
-            **common,
-            clip_min=entry.get("clip_min"),
-            clip_max=entry.get("clip_max"),
-            log1p=bool(entry.get("log1p", False)),
-            mean=float(entry.get("mean", 0.0)),
-            std=float(entry.get("std", 0.0)),
-        )
+        elif kind == "bucketized":
+            boundaries = entry["boundaries"]
+            numbers = [_finite(b, f"{where}: boundaries") for b in boundaries]
+            if numbers != sorted(set(numbers)):
+                raise InvalidInput(f"{where}: boundaries must be strictly increasing")
+            feature = FeatureTransform(
+                **common,
+                boundaries=tuple(numbers),
+                missing_bucket=_flag(entry, "missing_bucket", where),
+            )
+        else:
+            feature = FeatureTransform(
+                **common,
+                clip_min=_optional_finite(entry, "clip_min", where),
+                clip_max=_optional_finite(entry, "clip_max", where),
+                log1p=_flag(entry, "log1p", where),
+                mean=_finite(entry.get("mean", 0.0), f"{where}: mean"),
+                std=_finite(entry.get("std", 0.0), f"{where}: std", minimum=0.0),
+            )
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInput(f"{where}: malformed ({error})") from None
+    _check_default(feature, where)
+    return feature
 
 
-def _derivation_keys(raw: Any, where: str) -> dict[str, Any]:
+def _flag(entry: dict[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: {key} must be true or false, not {untrusted(value)}")
+    return value
+
+
+def _integer(
+    entry: dict[str, Any],
+    key: str,
+    where: str,
+    *,
+    minimum: int,
+    maximum: int = 2**63 - 1,
+    default: int | None = None,
+) -> int:
+    value = entry[key] if default is None else entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidInput(
+            f"{where}: {key} must be an integer in [{minimum}, {maximum}], not {untrusted(value)}"
+        )
+    return value
+
+
+def _finite(value: Any, what: str, minimum: float | None = None) -> float:
+    """`value` as a float: a finite JSON number, at least `minimum` when given."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise InvalidInput(f"{what} must be a finite number{bound}, not {untrusted(value)}")
+    return float(value)
+
+
+def _optional_finite(entry: dict[str, Any], key: str, where: str) -> float | None:
+    value = entry.get(key)
+    return None if value is None else _finite(value, f"{where}: {key}")
+
+
+def _derivation(raw: Any, where: str) -> Derivation:
+    """The entry's `derive` object, its pattern checked as `Derivation.apply` will run it."""
     if not isinstance(raw, dict) or set(raw) - {"prefix", "pattern", "separator"}:
         raise InvalidInput(f"{where}: derive holds keys other than prefix, pattern, separator")
-    prefix = raw.get("prefix")
-    return {
-        "prefix": None if prefix is None else int(prefix),
-        "pattern": raw.get("pattern"),
-        "separator": raw.get("separator"),
-    }
+    prefix = None if raw.get("prefix") is None else _integer(raw, "prefix", where, minimum=0)
+    pattern, separator = raw.get("pattern"), raw.get("separator")
+    for key, value in (("pattern", pattern), ("separator", separator)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"{where}: {key} must be text, not {untrusted(value)}")
+    if pattern is not None:
+        try:
+            _arrow_pattern(pattern)
+        except InvalidInput as error:
+            raise InvalidInput(f"{where}: {error}") from None
+    return Derivation(prefix, pattern, separator)
+
+
+def _check_default(feature: FeatureTransform, where: str) -> None:
+    """The default's JSON type fits the feature: numbers for numeric kinds (text too where a
+    derivation cuts a bucketized number out of it; a dense default is the number itself, never
+    derived), text or integers for the others, a list of such for a multi-valued feature (or
+    its separator's text)."""
+    default = feature.default
+    if default is None:
+        return
+    kind = feature.kind
+    numeric = kind in ("bucketized", "dense")
+    derived = feature.derivation.active and kind != "dense"
+
+    def fits(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, str):
+            return derived or not numeric
+        if isinstance(value, int):
+            return True
+        return isinstance(value, float) and numeric and math.isfinite(value)
+
+    if feature.multi_valued and isinstance(default, list):
+        ok = all(fits(value) for value in default)
+    else:
+        ok = fits(default)
+    if not ok:
+        shape = "list" if feature.multi_valued else "value"
+        raise InvalidInput(f"{where}: default {untrusted(default)} does not fit a {kind} {shape}")
 
 
 def check_transforms(transforms: Transforms, manifest: manifest_pb2.BundleManifest) -> None:

@@ -51,6 +51,7 @@ from recship.bundle.layout import (
     USER_FEATURES_FILE,
     BundleRef,
 )
+from recship.bundle.raw_queries import record_raw_queries
 from recship.bundle.transforms import write_transforms
 from recship.bundle.writer import BundleWriter
 from recship.packager import export
@@ -367,7 +368,14 @@ class _Packager:
                     (packaged - reference).abs().max()
                 )
             golden_records[entry.name] = golden.GoldenRecord(entry.golden_inputs, packaged)
-        golden.write_golden(staging / GOLDEN_FILE, golden_records, GOLDEN_ATOL, GOLDEN_RTOL)
+        # Raw queries as a client sends them, for hosts that encode raw values themselves.
+        raw = record_raw_queries(
+            self.ranking.train.transforms,
+            self.loaded[QUERY_TOWER],
+            self.query_features,
+            [f.name for f in self.ranking.config.schema.user_dense()],
+        )
+        golden.write_golden(staging / GOLDEN_FILE, golden_records, GOLDEN_ATOL, GOLDEN_RTOL, raw)
 
         checks = tuple(
             Check(f"golden: {name}", self.golden_checks[name], threshold, comparison)

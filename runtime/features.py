@@ -2,10 +2,10 @@
 
 A query carries raw values by feature name (`recship.v1.Value`: text, integers, numbers,
 lists). The codec fills what a query does not send from the bundle's user table (when the query
-names a stored user) or the feature's declared default, applies each feature's transform to a
-whole request's column at once (`recship.bundle.transforms`), and lays the ids out in the
-entry points' feature-major jagged layout. Item ids cross the wire as the catalogue's raw ids
-and are mapped to item indices here, both ways.
+names a stored user) or the feature's declared default, checks and encodes the values sent for
+each feature a whole request's column at once (`recship.bundle.query_values`, the bundle's
+request rule), and lays the ids out in the entry points' feature-major jagged layout. Item ids
+cross the wire as the catalogue's raw ids and are mapped to item indices here, both ways.
 
 Every refusal names the query index and the field, so a client can fix its request:
 `queries[2].query.features["user_gender"]: value 'X' is not in its vocabulary`. Nothing here
@@ -14,7 +14,6 @@ touches a model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,12 @@ import pyarrow as pa
 from recship.base.errors import InvalidInput, shown, untrusted
 from recship.base.jagged import NO_IDS, EntityTable, gather_bags
 from recship.bundle.item_features import read_item_features, read_user_features
+from recship.bundle.query_values import default_dense, sent_dense, sent_ids
 from recship.bundle.transforms import (
     FeatureTransform,
     Transforms,
     check_transforms,
     read_transforms,
-    unknown_rows,
 )
 from recship.protos.v1 import manifest_pb2, recommender_pb2
 
@@ -365,58 +364,10 @@ class FeatureCodec:
     def _encode(
         self, transform: FeatureTransform, column: list[Any], where: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of raw values sent for one feature, each refusal naming its query.
-
-        Values go through the feature's derivation (`Derivation`: prefix, pattern, the
-        separator of a text list) as the training rows did; then the kind's rule applies.
-        """
-        name = transform.name
-        derivation = transform.derivation
-        if transform.multi_valued and derivation.separator:
-            # Text lists ("a|b") split as the training rows were; lists sent as lists stay.
-            texts = [i for i, v in enumerate(column) if isinstance(v, str)]
-            if texts:
-                split = derivation.apply(pa.array([column[i] for i in texts]), numeric=False)
-                for i, values in zip(texts, split.to_pylist(), strict=True):
-                    column[i] = values
-        for value, at in zip(column, where, strict=True):
-            if transform.multi_valued:
-                if isinstance(value, list) and len(value) > transform.max_length:
-                    raise InvalidInput(
-                        f"{_field(at, name)}: {len(value)} values, at most {transform.max_length}"
-                    )
-            elif isinstance(value, list):
-                raise InvalidInput(f"{_field(at, name)}: takes one value, not a list")
-        if transform.multi_valued:
-            column = [v if isinstance(v, list) else [v] for v in column]
-        # Text is what derivations cut numbers out of (e.g. a year from a date).
-        textual = transform.kind in ("categorical", "hashed") or derivation.active
-        for value, at in zip(column, where, strict=True):
-            for element in value if isinstance(value, list) else (value,):
-                if textual and not isinstance(element, str | int):
-                    raise InvalidInput(
-                        f"{_field(at, name)}: takes text or an integer, got {untrusted(element)}"
-                    )
-                if not textual and (isinstance(element, str) or not math.isfinite(element)):
-                    raise InvalidInput(
-                        f"{_field(at, name)}: takes a finite number, got {untrusted(element)}"
-                    )
-        if textual:  # integers are looked up by their decimal text
-            column = [[str(x) for x in v] if isinstance(v, list) else str(v) for v in column]
-        array = pa.array(column, pa.list_(pa.string()) if textual and transform.multi_valued
-                         else pa.string() if textual else None)  # fmt: skip
-        try:
-            ids, lengths = transform.encode_ids(array)
-        except InvalidInput as error:
-            raise InvalidInput(f"{_field(where[0], name)}: {error}") from None
-        bad = unknown_rows(transform, ids, lengths)
-        if bad.size:
-            row = int(bad[0])
-            raise InvalidInput(
-                f"{_field(where[row], name)}: value {untrusted(column[row])} is not in its "
-                "vocabulary"
-            )
-        return ids, lengths.astype(np.int32)
+        """Ids of raw values sent for one feature, each refusal naming its query
+        (`bundle.query_values.sent_ids`: the derivation as the training rows had it, then the
+        kind's rule)."""
+        return sent_ids(transform, column, [_field(at, transform.name) for at in where])
 
     def _dense(
         self, name: str, raw: list[dict[str, Any]], rows: np.ndarray, where: Sequence[str]
@@ -428,44 +379,18 @@ class FeatureCodec:
         out = np.empty(len(raw), dtype=np.float32)
         requested = np.flatnonzero(sources == _REQUEST)
         if requested.size:
-            values = [raw[int(i)][name] for i in requested]
-            derive = transform.derivation.active
-            if any(isinstance(v, list) or (isinstance(v, str) and not derive) for v in values):
-                bad = next(
-                    i for i, v in enumerate(values) if isinstance(v, list | str) and not (
-                        derive and isinstance(v, str))
-                )  # fmt: skip
-                raise InvalidInput(
-                    f"{_field(where[int(requested[bad])], name)}: needs one finite number, "
-                    f"got {untrusted(values[bad])}"
-                )
-            column = pa.array([str(v) if derive else float(v) for v in values])
-            numbers = transform.derivation.apply(column, numeric=True).to_numpy(
-                zero_copy_only=False
+            out[requested] = sent_dense(
+                transform,
+                [raw[int(i)][name] for i in requested],
+                [_field(where[int(i)], name) for i in requested],
             )
-            finite = np.isfinite(numbers)
-            if not finite.all():
-                bad = int(np.flatnonzero(~finite)[0])
-                raise InvalidInput(
-                    f"{_field(where[int(requested[bad])], name)}: needs one finite number, "
-                    f"got {untrusted(values[bad])}"
-                )
-            encoded = transform.encode_dense(pa.array(numbers), derived=True)
-            finite = np.isfinite(encoded)
-            if not finite.all():  # e.g. log1p of a value <= -1, or an overflow to float32
-                bad = int(np.flatnonzero(~finite)[0])
-                raise InvalidInput(
-                    f"{_field(where[int(requested[bad])], name)}: {untrusted(values[bad])} "
-                    "is outside the feature's domain (its transform gives no finite number)"
-                )
-            out[requested] = encoded
         from_table = np.flatnonzero(sources == _STORED)
         if from_table.size:
             assert self.users is not None
             out[from_table] = self.users.dense[rows[from_table], self.user_dense.index(name)]
         defaulted = np.flatnonzero(sources == _DEFAULT)
         if defaulted.size:
-            out[defaulted] = transform.encode_dense(pa.array([float(transform.default)]))[0]
+            out[defaulted] = default_dense(transform, f"{shown(name)} (its default)")
         return out
 
     def item_block(self, item_ids: np.ndarray) -> tuple[JaggedBlock, np.ndarray]:

@@ -118,7 +118,12 @@ def build_bundle(root: Path) -> Path:
 
 
 def _publish_copy(
-    repo: Path, source: int = 1, *, golden_offset: float = 0.0, sign_key: Path | None = None
+    repo: Path,
+    source: int = 1,
+    *,
+    golden_offset: float = 0.0,
+    sign_key: Path | None = None,
+    edit: Callable[[Path], None] | None = None,
 ) -> int:
     """Publishes the files of `movies/<source>` again as the bundle's next version.
 
@@ -127,6 +132,7 @@ def _publish_copy(
     `golden_offset`, golden.pt is rewritten first with every recorded output shifted by that
     much: the manifest's checksums then match the changed file, so the version validates and
     loads but fails its golden self-test. With `sign_key` the copy is signed (MANIFEST.sig).
+    `edit(staging_folder)` may change the copied files first (their checksums then match too).
 
     Returns:
         The published version number.
@@ -153,7 +159,9 @@ def _publish_copy(
                 name: GoldenRecord(record.inputs, record.output + golden_offset)
                 for name, record in golden.records.items()
             }
-            write_golden(golden_path, shifted, golden.atol, golden.rtol)
+            write_golden(golden_path, shifted, golden.atol, golden.rtol, golden.raw)
+        if edit is not None:
+            edit(staged.path)
 
         def fill(manifest: manifest_pb2.BundleManifest) -> None:
             merged = manifest_pb2.BundleManifest()
@@ -178,7 +186,8 @@ def _publish_copy(
 
 @pytest.fixture(scope="session")
 def publish_copy() -> Callable[..., int]:
-    """`publish_copy(repo, source=1, *, golden_offset=0.0) -> version` (see `_publish_copy`)."""
+    """`publish_copy(repo, source=1, *, golden_offset=0.0, sign_key=None, edit=None) ->
+    version` (see `_publish_copy`)."""
     return _publish_copy
 
 

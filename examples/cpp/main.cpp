@@ -9,18 +9,26 @@
 // (<name>.pt: TorchScript, <name>.pt2: AOTInductor package), warms each up, times it, runs the
 // golden inputs and compares with the recorded output:
 //   passed  <=>  |actual - expected| <= atol + rtol * |expected|  element-wise.
-// Exit status: 0 when every entry point passes, 1 when one fails or is missing, 2 on bad usage
-// or an unreadable golden file / fbgemm library.
+// When golden.pt records raw golden queries (requests as a client sends them), it also reads
+// transforms.json and vocab/<feature>.arrow, encodes those queries itself (transforms.h), checks
+// that they give the recorded query tower inputs and query-side dense values, and runs every
+// query tower file on its own encoding: the row "query_tower from raw values".
+// Exit status: 0 when every check passes, 1 when one fails or an entry point is missing (a
+// transforms file that cannot be read or applied fails the raw check), 2 on bad usage or an
+// unreadable golden file / fbgemm library.
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -30,6 +38,8 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
+#include "transforms.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -38,6 +48,8 @@ constexpr int kExitPassed = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 constexpr int64_t kGoldenFormatVersion = 1;
+constexpr const char* kQueryTower = "query_tower";
+constexpr const char* kRawQueries = "raw_queries";
 
 // The fbgemm_gpu libraries the entry points need, in load order: TBE common code (used by the
 // AOTInductor packages' proxy executor), the quantized inference lookups, and the Python-side
@@ -145,10 +157,21 @@ struct GoldenRecord {
   torch::Tensor output;
 };
 
+// golden.pt's raw golden queries: the queries' JSON and what the server's encoding of them
+// gave (bundle/FORMAT.md, golden.pt).
+struct RawRecord {
+  std::string queries;
+  torch::Tensor values;   // int64 [N]
+  torch::Tensor lengths;  // int32 [F * B]
+  torch::Tensor dense;    // float32 [B, Fd]
+  torch::Tensor output;   // float32 [B, D], the query tower's output
+};
+
 struct Golden {
   std::vector<GoldenRecord> records;
   double atol = 0.0;
   double rtol = 0.0;
+  std::optional<RawRecord> raw;  // absent in versions packaged before raw queries existed
 };
 
 // golden.pt is a TorchScript module without methods; its attributes hold the recording
@@ -179,6 +202,14 @@ Golden read_golden(const fs::path& path) {
     record.inputs = attribute(record.name + "__inputs").toTensorVector();
     record.output = attribute(record.name + "__output").toTensor();
     golden.records.push_back(std::move(record));
+  }
+  if (module.hasattr(kRawQueries)) {
+    const std::string prefix = std::string(kRawQueries) + "__";
+    golden.raw = RawRecord{attribute(kRawQueries).toStringRef(),
+                           attribute(prefix + "values").toTensor(),
+                           attribute(prefix + "lengths").toTensor(),
+                           attribute(prefix + "dense").toTensor(),
+                           attribute(prefix + "output").toTensor()};
   }
   return golden;
 }
@@ -229,22 +260,25 @@ struct Result {
   std::string note;
 };
 
-Result check(EntryPoint& entry, const GoldenRecord& record, const Golden& golden,
-             const Options& options, Result result) {
-  torch::InferenceMode inference;
+// Mean microseconds of one `call` over the timed repeats, after the untimed warm-up calls.
+template <typename Call>
+double micros_per_call(const Options& options, Call&& call) {
   for (int i = 0; i < options.warmup; ++i) {
-    entry(record.inputs);
+    call();
   }
   const auto started = std::chrono::steady_clock::now();
   for (int i = 0; i < options.repeats; ++i) {
-    entry(record.inputs);
+    call();
   }
   const std::chrono::duration<double, std::micro> elapsed =
       std::chrono::steady_clock::now() - started;
-  result.micros_per_call = elapsed.count() / options.repeats;
+  return elapsed.count() / options.repeats;
+}
 
-  const torch::Tensor actual = entry(record.inputs).to(torch::kCPU);
-  const torch::Tensor& expected = record.output;
+// Fills the result's difference and verdict: an output of another shape or dtype never passes.
+Result compare(const torch::Tensor& output, const torch::Tensor& expected, const Golden& golden,
+               Result result) {
+  const torch::Tensor actual = output.to(torch::kCPU);
   if (actual.sizes() != expected.sizes() || actual.scalar_type() != expected.scalar_type()) {
     std::ostringstream note;
     note << "output " << actual.sizes() << " " << actual.scalar_type() << ", recorded "
@@ -261,6 +295,95 @@ Result check(EntryPoint& entry, const GoldenRecord& record, const Golden& golden
   return result;
 }
 
+Result check(EntryPoint& entry, const GoldenRecord& record, const Golden& golden,
+             const Options& options, Result result) {
+  torch::InferenceMode inference;
+  result.micros_per_call = micros_per_call(options, [&] { entry(record.inputs); });
+  return compare(entry(record.inputs), record.output, golden, result);
+}
+
+// The query tower's (values, lengths) of encoded queries.
+std::vector<torch::Tensor> tower_inputs(const recship::EncodedQueries& encoded) {
+  auto values = torch::tensor(c10::ArrayRef<int64_t>(encoded.values), torch::kInt64);
+  auto lengths = torch::tensor(c10::ArrayRef<int32_t>(encoded.lengths), torch::kInt32);
+  return {values, lengths};
+}
+
+std::string ids_text(const int64_t* ids, int64_t count) {
+  std::ostringstream text;
+  text << "[";
+  for (int64_t i = 0; i < count; ++i) {
+    text << (i ? ", " : "") << ids[i];
+  }
+  text << "]";
+  return text.str();
+}
+
+// The first bag or dense value where this program's encoding differs from the recorded one,
+// naming the feature and the query; empty when they agree (ids exactly, dense values within
+// the golden tolerances).
+std::string encoding_difference(const recship::EncodedQueries& mine, const RawRecord& recorded,
+                                const recship::RawQueries& raw, const Golden& golden) {
+  const torch::Tensor values = recorded.values.to(torch::kInt64).contiguous();
+  const torch::Tensor lengths = recorded.lengths.to(torch::kInt64).contiguous();
+  const torch::Tensor dense = recorded.dense.to(torch::kFloat).contiguous();
+  const int64_t rows = static_cast<int64_t>(raw.queries.size());
+  const int64_t bags = static_cast<int64_t>(raw.sparse_features.size()) * rows;
+  if (lengths.numel() != bags || static_cast<int64_t>(mine.lengths.size()) != bags ||
+      lengths.sum().item<int64_t>() != values.numel() ||
+      dense.numel() != static_cast<int64_t>(mine.dense.size())) {
+    return "the recorded tensors do not fit the raw queries";
+  }
+  const int64_t* theirs = values.data_ptr<int64_t>();
+  const int64_t* their_lengths = lengths.data_ptr<int64_t>();
+  int64_t my_offset = 0;
+  int64_t their_offset = 0;
+  for (int64_t bag = 0; bag < bags; ++bag) {
+    const int64_t my_length = mine.lengths[bag];
+    const int64_t their_length = their_lengths[bag];
+    if (my_length != their_length ||
+        !std::equal(mine.values.begin() + my_offset, mine.values.begin() + my_offset + my_length,
+                    theirs + their_offset)) {
+      return raw.sparse_features[bag / rows] + " of raw query " + std::to_string(bag % rows) +
+             " encodes to " + ids_text(mine.values.data() + my_offset, my_length) +
+             ", recorded " + ids_text(theirs + their_offset, their_length);
+    }
+    my_offset += my_length;
+    their_offset += their_length;
+  }
+  const float* recorded_dense = dense.data_ptr<float>();
+  for (size_t i = 0; i < mine.dense.size(); ++i) {
+    const double expected = recorded_dense[i];
+    if (!(std::abs(mine.dense[i] - expected) <= golden.atol + golden.rtol * std::abs(expected))) {
+      std::ostringstream text;
+      text << raw.dense_features[i % raw.dense_features.size()] << " of raw query "
+           << i / raw.dense_features.size() << " encodes to " << mine.dense[i] << ", recorded "
+           << expected;
+      return text.str();
+    }
+  }
+  return "";
+}
+
+// The raw golden queries through this program's encoding and one query tower file: the
+// encoding must give the recorded inputs, the tower on it the recorded output. The timing is
+// of encoding and tower call together.
+Result check_raw(EntryPoint& entry, const recship::Transforms& transforms,
+                 const recship::RawQueries& raw, const RawRecord& recorded, const Golden& golden,
+                 const Options& options, Result result) {
+  torch::InferenceMode inference;
+  const recship::EncodedQueries encoded = recship::encode_queries(transforms, raw);
+  const std::string difference = encoding_difference(encoded, recorded, raw, golden);
+  if (!difference.empty()) {
+    result.max_abs_diff = std::numeric_limits<double>::infinity();
+    result.note = difference;
+    return result;
+  }
+  result.micros_per_call = micros_per_call(
+      options, [&] { entry(tower_inputs(recship::encode_queries(transforms, raw))); });
+  return compare(entry(tower_inputs(encoded)), recorded.output, golden, result);
+}
+
 std::unique_ptr<EntryPoint> load_entry_point(const fs::path& path) {
   if (path.extension() == ".pt2") {
     return std::make_unique<AotiEntryPoint>(path);
@@ -268,22 +391,31 @@ std::unique_ptr<EntryPoint> load_entry_point(const fs::path& path) {
   return std::make_unique<TorchScriptEntryPoint>(path);
 }
 
+// One row per check, ending with its verdict; a failure's reason on the next line.
 void print_table(const std::vector<Result>& results, const Golden& golden) {
   std::cout << "golden self-test (atol " << golden.atol << ", rtol " << golden.rtol << ")\n";
-  std::cout << std::left << std::setw(16) << "entry point" << std::setw(20) << "file"
+  std::cout << std::left << std::setw(29) << "entry point" << std::setw(20) << "file"
             << std::right << std::setw(14) << "max abs diff" << std::setw(12) << "us/call"
             << "  result\n";
   for (const auto& result : results) {
-    std::cout << std::left << std::setw(16) << result.name << std::setw(20) << result.file
+    std::cout << std::left << std::setw(29) << result.name << std::setw(20) << result.file
               << std::right << std::scientific << std::setprecision(2) << std::setw(14)
               << result.max_abs_diff << std::fixed << std::setprecision(1) << std::setw(12)
-              << result.micros_per_call << "  " << (result.passed ? "PASS" : "FAIL");
+              << result.micros_per_call << "  " << (result.passed ? "PASS" : "FAIL") << "\n";
     if (!result.note.empty()) {
-      std::cout << "  (" << result.note << ")";
+      std::cout << "  " << result.name << ": " << result.note << "\n";
     }
-    std::cout << "\n";
   }
   std::cout << std::defaultfloat;
+  if (!golden.raw) {
+    std::cout << "golden.pt records no raw queries (packaged before they were): the transforms "
+                 "are not checked\n";
+  }
+}
+
+std::string first_line(const std::exception& error) {
+  const std::string message = error.what();
+  return message.substr(0, message.find('\n'));
 }
 
 int run(const Options& options) {
@@ -296,7 +428,20 @@ int run(const Options& options) {
     std::cerr << "golden.pt records no entry points\n";
     return kExitFailed;
   }
+  // The raw golden queries and the transforms to encode them with, read once.
+  std::optional<recship::Transforms> transforms;
+  std::optional<recship::RawQueries> raw;
+  std::string raw_problem;
+  if (golden.raw) {
+    try {
+      transforms = recship::Transforms::read(options.bundle);
+      raw = recship::RawQueries::parse(golden.raw->queries);
+    } catch (const std::exception& error) {
+      raw_problem = first_line(error);
+    }
+  }
   std::vector<Result> results;
+  std::vector<Result> raw_results;
   for (const auto& record : golden.records) {
     bool found = false;
     for (const char* suffix : {".pt", ".pt2"}) {
@@ -308,14 +453,29 @@ int run(const Options& options) {
       Result result;
       result.name = record.name;
       result.file = path.filename().string();
+      std::unique_ptr<EntryPoint> entry;
       try {
-        auto entry = load_entry_point(path);
+        entry = load_entry_point(path);
         result = check(*entry, record, golden, options, result);
       } catch (const std::exception& error) {
-        std::string message = error.what();
-        result.note = message.substr(0, message.find('\n'));
+        result.note = first_line(error);
       }
       results.push_back(result);
+      if (golden.raw && record.name == kQueryTower) {
+        Result raw_result;
+        raw_result.name = "query_tower from raw values";
+        raw_result.file = result.file;
+        raw_result.note = entry ? raw_problem : result.note;
+        if (entry && raw_problem.empty()) {
+          try {
+            raw_result = check_raw(*entry, *transforms, *raw, *golden.raw, golden, options,
+                                   raw_result);
+          } catch (const std::exception& error) {
+            raw_result.note = first_line(error);
+          }
+        }
+        raw_results.push_back(raw_result);
+      }
     }
     if (!found) {
       Result missing;
@@ -325,6 +485,7 @@ int run(const Options& options) {
       results.push_back(missing);
     }
   }
+  results.insert(results.end(), raw_results.begin(), raw_results.end());
   print_table(results, golden);
   for (const auto& result : results) {
     if (!result.passed) {
@@ -343,8 +504,7 @@ int main(int argc, char** argv) {
     std::cerr << "recship_golden_check: " << error.what() << "\n" << kUsage;
     return kExitUsage;
   } catch (const std::exception& error) {
-    std::string message = error.what();
-    std::cerr << "recship_golden_check: " << message.substr(0, message.find('\n')) << "\n";
+    std::cerr << "recship_golden_check: " << first_line(error) << "\n";
     return kExitUsage;
   }
 }

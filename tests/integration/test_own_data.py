@@ -211,6 +211,27 @@ def _direct_recommend(version: Path, raw_user: dict, top_n: int, retrieve_k: int
     return vocabulary.values.take(pa.array(best)).to_pylist()
 
 
+def _check_raw_golden_queries(version: Path, manifest) -> None:
+    """The raw golden queries the packager recorded (hashed interests as lists and as
+    comma-separated text, quantile age buckets, an OOV country, cold starts on defaults) encode,
+    by the server's own codec, to the inputs golden.pt records for them."""
+    from recship.bundle.golden import read_golden
+    from recship.runtime.client import query_proto
+    from recship.runtime.features import FeatureCodec
+
+    raw = read_golden(version / "golden.pt").raw
+    assert raw is not None
+    assert any(isinstance(query.get("interests"), str) for query in raw.queries)
+    paths = [f"queries[{i}]" for i in range(len(raw.queries))]
+    codec = FeatureCodec(manifest, version)
+    tower, _, dense, cold = codec.encode_queries([query_proto(q) for q in raw.queries], paths)
+    values, lengths = tower.feature_major()
+    assert np.array_equal(values, raw.values.numpy())
+    assert np.array_equal(lengths, raw.lengths.numpy())
+    assert np.array_equal(dense, raw.dense.numpy())
+    assert cold[-2:].tolist() == [True, True]
+
+
 def test_own_parquet_data_trains_packages_serves_and_answers_in_skus(
     tmp_path: Path, server_factory
 ) -> None:
@@ -226,6 +247,7 @@ def test_own_parquet_data_trains_packages_serves_and_answers_in_skus(
     for name in ("transforms.json", "vocab/customer_id.arrow", "vocab/tags.arrow"):
         assert (version / name).is_file(), name
     assert report.manifest.schema.user_id_feature == "customer_id"
+    _check_raw_golden_queries(version, report.manifest)
 
     # The user's own raw row and training activity, as the data holds them.
     loaded = load_tables(read_spec(data / "spec.toml"))

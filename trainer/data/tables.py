@@ -318,7 +318,7 @@ def encode_sparse(transform: FeatureTransform, values: pa.Array, rows: _Rows) ->
 
     Raises:
         InvalidInput: a value is unknown to a feature whose `oov` is "error", or missing
-            without a default.
+            without a default (or, bucketized, without a missing bucket).
     """
     if transform.default is not None:
         values = pc.fill_null(values, transform.default)
@@ -330,9 +330,14 @@ def encode_sparse(transform: FeatureTransform, values: pa.Array, rows: _Rows) ->
     if bad.size:
         row = int(bad[0])
         shown = values[row].as_py() if row < len(values) else None
+        remedy = (
+            "set missing_bucket = true or a default to give them a bucket"
+            if transform.kind == "bucketized"
+            else 'set oov = "bucket" to map such values to one id'
+        )
         raise InvalidInput(
-            f"{rows.at(row)}: {transform.name} {shown!r} is not in its vocabulary "
-            f'({bad.size} rows like it); set oov = "bucket" to map such values to one id'
+            f"{rows.at(row)}: {transform.name} {shown!r} {transform.unmapped} "
+            f"({bad.size} rows like it); {remedy}"
         )
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return JaggedColumn(ids, offsets)

@@ -1,0 +1,169 @@
+"""The request rule for the raw values a query sends (bundle/FORMAT.md, "Encoding a query",
+steps 2 to 4): the checks of a sent value and its encoding by the feature's transform.
+
+Both the server (`recship.runtime.features.FeatureCodec`, over a request's column of queries) and
+the raw golden queries' reference encoding (`recship.bundle.raw_queries`, one query at a time)
+call these functions, so what the server accepts and what golden.pt records cannot drift apart.
+Where a value comes from (the query, a stored user, a default) is the caller's business. Imports:
+base and bundle only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from recship.base.errors import InvalidInput, untrusted
+from recship.bundle.transforms import FeatureTransform, unknown_rows
+
+
+def sent_ids(
+    transform: FeatureTransform, column: Sequence[Any], fields: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the values n queries send for one sparse feature.
+
+    A multi-valued feature with a separator splits a text (after its prefix and pattern); any
+    other single value of a multi-valued feature is a list of one; a list is not derived.
+    Categorical and hashed features, and any feature with a derivation, take texts or integers
+    (integers by their decimal text); other bucketized ones finite numbers.
+
+    Args:
+        transform: the feature's transform.
+        column: n raw values: text, integers, numbers or lists of one of these.
+        fields: n names of the values for messages (e.g. `queries[2].query.features["tags"]`).
+
+    Returns:
+        (ids int64 [sum of lengths], lengths int32 [n]).
+
+    Raises:
+        InvalidInput: naming the field of the first value refused: a list for a single-valued
+            feature, more than `max_length` elements, an element of the wrong type, a value
+            without an id (an unknown category under `oov` "error", a bucketized value without
+            a bucket).
+    """
+    derivation = transform.derivation
+    column = list(column)
+    if transform.multi_valued and derivation.separator:
+        texts = [i for i, value in enumerate(column) if isinstance(value, str)]
+        if texts:  # split as the training rows were; a text it makes missing is refused below
+            split = derivation.apply(
+                pa.array([column[i] for i in texts], pa.string()), numeric=False
+            )
+            for i, values in zip(texts, split.to_pylist(), strict=True):
+                column[i] = values
+    for value, field in zip(column, fields, strict=True):
+        if transform.multi_valued:
+            if isinstance(value, list) and len(value) > transform.max_length:
+                raise InvalidInput(f"{field}: {len(value)} values, at most {transform.max_length}")
+        elif isinstance(value, list):
+            raise InvalidInput(f"{field}: takes one value, not a list")
+    if transform.multi_valued:
+        column = [value if isinstance(value, list) else [value] for value in column]
+    # Text is what derivations cut values out of (e.g. a year from a date).
+    textual = transform.kind in ("categorical", "hashed") or derivation.active
+    for value, field in zip(column, fields, strict=True):
+        for element in value if isinstance(value, list) else (value,):
+            if textual and (isinstance(element, bool) or not isinstance(element, str | int)):
+                raise InvalidInput(f"{field}: takes text or an integer, got {untrusted(element)}")
+            if not textual and not _finite_number(element):
+                raise InvalidInput(f"{field}: takes a finite number, got {untrusted(element)}")
+    # Integers are looked up by their decimal text; numbers are doubles (as the rule reads them).
+    kind: Callable[[Any], Any] = str if textual else float
+    column = [[kind(x) for x in v] if isinstance(v, list) else kind(v) for v in column]
+    element_type = pa.string() if textual else pa.float64()
+    array_type = pa.list_(element_type) if transform.multi_valued else element_type
+    try:
+        ids, lengths = transform.encode_ids(pa.array(column, array_type))
+    except InvalidInput as error:  # text a numeric kind cannot read: find whose it is
+        row = _first_refused(
+            lambda i: transform.encode_ids(pa.array(column[i : i + 1], array_type)), len(column)
+        )
+        raise InvalidInput(f"{fields[row]}: {error}") from None
+    bad = unknown_rows(transform, ids, lengths)
+    if bad.size:
+        row = int(bad[0])
+        raise InvalidInput(f"{fields[row]}: value {untrusted(column[row])} {transform.unmapped}")
+    return ids, lengths.astype(np.int32)
+
+
+def sent_dense(
+    transform: FeatureTransform, values: Sequence[Any], fields: Sequence[str]
+) -> np.ndarray:
+    """float32 [n] of the values n queries send for one dense feature.
+
+    Each is one finite number (with a derivation, a text or number that derives to one), then the
+    dense rule, which must give a finite number too (not `log1p` of a value <= -1, nor beyond
+    float32).
+
+    Args:
+        transform: the feature's transform.
+        values: n raw values.
+        fields: n names of the values for messages.
+
+    Raises:
+        InvalidInput: naming the field of the first value refused.
+    """
+    derive = transform.derivation.active
+    for value, field in zip(values, fields, strict=True):
+        if not (_finite_number(value) or (derive and isinstance(value, str))):
+            raise InvalidInput(f"{field}: needs one finite number, got {untrusted(value)}")
+    column = pa.array([str(v) if derive else float(v) for v in values])
+    try:
+        derived = transform.derivation.apply(column, numeric=True)
+    except InvalidInput as error:  # text that is no number: find whose it is
+        row = _first_refused(
+            lambda i: transform.derivation.apply(column.slice(i, 1), numeric=True), len(column)
+        )
+        raise InvalidInput(f"{fields[row]}: {error}") from None
+    numbers = derived.to_numpy(zero_copy_only=False)
+    finite = np.isfinite(numbers)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise InvalidInput(f"{fields[row]}: needs one finite number, got {untrusted(values[row])}")
+    encoded = transform.encode_dense(pa.array(numbers), derived=True)
+    finite = np.isfinite(encoded)
+    if not finite.all():  # e.g. log1p of a value <= -1, or an overflow to float32
+        row = int(np.flatnonzero(~finite)[0])
+        raise InvalidInput(
+            f"{fields[row]}: {untrusted(values[row])} is outside the feature's domain (its "
+            "transform gives no finite number)"
+        )
+    return encoded
+
+
+def default_dense(transform: FeatureTransform, field: str) -> np.float32:
+    """The encoded default of a dense feature: the number `default` through the dense rule, not
+    derived (training fills a missing row's derived number with it, and so does the C++ host).
+
+    Raises:
+        InvalidInput: naming `field`: the default is not a finite number (`read_transforms`
+            refuses such files; transforms made in memory are checked here).
+    """
+    default = transform.default
+    if not _finite_number(default):
+        raise InvalidInput(f"{field}: its default {untrusted(default)} is no number")
+    return transform.encode_dense(pa.array([float(default)]), derived=True)[0]
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any double (JSON has no bound)
+        return False
+
+
+def _first_refused(encode: Callable[[int], object], count: int) -> int:
+    """The first of `count` rows that `encode` refuses alone (0 if none does): the slow path
+    that names a value after a whole column was refused."""
+    for row in range(count):
+        try:
+            encode(row)
+        except InvalidInput:
+            return row
+    return 0
