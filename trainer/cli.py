@@ -209,6 +209,12 @@ def two_tower_command(**options: Any) -> None:
     "--mine-k", type=int, help="Retrieval candidates per user the hard negatives come from [200]."
 )
 @click.option(
+    "--mine-skip",
+    type=int,
+    help="The best N retrieval candidates are never hard negatives (they hold many future "
+    "positives) [20].",
+)
+@click.option(
     "--rating-weights/--no-rating-weights",
     default=None,
     help="Weight each positive by its rating / the mean rating (sources with ratings) [on].",

@@ -247,7 +247,10 @@ class _InteractionData:
         self.retrieval_vectors = retrieval_embeddings(model, self.train)
         if self.recipe.hard_negatives:
             users, items = self.retrieval_vectors
-            self.candidates = mine_candidates(users, items, self.train, int(config.mine_k or 1))
+            mined = mine_candidates(users, items, self.train, int(config.mine_k or 1))
+            # Ranks 1..mine_skip hold many of a user's future positives: never negatives.
+            skip = min(int(config.mine_skip or 0), mined.shape[1] - 1)
+            self.candidates = np.ascontiguousarray(mined[:, skip:])
 
     def examples(self, epoch: int) -> RankingExamples:
         """The ranking examples of `epoch` (the last epoch's are cached)."""

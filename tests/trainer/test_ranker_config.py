@@ -34,9 +34,22 @@ def test_interaction_data_defaults_to_interaction_examples_with_retrieval_tables
     config = resolve_defaults(_dlrm(retrieval="runs/tt"), "synthetic", retrieval_dim=64)
     assert config.examples == "interactions"
     assert (config.hard_negatives, config.random_negatives, config.mine_k) == (2, 8, 200)
+    assert config.mine_skip == 20
+    assert (config.batch_size, config.dense_lr, config.sparse_lr) == (1024, 4e-3, 0.2)
     assert config.init_from_retrieval and config.embedding_dim == 64
     assert config.dense_arch_layers[-1] == 64
     assert config.rating_weights and config.lr_schedule == "linear"
+
+
+def test_a_given_batch_size_keeps_the_256_batch_learning_rates() -> None:
+    config = resolve_defaults(
+        _dlrm(retrieval="runs/tt", batch_size=128), "synthetic", retrieval_dim=64
+    )
+    assert (config.batch_size, config.dense_lr, config.sparse_lr) == (128, 1e-3, 0.1)
+    labelled = resolve_defaults(_dlrm(examples="labelled"), "synthetic")
+    assert (labelled.batch_size, labelled.dense_lr, labelled.mine_skip) == (256, 1e-3, None)
+    with pytest.raises(InvalidInput, match="--mine-skip must be >= 0"):
+        _dlrm(mine_skip=-1)
 
 
 def test_without_retrieval_the_examples_must_be_chosen() -> None:
