@@ -4,8 +4,9 @@ Fetches MovieLens-100K (synthetic data when the package index cannot be reached)
 two-tower and a DLRM model over 2 ranks, packages them into a bundle, starts `recship serve`
 as a real process on free loopback ports (plaintext inference; the admin API on loopback
 without a token, which is only allowed there), waits through the admin API until it serves,
-asks it for recommendations for a few users and prints the movie titles, then stops the server
-with SIGTERM and checks it exited cleanly.
+asks it for recommendations for a few users and prints the movie titles, measures over gRPC
+what Retrieve and Recommend give the validation users (popularity as the floor), then stops
+the server with SIGTERM and checks it exited cleanly.
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from recship.base.errors import RecshipError, Unavailable
+from recship.protos.v1.manifest_pb2 import BundleManifest
+from recship.runtime.client import RecshipClient
 
 DEMO_USERS = 3
 TOP_N = 10
+# Validation users per request of the served-quality table.
+QUALITY_BATCH = 64
+# Recommend depths measured over gRPC besides the bundle's default (0).
+SERVED_RETRIEVE_KS = (0, 100, 200, 500)
 
 
 def _free_port() -> int:
@@ -52,7 +59,7 @@ def run_demo(out: Path, console: Console) -> None:
 
     from recship.bundle.cli import print_summary
     from recship.cli.pipeline import package_runs, train_models
-    from recship.runtime.client import AdminClient, RecshipClient
+    from recship.runtime.client import AdminClient
     from recship.trainer.data.sources import open_source
 
     if out.exists():
@@ -86,6 +93,7 @@ def run_demo(out: Path, console: Console) -> None:
             admin.wait_until_serving(timeout=120)  # says why at once if the version FAILED
         with RecshipClient(f"127.0.0.1:{port}") as client:
             _show_recommendations(client, data, report.manifest, console)
+            console.print(served_quality(client, "movies", runs.retrieval, report.manifest))
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
@@ -135,6 +143,65 @@ def _show_recommendations(client, data, manifest, console: Console) -> None:
         console.print(table)
     served = response.served_by
     console.print(f"served by {served.bundle} version {served.version} ({served.release_id})")
+
+
+def served_quality(
+    client: RecshipClient, bundle: str, retrieval_run: Path, manifest: BundleManifest
+) -> Table:
+    """Top-N quality of what the server answers the validation users (the retrieval run's
+    held-out split), their training items excluded, every held-out item relevant: popularity
+    (training counts), Retrieve alone and Recommend at the bundle's default retrieve_k and
+    at `SERVED_RETRIEVE_KS`. Users are sent by raw key and answers read as raw ids.
+    """
+    from recship.packager.checkpoint import reopen_split
+    from recship.trainer.config import read_model_config
+    from recship.trainer.evaluate import popularity_lists, positives_by_user, top_n_metrics
+
+    _, payload = read_model_config(retrieval_run)
+    train, held_out = reopen_split(payload, retrieval_run)
+    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
+    seen = positives_by_user(train.user_ids, train.item_ids)
+    users = np.array(sorted(targets), dtype=np.int64)
+    item_index = {str(raw): index for index, raw in enumerate(train.raw_item_ids)}
+    user_key = manifest.schema.user_id_feature
+    default_k = manifest.serving.retrieve_k
+    depths = sorted({k for k in SERVED_RETRIEVE_KS if k <= train.num_items})  # 0 first
+
+    def served(call) -> np.ndarray:
+        rows = []
+        for start in range(0, users.size, QUALITY_BATCH):
+            block = users[start : start + QUALITY_BATCH]
+            queries = [{user_key: str(train.raw_user_ids[u])} for u in block]
+            exclude = [[str(train.raw_item_ids[i]) for i in seen.get(int(u), ())] for u in block]
+            for items in call(queries, exclude).results:
+                ids = [item_index[item.item_id] for item in items][:TOP_N]
+                rows.append(ids + [-1] * (TOP_N - len(ids)))
+        return np.array(rows, dtype=np.int64)
+
+    relevant = [targets[int(u)] for u in users]
+    popular = popularity_lists(train, users, TOP_N)
+    rows = [("popularity", *top_n_metrics(popular, relevant, TOP_N))]
+    retrieve = served(lambda q, x: client.retrieve(bundle, q, TOP_N, exclude=x))
+    rows.append(("Retrieve", *top_n_metrics(retrieve, relevant, TOP_N)))
+    for k in depths:
+        answers = served(lambda q, x, k=k: client.recommend(bundle, q, k, TOP_N, exclude=x))
+        name = f"Recommend, retrieve_k {k or default_k}" + (" (default)" if k == 0 else "")
+        rows.append((name, *top_n_metrics(answers, relevant, TOP_N)))
+    table = Table(
+        title=f"served over gRPC: top {TOP_N} for {users.size} validation users "
+        "(training items excluded, every held-out item relevant)"
+    )
+    for column in ("pipeline", f"recall@{TOP_N}", f"NDCG@{TOP_N}", "vs Retrieve"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    base_recall, base_ndcg = rows[1][1], rows[1][2]
+    for name, recall, ndcg in rows:
+        versus = (
+            f"{recall / base_recall - 1:+.1%} / {ndcg / base_ndcg - 1:+.1%}"
+            if name != "Retrieve" and base_recall > 0 and base_ndcg > 0
+            else ""
+        )
+        table.add_row(name, f"{recall:.4f}", f"{ndcg:.4f}", versus)
+    return table
 
 
 @click.command("demo")

@@ -15,8 +15,14 @@ from typing import Any
 from torch import nn
 
 from recship.base.errors import InvalidInput
+from recship.bundle.transforms import Transforms, Vocabulary, read_transforms
 from recship.trainer.checkpoint import load_unsharded, resolve_checkpoint
-from recship.trainer.config import MODEL_CONFIG_FILE, ModelConfig, read_model_config
+from recship.trainer.config import (
+    FITTED_TRANSFORMS_DIR,
+    MODEL_CONFIG_FILE,
+    ModelConfig,
+    read_model_config,
+)
 from recship.trainer.data.dataset import InteractionDataset
 from recship.trainer.data.sources import open_source
 from recship.trainer.retrieval import check_provenance, checkpoint_sha256, config_sha256
@@ -62,9 +68,10 @@ class LoadedCheckpoint:
         return {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
 
 
-def _reopen_split(
+def reopen_split(
     payload: dict[str, Any], where: Path
 ) -> tuple[InteractionDataset, InteractionDataset]:
+    """(train, held-out) of a run's data, split exactly as its model_config.json records."""
     data = payload.get("data") or {}
     if "source" not in data or "split" not in data:
         raise InvalidInput(f"{where / MODEL_CONFIG_FILE}: no data source or split recorded")
@@ -90,10 +97,50 @@ def load_checkpoint(path: Path, kind: str, step: int | None = None) -> LoadedChe
         raise InvalidInput(f"{path} holds a {config.kind} model, expected {kind}")
     found_step, folder = resolve_checkpoint(path, step)
     _, model = load_unsharded(path, found_step)
-    train, held_out = _reopen_split(payload, path)
+    train, held_out = reopen_split(payload, path)
+    _check_fitted_transforms(path, train.transforms)
     return LoadedCheckpoint(
         path, config, model, found_step, folder, payload, config_sha256(path), train, held_out
     )
+
+
+def _same_vocabulary(left: Vocabulary | None, right: Vocabulary | None) -> bool:
+    if left is None or right is None:
+        return left is right
+    return left.values.equals(right.values)
+
+
+def _check_fitted_transforms(path: Path, refit: Transforms | None) -> None:
+    """Checks that the data reopened now fit the transforms training wrote (if it wrote any).
+
+    The packager refits the data source to rebuild the split; a source edited since training
+    would otherwise be packaged with vocabularies, buckets or statistics the model never saw.
+
+    Raises:
+        InvalidInput: naming the first feature whose transform differs.
+    """
+    folder = path / FITTED_TRANSFORMS_DIR
+    if not folder.is_dir():
+        return  # a run of a recship that did not record them
+    saved = read_transforms(folder)
+    problem = None
+    if refit is None:
+        problem = "the data now has no feature transforms"
+    elif (saved.user_key, saved.item_key) != (refit.user_key, refit.item_key):
+        problem = "its user or item key feature differs"
+    elif list(saved.features) != list(refit.features):
+        problem = f"its features are {', '.join(refit.features)}, not {', '.join(saved.features)}"
+    else:
+        for name, fitted in saved.features.items():
+            now = refit.features[name]
+            if fitted != now or not _same_vocabulary(fitted.vocabulary, now.vocabulary):
+                problem = f"feature {name!r} fits differently than at training"
+                break
+    if problem is not None:
+        raise InvalidInput(
+            f"{path}: the training data changed since this run was trained ({problem}; "
+            f"{FITTED_TRANSFORMS_DIR}/ holds what training fitted): restore the data or retrain"
+        )
 
 
 def check_pair(retrieval: LoadedCheckpoint, ranking: LoadedCheckpoint) -> None:

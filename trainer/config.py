@@ -36,6 +36,9 @@ MODEL_CONFIG_FILE = "model_config.json"
 # Two-tower softmax temperature: logits are divided by it in training (a default, stated once).
 DEFAULT_TEMPERATURE = 0.05
 METRICS_FILE = "metrics.json"
+#: The feature transforms fitted on the run's training data (bundle/FORMAT.md's transforms.json
+#: and vocab/ files), so the packager can prove its refit of the data is what training saw.
+FITTED_TRANSFORMS_DIR = "transforms"
 # Bumped when the meaning of a field in model_config.json changes.
 MODEL_CONFIG_FORMAT = 1
 

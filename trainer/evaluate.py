@@ -340,6 +340,13 @@ def end_to_end_metrics(
     )
 
 
+def popularity_lists(train: InteractionDataset, users: np.ndarray, top_n: int) -> np.ndarray:
+    """int [U, top_n] the most interacted-with training items per user, the user's own
+    training items excluded (the floor any recommender must beat)."""
+    counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float64)
+    return mine_candidates(np.ones((train.num_users, 1)), counts[:, None], train, top_n)[users]
+
+
 def pipeline_metrics(
     users: np.ndarray,
     candidates: np.ndarray,
@@ -369,8 +376,7 @@ def pipeline_metrics(
     """
     relevant = [targets[int(u)] for u in users]
     metrics: dict[str, float] = {}
-    counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float64)
-    popular = mine_candidates(np.ones((train.num_users, 1)), counts[:, None], train, top_n)[users]
+    popular = popularity_lists(train, users, top_n)
     for name, served in (("popularity", popular), ("retrieval", candidates)):
         recall, ndcg = top_n_metrics(served, relevant, top_n)
         metrics[f"{name}/recall@{top_n}"] = recall

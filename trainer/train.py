@@ -59,6 +59,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recship.base import errors
 from recship.base.errors import InvalidInput, RecshipError
+from recship.bundle.transforms import Transforms, write_transforms
 from recship.trainer.checkpoint import (
     Progress as CheckpointProgress,
 )
@@ -71,6 +72,7 @@ from recship.trainer.checkpoint import (
     sweep_incomplete,
 )
 from recship.trainer.config import (
+    FITTED_TRANSFORMS_DIR,
     METRICS_FILE,
     MODEL_CONFIG_FILE,
     ModelConfig,
@@ -220,6 +222,7 @@ class _InteractionData:
         self.schema = data.schema
         self.seed = seed
         self.train, self.held_out = data.split(eval_fraction, seed)
+        self.transforms = self.train.transforms
         self.num_train = len(self.train)
         self.num_eval = len(self.held_out)
         self.recipe: ExampleRecipe | None = None
@@ -329,6 +332,8 @@ class _CriteoData:
 
     #: No retrieval model goes with click logs (see `_InteractionData`).
     retrieval: RetrievalProvenance | None = None
+    #: Criteo lines are encoded as they stream; no fitted transforms to record.
+    transforms: Transforms | None = None
     retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, source: CriteoSource, eval_fraction: float, seed: int) -> None:
@@ -641,6 +646,8 @@ class _Trainer:
                 self.split,
                 retrieval=None if provenance is None else provenance.to_dict(),
             )
+            if self.data.transforms is not None:
+                write_transforms(self.config.out / FITTED_TRANSFORMS_DIR, self.data.transforms)
             if self.config.resume:
                 where = "starting fresh" if found is None else f"resuming from {found[1].name}"
                 self.console.print(f"{self.config.out}: {where}", soft_wrap=True)

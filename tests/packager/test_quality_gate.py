@@ -6,6 +6,8 @@ measured figures for the choice of retrieve_k and the Recommend-vs-retrieval che
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from recship.cli.pipeline import SMOKE_GATE, package_runs, train_models
 from recship.packager.checkpoint import load_checkpoint
 from recship.packager.options import QualityThresholds
 from recship.packager.verify import EndToEnd, choose_retrieve_k, quality_gate, retrieve_k_sweep
+from recship.trainer.config import FITTED_TRANSFORMS_DIR
 
 RECSHIP = str(Path(sys.executable).with_name("recship"))
 DATA = {"num_users": 200, "num_items": 150, "interactions_per_user": 10}
@@ -136,3 +139,17 @@ def test_the_gate_fails_when_recommend_is_worse_than_retrieval_alone() -> None:
     assert quality_gate(recall, recall, None, 1.0, worse, tolerant, 0).passed
     better = _end_to_end({50: (0.27, 0.30)}, (0.25, 0.28))
     assert quality_gate(recall, recall, None, 1.0, better, QualityThresholds(), 0).passed
+
+
+@pytest.mark.slow
+def test_data_that_fit_otherwise_than_at_training_are_refused(unsplit_runs, tmp_path) -> None:
+    run = tmp_path / "two-tower"
+    shutil.copytree(unsplit_runs.retrieval, run)
+    saved = run / FITTED_TRANSFORMS_DIR / "transforms.json"
+    assert load_checkpoint(run, "two-tower").train.transforms is not None  # as trained: fine
+    document = json.loads(saved.read_text())
+    dense = next(f for f in document["features"] if f["kind"] == "dense")
+    dense["mean"] += 1.0  # as if the users table had changed since training
+    saved.write_text(json.dumps(document))
+    with pytest.raises(InvalidInput, match=f"feature '{dense['name']}' fits differently"):
+        load_checkpoint(run, "two-tower")
