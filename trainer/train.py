@@ -932,6 +932,13 @@ class _Trainer:
             "eval": final,
             "history": self.history,
         }
+        if not final:
+            # Training rows are never reported as quality: say why there is none.
+            metrics["eval_skipped"] = (
+                "no held-out data (--eval-fraction 0): no quality metric was computed"
+                if not self.data.num_eval
+                else "the held-out split gave no metric (no held-out user or pair to score)"
+            )
         if self.model_config.kind == "dlrm":
             metrics["train"]["examples_per_epoch"] = self.examples_per_epoch
             if self.rank == 0 and self.end_to_end:
@@ -984,6 +991,8 @@ def _print_summary(console: Console, metrics: dict[str, Any]) -> None:
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         table.add_row(name, text)
     console.print(table)
+    if "eval_skipped" in metrics:
+        console.print(f"[yellow]eval: {metrics['eval_skipped']}[/yellow]")
 
 
 def _barrier() -> None:

@@ -39,6 +39,9 @@ def unsplit_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_data):
 
 @pytest.mark.slow
 def test_no_held_out_data_is_refused_in_one_line(unsplit_runs, tmp_path: Path) -> None:
+    for run in unsplit_runs.retrieval, unsplit_runs.ranking:  # the trainer said why, too
+        written = json.loads((run / "metrics.json").read_text())
+        assert written["eval"] == {} and "--eval-fraction 0" in written["eval_skipped"]
     runs = unsplit_runs
     argv = [RECSHIP, "package", "--retrieval", str(runs.retrieval),
             "--ranking", str(runs.ranking), "--repo", str(tmp_path), "--name", "m"]  # fmt: skip
