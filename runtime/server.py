@@ -11,10 +11,12 @@ repository (whose store enforces the signature policy) and two listeners.
   0600): `BundleAdmin`, health and its own reflection, every call behind the bearer token when
   one is configured (`recship.runtime.security`). Without a token it may only be local.
 
-Both use TLS (mTLS with a client CA) when `tls` is set. The Prometheus endpoint has its own
-HTTP port on `metrics_host` (loopback by default). `serve(config)` runs the server until
-SIGTERM or SIGINT, then stops accepting calls, lets in-flight calls finish within the grace
-period, drains the versions and returns (the CLI exits 0).
+Both use TLS (mTLS with a client CA) when `tls` is set. Every request body of both is decoded
+by `ErrorMappingInterceptor` (undecodable or over `ServiceLimits.max_request_bytes` ->
+INVALID_ARGUMENT, before any servicer code). The Prometheus endpoint has its own HTTP port on
+`metrics_host` (loopback by default). `serve(config)` runs the server until SIGTERM or SIGINT,
+then stops accepting calls, lets in-flight calls finish within the grace period, drains the
+versions and returns (the CLI exits 0).
 
 Example::
 
@@ -367,7 +369,11 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     limits = config.limits
     receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
     grpc_server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(metrics.observe_request)],
+        interceptors=[
+            ErrorMappingInterceptor(
+                metrics.observe_request, max_request_bytes=limits.max_request_bytes
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", receive_limit),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
