@@ -10,14 +10,23 @@ Metric names:
 |---|---|---|
 | recship_requests_total | counter | method, code |
 | recship_request_latency_seconds | histogram | method |
+| recship_refusal_latency_seconds | histogram (RESOURCE_EXHAUSTED answers only) | method |
 | recship_batch_rows | histogram | model |
+| recship_batch_cost | histogram | model |
+| recship_batch_seconds | histogram | model |
 | recship_batch_requests | histogram | model |
 | recship_queue_wait_seconds | histogram | model |
 | recship_queue_rows | gauge | model |
+| recship_queue_cost | gauge | model |
+| recship_admission_refusals_total | counter | model, reason |
+| recship_dropped_total | counter | model, reason |
+| recship_service_rate_cost_per_second | gauge | model |
 | recship_version_state | gauge (1 per version, at its current state) | bundle, version, state |
 | recship_default_version | gauge | bundle |
 | recship_version_switches_total | counter | bundle |
 | recship_switch_unavailable_seconds | histogram | bundle |
+
+An undecodable request body is counted as its method with code INVALID_ARGUMENT.
 
 Example::
 
@@ -48,8 +57,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from recship.runtime.policy import VersionState
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+REFUSAL_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0)
 QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
 ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 rows
+COST_BUCKETS = tuple(float(4**i) for i in range(11))  # 1 .. ~1 M ids
+BATCH_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 REQUEST_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256 requests per batch
 WINDOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -59,26 +71,49 @@ class ModelBatchMetrics:
     """The batch metrics of one model, in the shape `recship.runtime.batcher` reports them.
 
     Several batchers (replicas, versions) of the same model may share one instance: queue
-    depth is kept as a sum of the deltas they report, so it is the model's total.
+    depths are kept as sums of the deltas they report, so they are the model's totals; the
+    service rate is that of the replica that ran the latest batch.
     """
 
+    model: str
     _rows: Histogram
+    _cost: Histogram
+    _seconds: Histogram
     _requests: Histogram
     _wait: Histogram
     _queue_rows: Gauge
+    _queue_cost: Gauge
+    _refusals: Counter
+    _dropped: Counter
+    _rate: Gauge
 
-    def observe_batch(self, rows: int, items: int) -> None:
-        """One batch went to compute with `rows` rows from `items` requests."""
+    def observe_batch(self, rows: int, items: int, cost: int, seconds: float) -> None:
+        """One batch of `rows` rows and `cost` ids from `items` requests ran in `seconds`."""
         self._rows.observe(rows)
+        self._cost.observe(cost)
+        self._seconds.observe(seconds)
         self._requests.observe(items)
 
     def observe_queue_wait(self, seconds: float) -> None:
-        """One request waited `seconds` in the queue before its batch started."""
+        """One request waited `seconds` in the queue before its first batch started."""
         self._wait.observe(seconds)
 
-    def add_queue_rows(self, delta: int) -> None:
-        """The rows waiting in a queue changed by `delta` (negative when rows leave)."""
-        self._queue_rows.inc(delta)
+    def add_queue(self, rows: int, cost: int) -> None:
+        """The rows and cost waiting in a queue changed by these deltas (negative: left)."""
+        self._queue_rows.inc(rows)
+        self._queue_cost.inc(cost)
+
+    def observe_refused(self, reason: str) -> None:
+        """A request was refused at admission ("queue_full", "client_share", "deadline")."""
+        self._refusals.labels(self.model, reason).inc()
+
+    def observe_dropped(self, reason: str) -> None:
+        """Queued work left without being computed ("deadline", "cancelled")."""
+        self._dropped.labels(self.model, reason).inc()
+
+    def observe_service_rate(self, cost_per_second: float) -> None:
+        """A replica's measured service rate after its latest batch."""
+        self._rate.set(cost_per_second)
 
 
 class ServerMetrics:
@@ -99,9 +134,22 @@ class ServerMetrics:
             "recship_request_latency_seconds", "RPC latency on the server, by method.",
             ["method"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self._refusal_latency = Histogram(
+            "recship_refusal_latency_seconds", "Time the server took to answer RESOURCE_EXHAUSTED "
+            "(overload: from the call's start on the server to the refusal), by method.",
+            ["method"], buckets=REFUSAL_BUCKETS, registry=r,
+        )  # fmt: skip
         self._batch_rows = Histogram(
             "recship_batch_rows", "Rows per model batch (a Rank query with 500 candidates "
             "is 500 rows).", ["model"], buckets=ROW_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._batch_cost = Histogram(
+            "recship_batch_cost", "Cost per model batch: the ids its rows look up.",
+            ["model"], buckets=COST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._batch_seconds = Histogram(
+            "recship_batch_seconds", "Model time per batch (on the replica's thread).",
+            ["model"], buckets=BATCH_SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self._batch_requests = Histogram(
             "recship_batch_requests", "Requests (or request parts) coalesced per model batch.",
@@ -113,6 +161,25 @@ class ServerMetrics:
         )  # fmt: skip
         self._queue_rows = Gauge(
             "recship_queue_rows", "Rows waiting in the batch queues of a model.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self._queue_cost = Gauge(
+            "recship_queue_cost", "Cost (ids) waiting in the batch queues of a model.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self._refusals = Counter(
+            "recship_admission_refusals", "Requests refused at enqueue time (RESOURCE_EXHAUSTED) "
+            "by reason: queue_full, client_share, deadline (could not finish in time).",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self._dropped = Counter(
+            "recship_dropped", "Admitted requests that left the queue before being computed "
+            "(whole or in part), by reason: deadline, cancelled.",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self._service_rate = Gauge(
+            "recship_service_rate_cost_per_second", "Measured service rate of a model's replica "
+            "(EWMA of ids computed per second), which admission divides queued cost by.",
             ["model"], registry=r,
         )  # fmt: skip
         self._version_state = Gauge(
@@ -141,14 +208,23 @@ class ServerMetrics:
         """Counts one finished RPC; matches `recship.runtime.grpc_errors.RequestObserver`."""
         self._requests.labels(method, code.name).inc()
         self._latency.labels(method).observe(seconds)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._refusal_latency.labels(method).observe(seconds)
 
     def batch_metrics(self, model: str) -> ModelBatchMetrics:
         """The batch observer for `model` (e.g. "movies/rank"), to hand to its batchers."""
         return ModelBatchMetrics(
+            model,
             self._batch_rows.labels(model),
+            self._batch_cost.labels(model),
+            self._batch_seconds.labels(model),
             self._batch_requests.labels(model),
             self._queue_wait.labels(model),
             self._queue_rows.labels(model),
+            self._queue_cost.labels(model),
+            self._refusals,
+            self._dropped,
+            self._service_rate.labels(model),
         )
 
     def set_version_state(self, bundle: str, version: int, state: VersionState) -> None:

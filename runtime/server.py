@@ -55,8 +55,10 @@ from recship.bundle.store import BundleStore
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recship.runtime.admin import BundleAdminService
 from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_COST,
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_QUEUE_COST,
     DEFAULT_MAX_QUEUE_ROWS,
 )
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
@@ -114,6 +116,10 @@ class ServerConfig:
         max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
             `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free.
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
+        max_batch_cost: most cost per batch (the ids its rows look up), which is also the
+            longest slice one request may hold a replica for; costlier requests are cut.
+        max_queue_cost: cost bound per replica and model; beyond it RESOURCE_EXHAUSTED.
+            Requests with a deadline are refused sooner, when they could not finish in time.
         batching: False runs every request part alone (for `recship bench --compare-unbatched`).
         replicas: CPU replicas (default 1); on GPUs it follows from the devices.
         threads: intra-op threads of torch and FAISS (process-wide).
@@ -141,6 +147,8 @@ class ServerConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
     max_delay_ms: float = DEFAULT_MAX_DELAY_S * 1000.0
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
+    max_batch_cost: int = DEFAULT_MAX_BATCH_COST
+    max_queue_cost: int = DEFAULT_MAX_QUEUE_COST
     batching: bool = True
     replicas: int | None = None
     threads: int = 1
@@ -188,6 +196,8 @@ class ServerConfig:
                 max_batch_rows=self.max_batch_size,
                 max_delay_s=self.max_delay_ms / 1000.0,
                 max_queue_rows=self.max_queue_rows,
+                max_batch_cost=self.max_batch_cost,
+                max_queue_cost=self.max_queue_cost,
                 enabled=self.batching,
             ),
         )

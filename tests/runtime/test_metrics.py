@@ -44,38 +44,58 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 def test_requests_and_latency(served: tuple[ServerMetrics, MetricsHTTPServer]) -> None:
-    metrics, http = served
+    metrics, http_server = served
     method = "recship.v1.Recommender/Rank"
     metrics.observe_request(method, grpc.StatusCode.OK, 0.003)
     metrics.observe_request(method, grpc.StatusCode.OK, 0.2)
     metrics.observe_request(method, grpc.StatusCode.INVALID_ARGUMENT, 0.0001)
-    got = scrape(http.port)
+    metrics.observe_request(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0003)
+    got = scrape(http_server.port)
+    refusals = "recship_refusal_latency_seconds_bucket"
+    assert sample(got, refusals, method=method, le="0.0005") == 1
+    assert sample(got, refusals, method=method, le="0.0002") == 0
     assert sample(got, "recship_requests_total", method=method, code="OK") == 2
     assert sample(got, "recship_requests_total", method=method, code="INVALID_ARGUMENT") == 1
-    assert sample(got, "recship_request_latency_seconds_count", method=method) == 3
+    assert sample(got, "recship_request_latency_seconds_count", method=method) == 4
     assert sample(got, "recship_request_latency_seconds_sum", method=method) == pytest.approx(
-        0.2031
+        0.2034
     )
-    assert sample(got, "recship_request_latency_seconds_bucket", method=method, le="0.005") == 2
+    assert sample(got, "recship_request_latency_seconds_bucket", method=method, le="0.005") == 3
 
 
-def test_batches_and_queue_depth(served: tuple[ServerMetrics, MetricsHTTPServer]) -> None:
-    metrics, http = served
+def test_batches_queue_depth_admission_and_rate(
+    served: tuple[ServerMetrics, MetricsHTTPServer],
+) -> None:
+    metrics, http_server = served
     replica0 = metrics.batch_metrics("movies/rank")
     replica1 = metrics.batch_metrics("movies/rank")
-    replica0.observe_batch(rows=500, items=1)
-    replica1.observe_batch(rows=64, items=32)
+    replica0.observe_batch(rows=500, items=1, cost=20_000, seconds=0.004)
+    replica1.observe_batch(rows=64, items=32, cost=600, seconds=0.001)
     replica0.observe_queue_wait(0.004)
-    replica0.add_queue_rows(100)
-    replica1.add_queue_rows(30)
-    replica0.add_queue_rows(-40)
-    got = scrape(http.port)
-    assert sample(got, "recship_batch_rows_count", model="movies/rank") == 2
-    assert sample(got, "recship_batch_rows_sum", model="movies/rank") == 564
-    assert sample(got, "recship_batch_rows_bucket", model="movies/rank", le="64.0") == 1
-    assert sample(got, "recship_batch_requests_sum", model="movies/rank") == 33
-    assert sample(got, "recship_queue_wait_seconds_count", model="movies/rank") == 1
-    assert sample(got, "recship_queue_rows", model="movies/rank") == 90
+    replica0.add_queue(100, 4000)
+    replica1.add_queue(30, 300)
+    replica0.add_queue(-40, -1000)
+    replica0.observe_refused("deadline")
+    replica1.observe_refused("deadline")
+    replica1.observe_refused("queue_full")
+    replica0.observe_dropped("cancelled")
+    replica1.observe_service_rate(5e6)
+    got = scrape(http_server.port)
+    model = {"model": "movies/rank"}
+    assert sample(got, "recship_batch_rows_count", **model) == 2
+    assert sample(got, "recship_batch_rows_sum", **model) == 564
+    assert sample(got, "recship_batch_rows_bucket", **model, le="64.0") == 1
+    assert sample(got, "recship_batch_cost_sum", **model) == 20_600
+    assert sample(got, "recship_batch_seconds_sum", **model) == pytest.approx(0.005)
+    assert sample(got, "recship_batch_requests_sum", **model) == 33
+    assert sample(got, "recship_queue_wait_seconds_count", **model) == 1
+    assert sample(got, "recship_queue_rows", **model) == 90
+    assert sample(got, "recship_queue_cost", **model) == 3300
+    refusals = "recship_admission_refusals_total"
+    assert sample(got, refusals, **model, reason="deadline") == 2
+    assert sample(got, refusals, **model, reason="queue_full") == 1
+    assert sample(got, "recship_dropped_total", **model, reason="cancelled") == 1
+    assert sample(got, "recship_service_rate_cost_per_second", **model) == 5e6
 
 
 def test_version_states_and_switches(served: tuple[ServerMetrics, MetricsHTTPServer]) -> None:
