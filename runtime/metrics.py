@@ -28,31 +28,37 @@ Metric names:
 
 An undecodable request body is counted as its method with code INVALID_ARGUMENT.
 
+The exposition endpoint (`MetricsHTTPServer`) is a small HTTP/1.1 server on the event loop
+(asyncio streams): no thread per connection, keep-alive with an idle timeout, a bound on open
+connections and on the request head, and the text rendered on one shared worker thread (at
+most one rendering at a time, shared by concurrent scrapes), so scrapes never block the loop.
+
 Example::
 
     metrics = ServerMetrics()
-    http, port = start_metrics_http(metrics.registry, port=9090)
+    http = await start_metrics_http(metrics.registry, port=9090)
     ...
-    http.stop()
+    await http.stop()
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import concurrent.futures
+import contextlib
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     ProcessCollector,
-    make_wsgi_app,
+    generate_latest,
 )
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from recship.runtime.policy import VersionState
 
@@ -261,56 +267,198 @@ class ServerMetrics:
         self._unavailable.labels(bundle).observe(seconds)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes are not logged: one line per scrape would drown the server's own log."""
+#: Seconds a metrics connection may stay idle (or take to send a request head) before it is
+#: closed. Prometheus reconnects when its scrape interval is longer.
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+#: Open metrics connections at most; beyond, a new one evicts the longest idle.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Largest request head (request line and headers) accepted.
+MAX_REQUEST_HEAD_BYTES = 8192
 
 
 class MetricsHTTPServer:
-    """A running Prometheus exposition endpoint; `stop()` shuts it down and frees the port.
+    """Prometheus exposition over HTTP/1.1 on the event loop; `stop()` frees the port.
 
-    prometheus-client's `start_http_server` polls for shutdown every 0.5 s; this one polls
-    every 50 ms so that a server (or a test) stops promptly.
+    Any path answers the text format to GET (and HEAD); other methods get 405, malformed
+    requests 400. Connections are kept alive (HTTP/1.1, unless the client says "close") and
+    closed after `idle_timeout_s` without a complete request head. At most `max_connections`
+    are open: a new one evicts the connection idle the longest (a scraper is never locked out
+    by idle sockets), or is closed at once if every connection is busy. Rendering runs on one
+    worker thread, shared by concurrent scrapes, so the loop never waits for it and the
+    endpoint uses at most one thread however many connections are open.
+
+    Threading: `start`, `stop` and the connections run on one event loop.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        server_class = type(
-            "_MetricsServer",
-            (ThreadingWSGIServer,),
-            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if idle_timeout_s <= 0 or max_connections < 1:
+            raise ValueError(
+                f"idle_timeout_s must be > 0 and max_connections >= 1, got {idle_timeout_s} "
+                f"and {max_connections}"
+            )
+        self._registry = registry
+        self._idle_timeout_s = idle_timeout_s
+        self._max_connections = max_connections
+        self._server: asyncio.Server | None = None
+        # Open connections -> since when they wait for a request (None while answering one).
+        self._connections: dict[asyncio.Task[None], float | None] = {}
+        self._render_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="metrics-render"
         )
-        self._httpd = make_server(
-            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        self._rendering: asyncio.Future[bytes] | None = None
+        self.port: int | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now."""
+        return len(self._connections)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listens on `host:port` (0 picks a free port); returns the port."""
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=MAX_REQUEST_HEAD_BYTES
         )
-        self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"metrics-http-{self.port}",
-            daemon=True,
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stops listening, closes every connection and the render thread. Idempotent."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            if self._connections:
+                await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        self._render_thread.shutdown(wait=False)
+
+    def _make_room(self) -> bool:
+        """Evicts the longest-idle connection if all slots are taken; False if none is idle."""
+        if len(self._connections) < self._max_connections:
+            return True
+        idle = [(since, task) for task, since in self._connections.items() if since is not None]
+        if not idle:
+            return False
+        _, oldest = min(idle, key=lambda entry: entry[0])
+        oldest.cancel()
+        del self._connections[oldest]
+        return True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or not self._make_room():
+            writer.close()
+            return
+        self._connections[task] = asyncio.get_running_loop().time()
+        try:
+            await self._serve(task, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _serve(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._idle_timeout_s)
+            except asyncio.LimitOverrunError:
+                await self._respond(writer, b"431 Request Header Fields Too Large", b"", False)
+                return
+            except asyncio.IncompleteReadError:
+                return  # the client closed the connection (or sent half a head)
+            if task not in self._connections:
+                return  # evicted meanwhile
+            self._connections[task] = None
+            lines = head.split(b"\r\n")
+            parts = lines[0].split()
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip().lower()
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                await self._respond(writer, b"400 Bad Request", b"", False)
+                return
+            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+                await self._respond(writer, b"400 Bad Request", b"", False)
+                return  # a body we will not read: the connection's framing is lost
+            connection = headers.get(b"connection", b"")
+            keep_alive = (
+                connection != b"close" if parts[2] == b"HTTP/1.1" else connection == b"keep-alive"
+            )
+            if parts[0] not in (b"GET", b"HEAD"):
+                await self._respond(writer, b"405 Method Not Allowed", b"", keep_alive)
+            else:
+                body = await self._render()
+                await self._respond(
+                    writer, b"200 OK", b"" if parts[0] == b"HEAD" else body, keep_alive, len(body)
+                )
+            if not keep_alive:
+                return
+            self._connections[task] = loop.time()
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        status: bytes,
+        body: bytes,
+        keep_alive: bool,
+        length: int | None = None,
+    ) -> None:
+        head = (
+            b"HTTP/1.1 " + status + b"\r\n"
+            b"Content-Type: " + CONTENT_TYPE_LATEST.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body) if length is None else length).encode() + b"\r\n"
+            b"Connection: " + (b"keep-alive" if keep_alive else b"close") + b"\r\n\r\n"
         )
-        self._thread.start()
+        writer.write(head + body)
+        await asyncio.wait_for(writer.drain(), self._idle_timeout_s)
 
-    def stop(self) -> None:
-        """Stops serving, closes the socket and joins the server thread. Idempotent."""
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+    async def _render(self) -> bytes:
+        """The registry in text format; concurrent scrapes share one rendering."""
+        if self._rendering is None:
+            loop = asyncio.get_running_loop()
+            self._rendering = asyncio.ensure_future(
+                loop.run_in_executor(self._render_thread, generate_latest, self._registry)
+            )
+            self._rendering.add_done_callback(lambda _: setattr(self, "_rendering", None))
+        return await asyncio.shield(self._rendering)
 
 
-def start_metrics_http(
-    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
-) -> tuple[MetricsHTTPServer, int]:
-    """Serves `registry` in Prometheus text format over HTTP (any path) on a daemon thread.
+async def start_metrics_http(
+    registry: CollectorRegistry,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> MetricsHTTPServer:
+    """Serves `registry` in Prometheus text format over HTTP (any path) on the running loop.
 
     Args:
         registry: the registry to expose, usually `ServerMetrics.registry`.
         host: address to bind; loopback by default.
-        port: TCP port; 0 picks a free one.
+        port: TCP port; 0 picks a free one (read it from the result's `port`).
+        idle_timeout_s: an idle connection is closed after this long.
+        max_connections: connections beyond this many are closed at once.
 
     Returns:
-        The running server (call `stop()` when done) and the port it listens on.
+        The running server (`await stop()` when done).
     """
-    server = MetricsHTTPServer(registry, host, port)
-    return server, server.port
+    server = MetricsHTTPServer(
+        registry, idle_timeout_s=idle_timeout_s, max_connections=max_connections
+    )
+    await server.start(host, port)
+    return server

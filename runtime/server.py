@@ -14,9 +14,10 @@ repository (whose store enforces the signature policy) and two listeners.
 Both use TLS (mTLS with a client CA) when `tls` is set. Every request body of both is decoded
 by `ErrorMappingInterceptor` (undecodable or over `ServiceLimits.max_request_bytes` ->
 INVALID_ARGUMENT, before any servicer code). The Prometheus endpoint has its own HTTP port on
-`metrics_host` (loopback by default). `serve(config)` runs the server until SIGTERM or SIGINT,
-then stops accepting calls, lets in-flight calls finish within the grace period, drains the
-versions and returns (the CLI exits 0).
+`metrics_host` (loopback by default), served on the server's event loop (no thread per
+connection, idle connections closed after `metrics_idle_timeout_s`). `serve(config)` runs the
+server until SIGTERM or SIGINT, then stops accepting calls, lets in-flight calls finish within
+the grace period, drains the versions and returns (the CLI exits 0).
 
 Example::
 
@@ -63,7 +64,12 @@ from recship.runtime.batcher import (
 )
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
-from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
+from recship.runtime.metrics import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    MetricsHTTPServer,
+    ServerMetrics,
+    start_metrics_http,
+)
 from recship.runtime.policy import VersionPolicy
 from recship.runtime.security import (
     BearerTokenInterceptor,
@@ -102,6 +108,7 @@ class ServerConfig:
         port: gRPC port; 0 picks a free one (`build_server` returns it).
         metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
         metrics_host: address of the Prometheus endpoint; loopback by default, whatever `host`.
+        metrics_idle_timeout_s: a metrics connection idle this long is closed.
         admin_host: address of the admin listener; loopback by default. Any other address
             needs `admin_token`.
         admin_port: its TCP port (0 picks one); None (with no `admin_socket`): no admin API.
@@ -161,6 +168,7 @@ class ServerConfig:
     labels: tuple[tuple[str, str, int], ...] = ()
     memory_budget_bytes: int | None = None
     metrics_host: str = "127.0.0.1"
+    metrics_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     admin_host: str = "127.0.0.1"
     admin_port: int | None = DEFAULT_ADMIN_PORT
     admin_socket: Path | None = None
@@ -254,9 +262,13 @@ class RecshipServer:
             await self.admin_server.start()
             _restrict_socket(self.config.admin_socket)
         if self.config.metrics_port is not None:
-            self._metrics_http, self.metrics_port = start_metrics_http(
-                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            self._metrics_http = await start_metrics_http(
+                self.metrics.registry,
+                self.config.metrics_host,
+                self.config.metrics_port,
+                idle_timeout_s=self.config.metrics_idle_timeout_s,
             )
+            self.metrics_port = self._metrics_http.port
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="recship-load")
         logger.info(
             "listening on %s:%d (metrics on %s, admin on %s%s%s)",
@@ -358,7 +370,7 @@ class RecshipServer:
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self._metrics_http is not None:
-            self._metrics_http.stop()
+            await self._metrics_http.stop()
         logger.info("stopped in %.2f s", time.perf_counter() - started)
 
 
