@@ -87,7 +87,7 @@ def test_undecodable_bodies_are_invalid_argument_on_every_method(
             error = send_raw(channel, method, GARBAGE, metadata=token)
             assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, method.full_name
     # Still serving, and an admin call without the token is refused before decoding.
-    assert client.retrieve("movies", [Query(make_user(3), [0.0])], 3).results
+    assert client.retrieve("movies", [Query(make_user(3))], 3).results
     with grpc.insecure_channel(live_server.admin_target) as channel:
         method = admin_pb2.DESCRIPTOR.services_by_name["BundleAdmin"].methods_by_name["SetLabel"]
         assert send_raw(channel, method, GARBAGE).code() is grpc.StatusCode.UNAUTHENTICATED
@@ -104,8 +104,8 @@ def test_a_body_over_the_request_limit_is_refused_unparsed(
         model=model_spec("movies"),
         queries=[
             recommender_pb2.RankQuery(
-                query=query_proto(Query(make_user(1), [0.0])),
-                candidate_item_ids=[i % 200 for i in range(2000)],
+                query=query_proto(Query(make_user(1))),
+                candidate_item_ids=[str(i % 200 + 1) for i in range(2000)],
             )
         ],
     )
@@ -121,7 +121,7 @@ def test_client_strings_are_quoted_short_in_status_messages(
     live_server: Any, make_user: Any
 ) -> None:
     query = recommender_pb2.RankQuery(
-        query=query_proto(Query(make_user(1), [0.0])), candidate_item_ids=[1, 2]
+        query=query_proto(Query(make_user(1))), candidate_item_ids=["1", "2"]
     )
     with grpc.insecure_channel(live_server.target) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
