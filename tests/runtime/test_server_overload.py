@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 RANK = "/recship.v1.Recommender/Rank"
+
+
 def rank_request(make_user: Any, rows: int, queries: int = 1) -> recommender_pb2.RankRequest:
     """`queries` Rank queries of `rows` candidates each (the catalogue's raw item ids)."""
     return recommender_pb2.RankRequest(
