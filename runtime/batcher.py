@@ -29,7 +29,10 @@ In the manner of Ray Serve's `@serve.batch`, plus what it lacks:
   the work ahead of it (in the order above) plus its own, divided by the replica's measured
   service rate (`ServiceRate`, cost per second), times `admission_headroom`. Accepted
   requests therefore still meet their deadlines, and the replica's time goes to them, not to
-  work nobody will wait for. An idle replica admits whatever fits (that measures the rate).
+  work nobody will wait for. An idle replica admits whatever fits (that measures the rate),
+  and so does one that has measured small batches only, for a long request: the rate of
+  tiny batches (their fixed overhead included) says little about full ones; the long
+  request's first slices measure it, and it stops between slices if it cannot finish.
 - **Deadlines and cancellation.** A request whose deadline passes (a margin before it, so the
   server answers DEADLINE_EXCEEDED itself instead of the transport cancelling the call), or
   whose caller cancels (the awaiting task is cancelled, or its `cancelled()` signal turns
@@ -521,6 +524,8 @@ class Batcher(Generic[Item, Result]):
         if lane is not None:
             lane.batchers.append(self)  # type: ignore[arg-type]
         self.rate = ServiceRate()
+        # Whether a batch of at least half the batch bounds was measured (see `_observe_rate`).
+        self._full_measured = False
         self._short: _FairQueue[Item, Result] = _FairQueue()
         self._long: _FairQueue[Item, Result] = _FairQueue()
         # The long request in progress (between slices, or with a slice running), if any,
@@ -685,6 +690,7 @@ class Batcher(Generic[Item, Result]):
         row_costs: Sequence[int] | np.ndarray | None = None,
         client: str = "",
         cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> list[Result]:
         """Submits a request of any size; it runs as slices of at most one batch.
 
@@ -697,6 +703,11 @@ class Batcher(Generic[Item, Result]):
             row_costs: the cost of each row (>= 1 counted each); None: 1 per row.
             client: the fairness key of its caller (a connection, a declared client id).
             cancelled: polled between slices; True withdraws the rest of the request.
+            admitted: the request already passed `ReplicaPool.check_admission` on a lower
+                bound of its cost; its exact cost is then refused for its deadline only when
+                the expected finish passes it, without `admission_headroom` (so that what
+                the estimate admitted is not refused after the caller decoded it, unless
+                it is far costlier than the bound).
 
         Returns:
             The slices' results, in row order (concatenate them to get the whole result).
@@ -707,7 +718,9 @@ class Batcher(Generic[Item, Result]):
             Overloaded, DeadlineExceeded, Unavailable, Exception: as in `submit`.
         """
         bounds = self.check_fits(total_rows, row_costs)
-        return await self.submit_checked(total_rows, make_part, bounds, deadline, client, cancelled)
+        return await self.submit_checked(
+            total_rows, make_part, bounds, deadline, client, cancelled, admitted
+        )
 
     def submit_checked(
         self,
@@ -717,13 +730,15 @@ class Batcher(Generic[Item, Result]):
         deadline: float | None,
         client: str = "",
         cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> asyncio.Future[list[Result]]:
         """`submit_split` for a request whose cumulative row costs `bounds` came from
         `check_fits` (a pool checks once, then picks a replica). Admission happens before it
         returns; await the future for the results."""
         return self._admit(
-            make_part, bounds, total_rows, int(bounds[-1]), client, deadline, cancelled
-        )
+            make_part, bounds, total_rows, int(bounds[-1]), client, deadline, cancelled,
+            admitted,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Refuses new work from now on; queued work still runs, without waiting the delay."""
@@ -759,12 +774,7 @@ class Batcher(Generic[Item, Result]):
         if bounds.size != rows + 1:
             raise ValueError(f"{self.name}: {bounds.size - 1} row costs for {rows} rows")
         cost = int(bounds[-1])
-        if rows > self.max_queue_rows or cost > self.max_queue_cost:
-            raise InvalidInput(
-                f"{self.name}: a request of {rows} rows costing {cost} exceeds the queue "
-                f"bound of {self.max_queue_rows} rows and {self.max_queue_cost} cost; send "
-                "fewer rows or smaller bags per request"
-            )
+        self.check_queue_bound(rows, cost)
         if cost > rows:  # some row costs more than 1: check the largest
             costs = np.diff(bounds)
             row = int(np.argmax(costs))
@@ -775,10 +785,32 @@ class Batcher(Generic[Item, Result]):
                 )
         return bounds
 
+    def check_queue_bound(self, rows: int, cost: int) -> None:
+        """Raises InvalidInput when a request of `rows` rows and `cost` could never queue.
+
+        Raises:
+            InvalidInput: more rows or cost than the queue holds, naming both bounds.
+        """
+        if rows > self.max_queue_rows or cost > self.max_queue_cost:
+            raise InvalidInput(
+                f"{self.name}: a request of {rows} rows costing {cost} exceeds the queue "
+                f"bound of {self.max_queue_rows} rows and {self.max_queue_cost} cost; send "
+                "fewer rows or smaller bags per request"
+            )
+
     def check_admission(
-        self, rows: int, cost: int, client: str = "", deadline: float | None = None
+        self,
+        rows: int,
+        cost: int,
+        client: str = "",
+        deadline: float | None = None,
+        *,
+        headroom: float | None = None,
     ) -> None:
         """Raises what `submit` would raise at admission for such a request, or nothing.
+
+        `headroom` replaces `admission_headroom` for this check (1.0: the expected finish
+        itself against the deadline).
 
         Raises:
             Unavailable: closed.
@@ -809,11 +841,16 @@ class Batcher(Generic[Item, Result]):
                     f"{self.name}: this client would hold {held} of the {self.max_queue_cost} "
                     f"queue cost shared by {len(holders)} clients; retry later"
                 )
-        if deadline is not None and (queued or self._running):
+        extrapolated = not self._full_measured and self.is_long(rows, cost)
+        if deadline is not None and (queued or self._running) and not extrapolated:
             # (An idle batcher admits whatever fits: that request measures the rate anew, so
-            # a rate once measured too low cannot refuse every request from then on.)
+            # a rate once measured too low cannot refuse every request from then on. Nor is
+            # a long request refused on a rate measured on small batches only: after a while
+            # of light traffic that rate, a tiny batch's fixed overhead per few rows, would
+            # refuse every big request while any small one runs.)
             wait = self.expected_wait_s(cost, client, now, rows)
-            if wait is not None and now + wait * self._headroom > deadline - self._margin:
+            factor = self._headroom if headroom is None else headroom
+            if wait is not None and now + wait * factor > deadline - self._margin:
                 self.count_refusal("deadline")
                 raise Overloaded(
                     f"{self.name}: overloaded: the request would finish in ~"
@@ -835,9 +872,10 @@ class Batcher(Generic[Item, Result]):
         client: str,
         deadline: float | None,
         cancelled: Callable[[], bool] | None,
+        admitted: bool = False,
     ) -> asyncio.Future[list[Result]]:
         """Admits one request synchronously (no await) and returns the future of its results."""
-        self.check_admission(rows, cost, client, deadline)
+        self.check_admission(rows, cost, client, deadline, headroom=1.0 if admitted else None)
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._task = loop.create_task(self._consume(), name=f"batcher-{self.name}")
@@ -1191,9 +1229,15 @@ class Batcher(Generic[Item, Result]):
         # see the running pieces to fail them.
         self._running, self._running_rows, self._running_cost = [], 0, 0
 
+    def _observe_rate(self, rows: int, cost: int, seconds: float) -> None:
+        """Adds one batch to the service rate (any thread)."""
+        self.rate.observe(cost, seconds)
+        if 2 * rows >= self.max_batch_rows or 2 * cost >= self.max_batch_cost:
+            self._full_measured = True
+
     def _measured(self, rows: int, items: int, cost: int, seconds: float) -> None:
         """Records one batch's measurements (event loop)."""
-        self.rate.observe(cost, seconds)
+        self._observe_rate(rows, cost, seconds)
         if self._observer is not None:
             self._observer.observe_batch(rows, items, cost, seconds)
             measured = self.rate.cost_per_second
@@ -1237,7 +1281,7 @@ class Batcher(Generic[Item, Result]):
             if len(results) != 1:
                 raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results for 1")
             request.results.append(results[0])
-            self.rate.observe(cost, seconds)  # at once: the checks below use it
+            self._observe_rate(rows, cost, seconds)  # at once: the checks below use it
             loop.call_soon_threadsafe(self._observed, rows, cost, seconds)
             if request.next_row >= request.rows or request.stop or self._yield_wanted():
                 return
@@ -1358,6 +1402,29 @@ class ReplicaPool(Generic[Item, Result]):
 
         return min(fitting, key=finish)
 
+    def check_admission(
+        self, rows: int, min_cost: int, client: str = "", deadline: float | None = None
+    ) -> None:
+        """Refuses at once a request that admission would refuse whatever its exact cost.
+
+        For callers that know a request's rows and a lower bound of its cost before the
+        costly part of decoding it (the service, from the message's field lengths): an
+        overloaded server then refuses it for the price of a few comparisons. A request that
+        passes is admitted, or not, by `submit_split(..., admitted=True)` on its exact cost.
+
+        Args:
+            rows: the request's rows.
+            min_cost: at most its cost.
+            client, deadline: as in `submit_split`.
+
+        Raises:
+            InvalidInput: more rows or cost than a queue ever holds.
+            Overloaded, DeadlineExceeded, Unavailable: as `Batcher.check_admission` of the
+                replica `pick` chooses (counted in its metrics).
+        """
+        self.replicas[0].check_queue_bound(rows, min_cost)
+        self.pick(rows, min_cost, client).check_admission(rows, min_cost, client, deadline)
+
     async def submit(
         self,
         item: Item,
@@ -1383,6 +1450,7 @@ class ReplicaPool(Generic[Item, Result]):
         row_costs: Sequence[int] | np.ndarray | None = None,
         client: str = "",
         cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> list[Result]:
         """`Batcher.submit_split` on the replica that should finish it first.
 
@@ -1393,7 +1461,7 @@ class ReplicaPool(Generic[Item, Result]):
         cost = int(bounds[-1])
         replica = self.pick(total_rows, cost, client)
         return await replica.submit_checked(
-            total_rows, make_part, bounds, deadline, client, cancelled
+            total_rows, make_part, bounds, deadline, client, cancelled, admitted
         )
 
     def add(self, replica: Batcher[Item, Result]) -> None:

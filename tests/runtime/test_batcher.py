@@ -576,6 +576,47 @@ def test_admission_refuses_what_could_not_finish_before_its_deadline(
     run(main())
 
 
+def test_a_pool_refuses_on_a_lower_bound_and_queues_the_exact_cost_without_headroom() -> None:
+    # The service checks a request's rows and the least it can cost before decoding it
+    # (`ReplicaPool.check_admission`), then submits its exact cost with `admitted=True`: that
+    # is refused only when its expected finish itself passes the deadline.
+    now = [100.0]
+
+    async def main() -> None:
+        model = Model(hold_first=True)
+        observer = RecordingObserver()
+        batcher = Batcher(
+            model, max_batch_rows=10_000, max_batch_cost=1000, max_delay_s=0,
+            max_queue_rows=10_000, max_queue_cost=10_000, observer=observer,
+            clock=lambda: now[0], deadline_margin_s=0.002, admission_headroom=1.5,
+        )  # fmt: skip
+        pool = ReplicaPool([batcher])
+        batcher.rate.observe(1000, 1.0)  # 1000 cost per second
+        running = asyncio.create_task(batcher.submit("run", 1, cost=100))  # 0.1 s ahead
+        await model.started.wait()
+        deadline = now[0] + 1.0
+        pool.check_admission(1, 500, deadline=deadline)  # (0.1 + 0.5) x 1.5 = 0.9 s: passes
+        with pytest.raises(Overloaded, match="would finish in ~"):
+            pool.check_admission(1, 700, deadline=deadline)  # 1.2 s with the headroom
+        assert observer.refused == ["deadline"]
+        with pytest.raises(InvalidInput, match="exceeds the queue bound"):
+            pool.check_admission(1, 10_001, deadline=deadline)
+        with pytest.raises(Overloaded, match="would finish in ~"):
+            await pool.submit_split(1, lambda rows: "no", deadline, row_costs=[700])
+        # Pre-admitted: 0.8 s is within the deadline; 1.05 s is not, whatever the bound said.
+        admitted = asyncio.create_task(
+            pool.submit_split(1, lambda rows: "yes", deadline, row_costs=[700], admitted=True)
+        )
+        await until(lambda: batcher.queued_cost == 700)
+        with pytest.raises(Overloaded, match="would finish in ~"):
+            await pool.submit_split(1, lambda rows: "no", deadline, row_costs=[260], admitted=True)
+        model.release.set()
+        await asyncio.gather(running, admitted)
+        await batcher.drain()
+
+    run(main())
+
+
 def test_without_a_measured_rate_only_the_bounds_refuse() -> None:
     async def main() -> None:
         batcher = Batcher(
@@ -605,6 +646,38 @@ def test_an_idle_batcher_admits_what_fits_so_that_a_low_rate_is_measured_again()
         model.release.set()
         assert await first == 10
         assert batcher.rate.cost_per_second > 1 / 100  # measured again
+        await batcher.drain()
+
+    run(main())
+
+
+def test_a_rate_of_small_batches_only_does_not_refuse_a_long_request() -> None:
+    # After light traffic the rate reflects tiny batches, their fixed overhead per row or
+    # two: it would refuse every big request while a small one runs. A long request is
+    # admitted then (its own slices measure the rate); a short one still is refused on it.
+    now = [0.0]
+
+    async def main() -> None:
+        model = Model(hold_first=True, clock=now, seconds_per_item=lambda item: 0.1)
+        batcher = Batcher(
+            model, max_batch_rows=4, max_batch_cost=4, max_delay_s=0, max_queue_rows=100,
+            max_queue_cost=100, clock=lambda: now[0], admission_headroom=1.5,
+        )  # fmt: skip
+        batcher.rate.observe(1, 0.1)  # one-row batches: 10 cost per second
+        running = asyncio.create_task(batcher.submit("small", 1))
+        await model.started.wait()
+        deadline = now[0] + 1.0
+        assert batcher.expected_wait_s(12, rows=12) * 1.5 > 1.0  # the estimate would refuse
+        long_ = asyncio.create_task(batcher.submit_split(12, _parts, deadline))
+        await until(lambda: batcher.queued_rows == 12)
+        with pytest.raises(Overloaded, match="would finish in"):
+            await batcher.submit("short", 1, now[0] + 0.1)
+        model.release.set()
+        await running
+        assert len(await long_) == 3  # three slices of one batch
+        assert model.seen()[1:] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+        # Its full slices measured the rate: 4 cost per 0.1 s.
+        assert batcher.rate.cost_per_second > 20
         await batcher.drain()
 
     run(main())
