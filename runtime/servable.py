@@ -516,6 +516,10 @@ class Servable:
             [rank for _, rank in self._batchers.values()]
         )
         self._item_ids = _ids_per_item(assets.codec)
+        # The least a ranking row costs: its row weight and the fewest ids an item adds (a
+        # query's features may add none: a cold-start user's key is an empty bag).
+        fewest = int(self._item_ids.min()) if self._item_ids.size else 0
+        self._min_rank_row_cost = max(1, batching.row_cost + fewest)
 
     def _make_batchers(self, replica: Replica) -> tuple[Batcher[Any, Any], Batcher[Any, Any]]:
         batching, metrics, assets = self.batching, self._metrics, self.assets
@@ -622,6 +626,34 @@ class Servable:
         """Candidates Recommend retrieves when a request leaves it to the bundle (0 if unset)."""
         return int(self.assets.manifest.serving.retrieve_k)
 
+    def admit_retrieve(self, queries: int, deadline: float | None, *, client: str = "") -> None:
+        """Refuses at once, before its features are decoded, a retrieval of `queries` queries
+        that the retrieval queues would refuse whatever its features hold.
+
+        Its cost is at least `BatchingConfig.row_cost` per query (the exact cost, its ids,
+        is counted by `retrieve`). Event loop only.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable, InvalidInput: as
+                `ReplicaPool.check_admission`.
+        """
+        self._retrieval.check_admission(
+            queries, queries * max(1, self.batching.row_cost), client, deadline
+        )
+
+    def admit_rank(self, rows: int, deadline: float | None, *, client: str = "") -> None:
+        """Refuses at once, before its features and candidates are decoded, a ranking of
+        `rows` rows (candidates) that the ranking queues would refuse whatever they hold.
+
+        Its cost is at least the row weight plus the fewest ids any item adds, per row (the
+        exact cost is counted by `rank`). Event loop only.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable, InvalidInput: as
+                `ReplicaPool.check_admission`.
+        """
+        self._ranking.check_admission(rows, rows * self._min_rank_row_cost, client, deadline)
+
     async def retrieve(
         self,
         block: JaggedBlock,
@@ -631,6 +663,7 @@ class Servable:
         *,
         client: str = "",
         cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k candidates of each query of `block`, never an excluded item.
 
@@ -645,6 +678,8 @@ class Servable:
             client: the caller's fairness key (e.g. its connection, or a declared client id).
             cancelled: the caller's cancellation signal (e.g. `context.cancelled`), polled
                 between slices; cancelling the awaiting task works as well.
+            admitted: the caller passed `admit_retrieve` for this request (see
+                `Batcher.submit_split`).
 
         Returns:
             (scores float32 [n, k], item ids int64 [n, k]), best first; id -1 marks a slot the
@@ -662,6 +697,7 @@ class Servable:
             row_costs=_ids_per_row(block) + self.batching.row_cost,
             client=client,
             cancelled=cancelled,
+            admitted=admitted,
         )
         return (
             np.concatenate([scores for scores, _ in parts]),
@@ -678,6 +714,7 @@ class Servable:
         *,
         client: str = "",
         cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> np.ndarray:
         """Ranker logits of R rows (query `row_query[j]`, item `item_ids[j]`).
 
@@ -693,6 +730,7 @@ class Servable:
             item_ids: int64 [R] validated item ids.
             deadline: as in `retrieve`.
             client, cancelled: as in `retrieve`.
+            admitted: the caller passed `admit_rank` for this request.
 
         Returns:
             float32 [R] logits.
@@ -709,6 +747,7 @@ class Servable:
             row_costs=row_costs,
             client=client,
             cancelled=cancelled,
+            admitted=admitted,
         )
         return np.concatenate(parts)
 
