@@ -238,6 +238,10 @@ def test_idle_connections_take_no_thread_and_are_closed_after_the_timeout(
         # A scrape still gets through: it evicts the longest idle connection.
         assert sample(scrape(http_server.port), "process_open_fds") is not None
         threads_during = threading.active_count()
+        kept = http_server.open_connections
+        print(
+            f"metrics: 300 idle sockets, threads {threads_before} -> {threads_during}, {kept} open"
+        )
         # 300 idle sockets: no thread for any of them (at most the one render thread).
         assert threads_during - threads_before <= 1, (threads_before, threads_during)
         assert http_server.open_connections <= 64
