@@ -76,6 +76,7 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -385,10 +386,25 @@ class Lane:
     Only one batch of the lane computes at a time, so a request waits for the other batchers'
     work too; `Batcher.expected_wait_s` adds it, bounded by how long the request itself waits
     (the consumers take turns on the thread).
+
+    The lane holds its batchers weakly (each batcher holds its lane): a strong reference both
+    ways is a cycle that keeps a retired replica's batchers, and through their `run_batch`
+    its models, alive until a full garbage collection, which the servers' frozen heap
+    (`recship.runtime.heap`) does not run.
     """
 
     def __init__(self) -> None:
-        self.batchers: list[Batcher[object, object]] = []
+        # Replaced, never mutated: the executor thread reads it while the loop may add.
+        self._members: tuple[weakref.ref[Batcher[object, object]], ...] = ()
+
+    def join(self, batcher: Batcher[object, object]) -> None:
+        """Adds a batcher (its constructor does)."""
+        self._members = (*self._members, weakref.ref(batcher))
+
+    @property
+    def batchers(self) -> list[Batcher[object, object]]:
+        """The lane's batchers that still exist."""
+        return [b for b in (member() for member in self._members) if b is not None]
 
     def others_s(self, batcher: object, horizon_s: float, now: float) -> float:
         """Seconds the lane's other batchers keep the thread within a wait of `horizon_s`."""
@@ -522,7 +538,7 @@ class Batcher(Generic[Item, Result]):
         self._timers = clock is time.monotonic
         self._lane = lane
         if lane is not None:
-            lane.batchers.append(self)  # type: ignore[arg-type]
+            lane.join(self)  # type: ignore[arg-type]
         self.rate = ServiceRate()
         # Whether a batch of at least half the batch bounds was measured (see `_observe_rate`).
         self._full_measured = False

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -707,6 +709,28 @@ def test_a_client_may_not_hold_more_than_its_share_of_a_contended_queue() -> Non
         await batcher.drain()
 
     run(main())
+
+
+def test_a_lane_does_not_keep_a_retired_batcher_alive() -> None:
+    # A batcher and its lane must not form a reference cycle: after an unload the server's
+    # heap is frozen, so a cycle (and the models its `run_batch` holds) would never be freed.
+    async def main() -> None:
+        lane = Lane()
+        first = Batcher(Model(), max_batch_rows=4, max_delay_s=0, max_queue_rows=8, lane=lane)
+        second = Batcher(Model(), max_batch_rows=4, max_delay_s=0, max_queue_rows=8, lane=lane)
+        assert await first.submit(1, 1) == 10
+        await first.drain()
+        retired = weakref.ref(first)
+        del first
+        assert retired() is None  # freed by reference counting alone
+        assert lane.batchers == [second]
+        await second.drain()
+
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()
 
 
 def test_a_lane_counts_the_other_batchers_work_on_the_shared_thread() -> None:
