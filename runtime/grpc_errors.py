@@ -9,7 +9,21 @@ text. Here instead:
 - any other exception is a bug: it is logged once with the method, the peer and the traceback,
   and answered INTERNAL "internal error" (never UNKNOWN, never a stack trace on the wire);
 - `asyncio.CancelledError` (the client went away, or the server is stopping) and
-  `context.abort(...)` raised by the servicer itself pass through untouched.
+  `context.abort(...)` raised by the servicer itself pass through untouched; a call cancelled
+  by the transport because its deadline passed is reported as DEADLINE_EXCEEDED, not
+  CANCELLED (that is what its caller sees);
+- every status message is cut to `MAX_STATUS_MESSAGE_CHARS`, so that no message can exceed a
+  client's metadata limit (and turn a NOT_FOUND into the client's RESOURCE_EXHAUSTED);
+  messages quote client strings through `recship.base.errors.untrusted` besides.
+
+Undecodable request bodies: grpc.aio deserializes a request before any handler or
+interceptor code runs, and an exception there is logged with a traceback and answered
+UNKNOWN. `ErrorMappingInterceptor` therefore wraps every method's deserializer in
+`decode_request`, which never raises: a body that is too large or does not parse becomes an
+`UndecodableRequest` holding an `InvalidInput`, and the wrapped handler answers it
+INVALID_ARGUMENT (counted like any call, no traceback) before the servicer sees it. Streaming
+requests are checked message by message. `decode_request` is a plain function over bytes, so
+fuzzing the decode path needs no server.
 
 Install `ErrorMappingInterceptor` on the server so no handler can forget it; `map_errors`
 is the same wrapping as a decorator, for a single handler. Both can report every call's
@@ -44,11 +58,15 @@ from recship.base.errors import (
     RecshipError,
     Unauthenticated,
     Unavailable,
+    clip,
 )
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error"
+#: Longest status message sent. A stock client refuses response metadata above 8 KiB (and
+#: answers RESOURCE_EXHAUSTED in place of the real code), so a message must stay far below.
+MAX_STATUS_MESSAGE_CHARS = 1024
 
 # The error taxonomy at the transport edge (DESIGN.md): each class -> its status code. A class
 # not listed (including subclasses' bases up to RecshipError) is INTERNAL: a bug.
@@ -73,10 +91,74 @@ def status_code(error: RecshipError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class UndecodableRequest:
+    """What `decode_request` returns for a body that cannot be a request: the error to answer."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInput) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"UndecodableRequest({self.error})"
+
+
+def decode_request(
+    deserializer: Callable[[bytes], Any], data: bytes, what: str, max_bytes: int | None = None
+) -> Any:
+    """Decodes one request body; never raises.
+
+    Args:
+        deserializer: the method's own deserializer (e.g. `RankRequest.FromString`).
+        data: the body as received.
+        what: the request type's name for the message, e.g. "recship.v1.RankRequest".
+        max_bytes: larger bodies are refused without being parsed; None: no bound here.
+
+    Returns:
+        The decoded request, or an `UndecodableRequest` whose `InvalidInput` names the
+        problem (too large, or not a valid message of that type).
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        return UndecodableRequest(
+            InvalidInput(
+                f"request: {len(data)} bytes, at most {max_bytes}; send fewer queries per request"
+            )
+        )
+    try:
+        return deserializer(data)
+    except Exception as error:  # DecodeError, RecursionError, anything a parser may raise
+        reason = clip(str(error) or type(error).__name__, 160)
+        return UndecodableRequest(InvalidInput(f"request: not a valid {what} ({reason})"))
+
+
+def safe_deserializer(
+    deserializer: Callable[[bytes], Any], what: str, max_bytes: int | None = None
+) -> Callable[[bytes], Any]:
+    """`deserializer` wrapped in `decode_request`: for a grpc method handler."""
+
+    def decode(data: bytes) -> Any:
+        return decode_request(deserializer, data, what, max_bytes)
+
+    return decode
+
+
+def _request_type(deserializer: Callable[[bytes], Any], method: str) -> str:
+    # Generated handlers pass `Message.FromString`; its class names the type.
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    full_name = getattr(descriptor, "full_name", None)
+    return full_name if isinstance(full_name, str) else f"{method} request"
+
+
 class RequestObserver(Protocol):
     """Receives one call per finished RPC; called on the event loop, so it must not block."""
 
     def __call__(self, method: str, code: grpc.StatusCode, seconds: float) -> None: ...
+
+
+def _set_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else None
 
 
 def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -100,6 +182,12 @@ class _Call:
         if self.observe is not None:
             self.observe(self.method, code, time.perf_counter() - self.start)
 
+    def report_cancelled(self) -> None:
+        # A call whose deadline has passed was cancelled by the transport for that reason.
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.report(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
     async def fail(self, error: Exception) -> None:
         """Answers `error` with the right status; always raises (AbortError)."""
         if isinstance(error, grpc.aio.AbortError):
@@ -115,6 +203,11 @@ class _Call:
                     message,
                     exc_info=error,
                 )
+        elif _set_code(self.context) not in (None, grpc.StatusCode.OK):
+            # A servicer that set its code and then raised, as generated stubs do for
+            # unimplemented methods (UNIMPLEMENTED): its own answer, not a bug.
+            code = _set_code(self.context)
+            message = self.context.details() or code.name  # type: ignore[assignment]
         else:
             code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
             logger.error(
@@ -126,22 +219,59 @@ class _Call:
                 exc_info=error,
             )
         self.report(code)
-        await self.context.abort(code, message)
+        try:
+            if len(message) > MAX_STATUS_MESSAGE_CHARS or not message.isprintable():
+                message = clip(message, MAX_STATUS_MESSAGE_CHARS)
+            await self.context.abort(code, message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # The transport no longer takes a status (the deadline passed, or the client left
+            # while the answer was being sent): end the call quietly, as a cancellation.
+            raise asyncio.CancelledError from None
 
 
-def _wrap(behavior: Callable[..., Any], method: str, observe: RequestObserver | None) -> Any:
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A streaming request iterator that raises the error of an undecodable message."""
+    async for request in requests:
+        if isinstance(request, UndecodableRequest):
+            raise request.error
+        yield request
+
+
+def _checked_args(args: tuple[Any, ...], streaming: bool) -> tuple[Any, ...]:
+    """The arguments with a streaming request iterator checked (see `_checked`).
+
+    Raises:
+        InvalidInput: a unary request that could not be decoded.
+    """
+    request = args[-2] if len(args) >= 2 else None
+    if isinstance(request, UndecodableRequest):
+        raise request.error
+    if streaming and request is not None and hasattr(request, "__aiter__"):
+        return (*args[:-2], _checked(request), args[-1])
+    return args
+
+
+def _wrap(
+    behavior: Callable[..., Any],
+    method: str,
+    observe: RequestObserver | None,
+    request_streaming: bool = False,
+) -> Any:
     # The servicer context is the last positional argument of every grpc.aio behaviour,
-    # whether the behaviour is a plain function or a bound or unbound method.
+    # whether the behaviour is a plain function or a bound or unbound method; the request
+    # (or request iterator) is the one before it.
     if inspect.isasyncgenfunction(behavior):
 
         @functools.wraps(behavior)
         async def stream_wrapper(*args: Any) -> AsyncIterator[Any]:
             call = _Call(method, args[-1], observe)
             try:
-                async for response in behavior(*args):
+                async for response in behavior(*_checked_args(args, request_streaming)):
                     yield response
             except asyncio.CancelledError:
-                call.report(grpc.StatusCode.CANCELLED)
+                call.report_cancelled()
                 raise
             except Exception as error:
                 await call.fail(error)
@@ -159,9 +289,9 @@ def _wrap(behavior: Callable[..., Any], method: str, observe: RequestObserver | 
     async def wrapper(*args: Any) -> Any:
         call = _Call(method, args[-1], observe)
         try:
-            response = await behavior(*args)
+            response = await behavior(*_checked_args(args, request_streaming))
         except asyncio.CancelledError:
-            call.report(grpc.StatusCode.CANCELLED)
+            call.report_cancelled()
             raise
         except Exception as error:
             await call.fail(error)
@@ -197,19 +327,51 @@ def map_errors(
 _BEHAVIORS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
+def _as_async(behavior: Callable[..., Any], response_streaming: bool) -> Callable[..., Any]:
+    """A synchronous unary-request behaviour as the coroutine (or async generator) grpc.aio
+    would make of it: called inline on the event loop, as grpc.aio calls it without a thread
+    pool. So that its request, too, is decoded safely and its errors mapped (e.g. the
+    synchronous, unimplemented `List` of grpc's asyncio health servicer)."""
+    if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+        return behavior
+    if response_streaming:
+
+        @functools.wraps(behavior)
+        async def stream(*args: Any) -> AsyncIterator[Any]:
+            for response in behavior(*args):
+                yield response
+
+        return stream
+
+    @functools.wraps(behavior)
+    async def unary(*args: Any) -> Any:
+        return behavior(*args)
+
+    return unary
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """A server interceptor that applies `map_errors` to every async handler of the server.
+    """A server interceptor that applies `map_errors` to every async handler of the server,
+    and decodes every request with `decode_request` (undecodable -> INVALID_ARGUMENT).
 
     The method label is the full method name without its leading slash
-    ("recship.v1.Recommender/Rank"). Handlers that are not coroutines or async generators
-    (none in recship) are passed through unwrapped. The wrapped handler of each method is
+    ("recship.v1.Recommender/Rank"). Synchronous handlers of unary requests are run as
+    coroutines (inline, as grpc.aio runs them); synchronous streaming-request handlers (none
+    on recship's servers) are passed through unwrapped. The wrapped handler of each method is
     built once and reused while the server hands out the same handler; one instance may serve
     any number of concurrent calls (all on the server's event loop).
     """
 
-    def __init__(self, observe: RequestObserver | None = None) -> None:
-        """Args: observe: called once per finished call with (method, code, seconds)."""
+    def __init__(
+        self, observe: RequestObserver | None = None, *, max_request_bytes: int | None = None
+    ) -> None:
+        """Args:
+        observe: called once per finished call with (method, code, seconds).
+        max_request_bytes: request bodies larger than this are INVALID_ARGUMENT without being
+            parsed; None leaves the bound to the transport.
+        """
         self._observe = observe
+        self._max_request_bytes = max_request_bytes
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -229,10 +391,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        replaced = {
-            name: _wrap(behavior, method, self._observe)
-            for name in _BEHAVIORS
-            if (behavior := getattr(handler, name)) is not None
-            and (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior))
-        }
-        return handler._replace(**replaced) if replaced else handler
+        replaced: dict[str, Any] = {}
+        for name in _BEHAVIORS:
+            behavior = getattr(handler, name)
+            if behavior is None:
+                continue
+            if not handler.request_streaming:
+                behavior = _as_async(behavior, handler.response_streaming)
+            if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+                replaced[name] = _wrap(behavior, method, self._observe, handler.request_streaming)
+        if not replaced:
+            return handler
+        deserializer = handler.request_deserializer
+        if deserializer is not None:
+            replaced["request_deserializer"] = safe_deserializer(
+                deserializer, _request_type(deserializer, method), self._max_request_bytes
+            )
+        return handler._replace(**replaced)

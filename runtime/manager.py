@@ -61,6 +61,7 @@ from recship.base.errors import (
     NotFound,
     RecshipError,
     Unavailable,
+    clip,
     untrusted,
 )
 from recship.bundle.store import BundleStore, ValidatedVersion
@@ -215,7 +216,7 @@ class VersionManager:
     ) -> tuple[VersionEntry, Any]:
         state = self._bundles.get(bundle)
         if state is None:
-            known = ", ".join(sorted(self._bundles)) or "none"
+            known = clip(", ".join(sorted(self._bundles)), 200) or "none"
             raise NotFound(f"unknown bundle {untrusted(bundle)} (this server serves: {known})")
         number = resolve(
             bundle,
@@ -227,14 +228,14 @@ class VersionManager:
         )
         entry = state.versions[number]
         if entry.servable is None:  # READY always has one; kept as a typed check
-            raise Unavailable(f"version {number} of bundle {bundle!r} is not loaded")
+            raise Unavailable(f"version {number} of bundle {untrusted(bundle)} is not loaded")
         entry.lease()
         return entry, entry.servable
 
     # -- admin --------------------------------------------------------------------------------
     def _bundle(self, name: str) -> BundleEntry:
         if name not in self._bundles:
-            known = ", ".join(sorted(self._bundles)) or "none"
+            known = clip(", ".join(sorted(self._bundles)), 200) or "none"
             raise NotFound(f"unknown bundle {untrusted(name)} (this server serves: {known})")
         return self._bundles[name]
 
@@ -267,10 +268,11 @@ class VersionManager:
         async with bundle.lock:
             entry = bundle.versions.get(version)
             if entry is None:
-                raise NotFound(f"bundle {name!r} has no version {version} on this server")
+                raise NotFound(f"bundle {untrusted(name)} has no version {version} on this server")
             if entry.state is not VersionState.READY:
                 raise FailedPrecondition(
-                    f"version {version} of bundle {name!r} is {entry.state.name}, not READY"
+                    f"version {version} of bundle {untrusted(name)} is {entry.state.name}, "
+                    "not READY"
                 )
             if bundle.default == version:
                 others = [
@@ -300,11 +302,11 @@ class VersionManager:
         check_label(label)
         if version == 0:
             if bundle.labels.pop(label, None) is None:
-                raise NotFound(f"bundle {name!r} has no label {label!r}")
+                raise NotFound(f"bundle {untrusted(name)} has no label {untrusted(label)}")
         elif not self._is_ready(bundle, version):
             raise FailedPrecondition(
-                f"cannot point label {label!r} at version {version} of bundle {name!r}: "
-                "it is not loaded and READY"
+                f"cannot point label {untrusted(label)} at version {version} of bundle "
+                f"{untrusted(name)}: it is not loaded and READY"
             )
         else:
             bundle.labels[label] = version

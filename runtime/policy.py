@@ -28,7 +28,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from recship.base.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from recship.base.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    untrusted,
+)
 from recship.protos.v1 import admin_pb2, manifest_pb2
 
 
@@ -118,7 +124,7 @@ def parse_policy(text: str) -> VersionPolicy:
         return LatestN(int(arg))
     if kind == "pinned" and re.fullmatch(r"[0-9]+( *, *[0-9]+)*", arg):
         return Pinned(tuple(sorted({int(v) for v in arg.split(",")})))
-    raise InvalidInput(f"bad version policy {text!r}: {_POLICY_HELP}")
+    raise InvalidInput(f"bad version policy {untrusted(text)}: {_POLICY_HELP}")
 
 
 def policy_to_proto(policy: VersionPolicy) -> admin_pb2.VersionPolicy:
@@ -267,7 +273,7 @@ def check_label(label: str) -> str:
     """
     if not _LABEL.fullmatch(label):
         raise InvalidInput(
-            f"bad label {label!r}: use letters, digits, '-' and '_', 1 to 64 characters"
+            f"bad label {untrusted(label)}: use letters, digits, '-' and '_', 1 to 64 characters"
         )
     return label
 
@@ -304,16 +310,16 @@ def resolve(
         raise InvalidInput("model: give either a version or a label, not both")
     if label is not None:
         if label not in labels:
-            raise NotFound(f"bundle {bundle!r} has no label {label!r}")
+            raise NotFound(f"bundle {untrusted(bundle)} has no label {untrusted(label)}")
         version = labels[label]
-        where = f"version {version} of bundle {bundle!r} (label {label!r})"
+        where = f"version {version} of bundle {untrusted(bundle)} (label {untrusted(label)})"
     elif version is not None:
         if version <= 0:
             raise InvalidInput(f"model.version must be > 0, got {version}")
-        where = f"version {version} of bundle {bundle!r}"
+        where = f"version {version} of bundle {untrusted(bundle)}"
     else:
         if default is None:
-            raise Unavailable(f"bundle {bundle!r} has no version ready yet")
+            raise Unavailable(f"bundle {untrusted(bundle)} has no version ready yet")
         return default
 
     current = states.get(version)

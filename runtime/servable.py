@@ -10,8 +10,16 @@ and the *servable*. `load_servable` turns a `ValidatedVersion` (checked by `Bund
   TorchScript module nor an AOTI package is documented as safe to call from several threads;
 - each replica runs the bundle's golden self-test on its device before the servable exists,
   so a version that computes differently here than where it was packaged never takes traffic;
-- each replica owns two `Batcher`s (retrieval and ranking) that share one executor thread, so
-  a replica runs one model batch at a time and the event loop never blocks.
+- each replica owns two `Batcher`s (retrieval and ranking) that share one executor thread (a
+  `Lane`, so each one's wait estimate counts the other's work), so a replica runs one model
+  batch at a time and the event loop never blocks.
+
+How work is submitted (the only part of this module the service's requests touch): each
+request is one `submit_split` on a `ReplicaPool` with its per-row cost (ids looked up plus
+`BatchingConfig.row_cost`, see `retrieve` and `rank`), its deadline, the caller's fairness key
+and cancellation signal. The batcher admits or refuses it at once, cuts it into slices of at
+most one batch when it is costlier, builds each slice (`RetrievePart`, `RankPart`) only when
+it runs, and stops between slices when the deadline passes or the caller cancels.
 
 Placement (`placement`): a bundle sharded for W devices runs as floor(devices / W) replicas on
 GPU hosts; on CPU, `replicas` copies (default 1) that share the process's intra-op thread pool
@@ -53,10 +61,13 @@ from recship.bundle.layout import QUERY_TOWER, RANKER
 from recship.bundle.store import ValidatedVersion
 from recship.protos.v1 import manifest_pb2
 from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_COST,
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_QUEUE_COST,
     DEFAULT_MAX_QUEUE_ROWS,
     Batcher,
+    Lane,
     ReplicaPool,
 )
 from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
@@ -64,21 +75,36 @@ from recship.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+#: Cost of one model row beyond its ids, in ids: the dense features, the interaction and the
+#: MLP of a row cost about as much as this many embedding lookups. Measured with the test
+#: bundle on one CPU thread: ~0.6-0.8 us per row, ~12-15 ns per id looked up.
+DEFAULT_ROW_COST = 32
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
     """How each replica coalesces requests (see `recship.runtime.batcher.Batcher`).
 
+    A request's cost is the ids its rows make the model look up, plus `row_cost` per row (see
+    `Servable.rank` and `Servable.retrieve`); rows and cost are bounded per batch and per
+    queue.
+
     Attributes:
         max_batch_rows: most model rows per batch; bigger requests are split, not rejected.
         max_delay_s: longest wait of the oldest queued request for its batch to fill.
         max_queue_rows: most rows waiting per replica and model; beyond it RESOURCE_EXHAUSTED.
+        max_batch_cost: most cost per batch: the longest slice one request holds a replica.
+        max_queue_cost: most cost waiting per replica and model; beyond it RESOURCE_EXHAUSTED.
+        row_cost: cost of a row beyond its ids.
         enabled: False runs every request part alone (one item per batch), for comparisons.
     """
 
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     max_delay_s: float = DEFAULT_MAX_DELAY_S
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
+    max_batch_cost: int = DEFAULT_MAX_BATCH_COST
+    max_queue_cost: int = DEFAULT_MAX_QUEUE_COST
+    row_cost: int = DEFAULT_ROW_COST
     enabled: bool = True
 
 
@@ -435,6 +461,21 @@ def _load_replica(
     return replica
 
 
+def _ids_per_row(block: JaggedBlock) -> np.ndarray:
+    """int64 [rows]: the ids of each row of `block` over all its features."""
+    if not block.lengths:
+        return np.zeros(block.rows, dtype=np.int64)
+    return np.sum(np.stack(block.lengths), axis=0, dtype=np.int64)
+
+
+def _ids_per_item(codec: FeatureCodec) -> np.ndarray:
+    """int64 [num items]: the ids each item adds to a ranking row over its item-side features."""
+    total = np.zeros(codec.num_items, dtype=np.int64)
+    for name in codec.ranker_item_features:
+        total += np.diff(codec.items.sparse[name].offsets)
+    return total
+
+
 class Servable:
     """A loaded version: shared assets, replicas and their batchers.
 
@@ -474,9 +515,15 @@ class Servable:
         self._ranking: ReplicaPool[RankPart, np.ndarray] = ReplicaPool(
             [rank for _, rank in self._batchers.values()]
         )
+        self._item_ids = _ids_per_item(assets.codec)
+        # The least a ranking row costs: its row weight and the fewest ids an item adds (a
+        # query's features may add none: a cold-start user's key is an empty bag).
+        fewest = int(self._item_ids.min()) if self._item_ids.size else 0
+        self._min_rank_row_cost = max(1, batching.row_cost + fewest)
 
     def _make_batchers(self, replica: Replica) -> tuple[Batcher[Any, Any], Batcher[Any, Any]]:
         batching, metrics, assets = self.batching, self._metrics, self.assets
+        lane = Lane()  # the two batchers share the replica's executor thread
 
         def batcher(model: str, run: Callable[[list[Any]], Any]) -> Batcher[Any, Any]:
             return Batcher(
@@ -484,12 +531,15 @@ class Servable:
                 max_batch_rows=batching.max_batch_rows,
                 max_delay_s=batching.max_delay_s if batching.enabled else 0.0,
                 max_queue_rows=batching.max_queue_rows,
+                max_batch_cost=batching.max_batch_cost,
+                max_queue_cost=batching.max_queue_cost,
                 max_batch_items=None if batching.enabled else 1,
                 executor=replica.executor,
                 name=f"{assets.name}/v{assets.version}/{model}/{replica.index}",
                 observer=None
                 if metrics is None
                 else metrics.batch_metrics(f"{assets.name}/{model}"),
+                lane=lane,
             )
 
         return batcher("retrieve", replica.run_retrieve), batcher("rank", replica.run_rank)
@@ -576,20 +626,60 @@ class Servable:
         """Candidates Recommend retrieves when a request leaves it to the bundle (0 if unset)."""
         return int(self.assets.manifest.serving.retrieve_k)
 
+    def admit_retrieve(self, queries: int, deadline: float | None, *, client: str = "") -> None:
+        """Refuses at once, before its features are decoded, a retrieval of `queries` queries
+        that the retrieval queues would refuse whatever its features hold.
+
+        Its cost is at least `BatchingConfig.row_cost` per query (the exact cost, its ids,
+        is counted by `retrieve`). Event loop only.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable, InvalidInput: as
+                `ReplicaPool.check_admission`.
+        """
+        self._retrieval.check_admission(
+            queries, queries * max(1, self.batching.row_cost), client, deadline
+        )
+
+    def admit_rank(self, rows: int, deadline: float | None, *, client: str = "") -> None:
+        """Refuses at once, before its features and candidates are decoded, a ranking of
+        `rows` rows (candidates) that the ranking queues would refuse whatever they hold.
+
+        Its cost is at least the row weight plus the fewest ids any item adds, per row (the
+        exact cost is counted by `rank`). Event loop only.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable, InvalidInput: as
+                `ReplicaPool.check_admission`.
+        """
+        self._ranking.check_admission(rows, rows * self._min_rank_row_cost, client, deadline)
+
     async def retrieve(
         self,
         block: JaggedBlock,
         k: int,
         deadline: float | None,
         exclude: Sequence[np.ndarray] | None = None,
+        *,
+        client: str = "",
+        cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k candidates of each query of `block`, never an excluded item.
+
+        Each query is one row; its cost is its ids over every query tower feature plus the
+        configured row cost. A request costlier than a batch runs as slices, one at a time.
 
         Args:
             block: query tower features of n queries (`FeatureCodec.encode_queries`).
             k: candidates per query.
             deadline: absolute `time.monotonic()` after which the result is useless, or None.
             exclude: per query, validated int64 item ids never to return; None for none.
+            client: the caller's fairness key (e.g. its connection, or a declared client id).
+            cancelled: the caller's cancellation signal (e.g. `context.cancelled`), polled
+                between slices; cancelling the awaiting task works as well.
+            admitted: the caller passed `admit_retrieve` for this request (see
+                `Batcher.submit_split`).
 
         Returns:
             (scores float32 [n, k], item ids int64 [n, k]), best first; id -1 marks a slot the
@@ -597,12 +687,17 @@ class Servable:
 
         Raises:
             Overloaded, DeadlineExceeded, Unavailable: from the batcher.
+            InvalidInput: the request costs more than a queue can ever hold.
         """
         excluded = tuple(exclude) if exclude is not None else (NO_IDS,) * block.rows
         parts = await self._retrieval.submit_split(
             block.rows,
             lambda rows: RetrievePart(block.slice(rows), k, excluded[rows]),
             deadline,
+            row_costs=_ids_per_row(block) + self.batching.row_cost,
+            client=client,
+            cancelled=cancelled,
+            admitted=admitted,
         )
         return (
             np.concatenate([scores for scores, _ in parts]),
@@ -616,8 +711,17 @@ class Servable:
         row_query: np.ndarray,
         item_ids: np.ndarray,
         deadline: float | None,
+        *,
+        client: str = "",
+        cancelled: Callable[[], bool] | None = None,
+        admitted: bool = False,
     ) -> np.ndarray:
         """Ranker logits of R rows (query `row_query[j]`, item `item_ids[j]`).
+
+        Each candidate is one row; its cost is the ids the ranker looks up for it (its
+        query's ids over the query-side features plus its item's over the item-side ones)
+        plus the configured row cost. A request costlier than a batch (or with more rows)
+        runs as slices, one at a time, each joined and scored only when it runs.
 
         Args:
             queries: ranker query-side features of n queries.
@@ -625,15 +729,25 @@ class Servable:
             row_query: int64 [R] non-decreasing query index of each row.
             item_ids: int64 [R] validated item ids.
             deadline: as in `retrieve`.
+            client, cancelled: as in `retrieve`.
+            admitted: the caller passed `admit_rank` for this request.
 
         Returns:
-            float32 [R] logits. Each candidate is one row towards the batch limits; a request
-            with more rows than a batch holds is split.
+            float32 [R] logits.
+
+        Raises:
+            Overloaded, DeadlineExceeded, Unavailable, InvalidInput: as in `retrieve`.
         """
+        row_costs = (_ids_per_row(queries) + self.batching.row_cost)[row_query]
+        row_costs += self._item_ids[item_ids]
         parts = await self._ranking.submit_split(
             int(item_ids.size),
             lambda rows: RankPart(queries, query_dense, row_query[rows], item_ids[rows]),
             deadline,
+            row_costs=row_costs,
+            client=client,
+            cancelled=cancelled,
+            admitted=admitted,
         )
         return np.concatenate(parts)
 
@@ -641,6 +755,11 @@ class Servable:
     def queued_rows(self) -> int:
         """Rows waiting in this version's queues."""
         return self._retrieval.queued_rows + self._ranking.queued_rows
+
+    @property
+    def queued_cost(self) -> int:
+        """Cost waiting in this version's queues."""
+        return self._retrieval.queued_cost + self._ranking.queued_cost
 
     async def close(self) -> None:
         """Finishes queued work, stops the batchers and the executor threads. Idempotent."""

@@ -11,10 +11,13 @@ repository (whose store enforces the signature policy) and two listeners.
   0600): `BundleAdmin`, health and its own reflection, every call behind the bearer token when
   one is configured (`recship.runtime.security`). Without a token it may only be local.
 
-Both use TLS (mTLS with a client CA) when `tls` is set. The Prometheus endpoint has its own
-HTTP port on `metrics_host` (loopback by default). `serve(config)` runs the server until
-SIGTERM or SIGINT, then stops accepting calls, lets in-flight calls finish within the grace
-period, drains the versions and returns (the CLI exits 0).
+Both use TLS (mTLS with a client CA) when `tls` is set. Every request body of both is decoded
+by `ErrorMappingInterceptor` (undecodable or over `ServiceLimits.max_request_bytes` ->
+INVALID_ARGUMENT, before any servicer code). The Prometheus endpoint has its own HTTP port on
+`metrics_host` (loopback by default), served on the server's event loop (no thread per
+connection, idle connections closed after `metrics_idle_timeout_s`). `serve(config)` runs the
+server until SIGTERM or SIGINT, then stops accepting calls, lets in-flight calls finish within
+the grace period, drains the versions and returns (the CLI exits 0).
 
 Example::
 
@@ -53,13 +56,20 @@ from recship.bundle.store import BundleStore
 from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recship.runtime.admin import BundleAdminService
 from recship.runtime.batcher import (
+    DEFAULT_MAX_BATCH_COST,
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_QUEUE_COST,
     DEFAULT_MAX_QUEUE_ROWS,
 )
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.manager import VersionManager
-from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
+from recship.runtime.metrics import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    MetricsHTTPServer,
+    ServerMetrics,
+    start_metrics_http,
+)
 from recship.runtime.policy import VersionPolicy
 from recship.runtime.security import (
     BearerTokenInterceptor,
@@ -98,6 +108,7 @@ class ServerConfig:
         port: gRPC port; 0 picks a free one (`build_server` returns it).
         metrics_port: Prometheus HTTP port (0 picks one), or None for no endpoint.
         metrics_host: address of the Prometheus endpoint; loopback by default, whatever `host`.
+        metrics_idle_timeout_s: a metrics connection idle this long is closed.
         admin_host: address of the admin listener; loopback by default. Any other address
             needs `admin_token`.
         admin_port: its TCP port (0 picks one); None (with no `admin_socket`): no admin API.
@@ -112,6 +123,10 @@ class ServerConfig:
         max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
             `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free.
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
+        max_batch_cost: most cost per batch (the ids its rows look up), which is also the
+            longest slice one request may hold a replica for; costlier requests are cut.
+        max_queue_cost: cost bound per replica and model; beyond it RESOURCE_EXHAUSTED.
+            Requests with a deadline are refused sooner, when they could not finish in time.
         batching: False runs every request part alone (for `recship bench --compare-unbatched`).
         replicas: CPU replicas (default 1); on GPUs it follows from the devices.
         threads: intra-op threads of torch and FAISS (process-wide).
@@ -139,6 +154,8 @@ class ServerConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
     max_delay_ms: float = DEFAULT_MAX_DELAY_S * 1000.0
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
+    max_batch_cost: int = DEFAULT_MAX_BATCH_COST
+    max_queue_cost: int = DEFAULT_MAX_QUEUE_COST
     batching: bool = True
     replicas: int | None = None
     threads: int = 1
@@ -151,6 +168,7 @@ class ServerConfig:
     labels: tuple[tuple[str, str, int], ...] = ()
     memory_budget_bytes: int | None = None
     metrics_host: str = "127.0.0.1"
+    metrics_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     admin_host: str = "127.0.0.1"
     admin_port: int | None = DEFAULT_ADMIN_PORT
     admin_socket: Path | None = None
@@ -186,6 +204,8 @@ class ServerConfig:
                 max_batch_rows=self.max_batch_size,
                 max_delay_s=self.max_delay_ms / 1000.0,
                 max_queue_rows=self.max_queue_rows,
+                max_batch_cost=self.max_batch_cost,
+                max_queue_cost=self.max_queue_cost,
                 enabled=self.batching,
             ),
         )
@@ -242,9 +262,13 @@ class RecshipServer:
             await self.admin_server.start()
             _restrict_socket(self.config.admin_socket)
         if self.config.metrics_port is not None:
-            self._metrics_http, self.metrics_port = start_metrics_http(
-                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            self._metrics_http = await start_metrics_http(
+                self.metrics.registry,
+                self.config.metrics_host,
+                self.config.metrics_port,
+                idle_timeout_s=self.config.metrics_idle_timeout_s,
             )
+            self.metrics_port = self._metrics_http.port
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="recship-load")
         logger.info(
             "listening on %s:%d (metrics on %s, admin on %s%s%s)",
@@ -346,7 +370,7 @@ class RecshipServer:
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self._metrics_http is not None:
-            self._metrics_http.stop()
+            await self._metrics_http.stop()
         logger.info("stopped in %.2f s", time.perf_counter() - started)
 
 
@@ -367,7 +391,11 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     limits = config.limits
     receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
     grpc_server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(metrics.observe_request)],
+        interceptors=[
+            ErrorMappingInterceptor(
+                metrics.observe_request, max_request_bytes=limits.max_request_bytes
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", receive_limit),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),

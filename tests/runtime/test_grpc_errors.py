@@ -28,7 +28,10 @@ from recship.base.errors import (
 )
 from recship.runtime.grpc_errors import (
     INTERNAL_MESSAGE,
+    MAX_STATUS_MESSAGE_CHARS,
     ErrorMappingInterceptor,
+    UndecodableRequest,
+    decode_request,
     map_errors,
     status_code,
 )
@@ -267,3 +270,142 @@ def test_sync_handlers_are_refused() -> None:
 
     with pytest.raises(TypeError, match="only async handlers"):
         map_errors("x/Y")(sync_handler)  # type: ignore[arg-type]
+
+
+# -- undecodable requests, bounded messages, deadlines ----------------------------------------
+def test_decode_request_never_raises() -> None:
+    from grpc_health.v1 import health_pb2
+
+    parse = health_pb2.HealthCheckRequest.FromString
+    valid = health_pb2.HealthCheckRequest(service="x").SerializeToString()
+    assert decode_request(parse, valid, "grpc.health.v1.HealthCheckRequest").service == "x"
+    for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x0a" + b"\xff" * 11):
+        bad = decode_request(parse, garbage, "grpc.health.v1.HealthCheckRequest")
+        assert isinstance(bad, UndecodableRequest)
+        assert isinstance(bad.error, InvalidInput)
+        assert str(bad.error).startswith("request: not a valid grpc.health.v1.HealthCheckRequest")
+    large = decode_request(parse, valid * 10, "t", max_bytes=len(valid))
+    assert isinstance(large, UndecodableRequest)
+    assert f"{10 * len(valid)} bytes, at most {len(valid)}" in str(large.error)
+
+    def explodes(data: bytes) -> object:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    assert isinstance(decode_request(explodes, b"", "t"), UndecodableRequest)
+
+
+@contextlib.asynccontextmanager
+async def decoding_server(
+    observed: list[tuple[str, grpc.StatusCode, float]],
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A server whose handlers have real deserializers (health's request message)."""
+    from grpc_health.v1 import health_pb2
+
+    parse = health_pb2.HealthCheckRequest.FromString
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        return request.service.encode()
+
+    async def stream_in(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        return b",".join([r.service.encode() async for r in requests])
+
+    async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield request.service.encode()
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=parse),
+        "StreamIn": grpc.stream_unary_rpc_method_handler(stream_in, request_deserializer=parse),
+        "StreamOut": grpc.unary_stream_rpc_method_handler(stream_out, request_deserializer=parse),
+    }
+    interceptor = ErrorMappingInterceptor(
+        lambda *call: observed.append(call), max_request_bytes=100
+    )
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(grace=None)
+
+
+def test_undecodable_bodies_are_invalid_argument_counted_and_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from grpc_health.v1 import health_pb2
+
+    good = health_pb2.HealthCheckRequest(service="ok").SerializeToString()
+    observed: list[tuple[str, grpc.StatusCode, float]] = []
+
+    async def main() -> None:
+        async with decoding_server(observed) as channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            stream_in = channel.stream_unary(f"/{SERVICE}/StreamIn")
+            stream_out = channel.unary_stream(f"/{SERVICE}/StreamOut")
+            assert await unary(good) == b"ok"
+            for body in (b"\xff\xff\xff", b"x" * 101):
+                for call in (
+                    lambda b=body: unary(b),
+                    lambda b=body: stream_in(iter([good, b])),
+                    lambda b=body: _drain(stream_out(b)),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call()
+                    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert caught.value.details().startswith("request: ")
+            assert await stream_in(iter([good, good])) == b"ok,ok"
+
+    with caplog.at_level(logging.DEBUG):
+        run(main())
+    codes = [code for _, code, _ in observed]
+    assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 6
+    assert codes.count(grpc.StatusCode.OK) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def _drain(call: Any) -> list[Any]:
+    return [response async for response in call]
+
+
+def test_long_messages_are_cut_for_the_status() -> None:
+    async def main() -> None:
+        async def long_error(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            raise NotFound("x" * 20_000 + "\x1b[31m")
+
+        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"Long": grpc.unary_unary_rpc_method_handler(long_error)}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary(f"/{SERVICE}/Long")(b"")
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # not the client's
+                assert len(caught.value.details()) <= MAX_STATUS_MESSAGE_CHARS
+        finally:
+            await server.stop(grace=None)
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_call_cancelled_by_its_deadline_is_reported_as_deadline_exceeded(mode: str) -> None:
+    async def main() -> None:
+        async with serving(mode) as h:
+            call = h.channel.unary_unary(f"/{SERVICE}/Hang")(b"", timeout=0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await h.cancelled.wait()
+            await h.reported.wait()
+            assert [code for _, code, _ in h.observed] == [grpc.StatusCode.DEADLINE_EXCEEDED]
+
+    run(main())
