@@ -67,6 +67,15 @@ def test_the_dry_run_finds_the_plan_sound() -> None:
     assert "bench-delay-0ms: its --unbatched-serve-args parse" in result.stdout
 
 
+def test_make_gpu_check_dry_run_runs_the_dry_check() -> None:
+    result = subprocess.run(
+        ["make", "-n", "gpu-check", "DRY_RUN=1", f"VENV={sys.prefix}", "ARGS=--cores 16"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"benchmarks/gpu_check.py run --dry-run --venv {sys.prefix} --cores 16" in result.stdout
+
+
 def test_the_plan_fits_the_budget_and_serves_on_loopback(config) -> None:
     plan = gpu_check.build_plan(config)
     assert sum(step.timeout_s for step in plan) <= gpu_check.BUDGET_S - gpu_check.RESERVE_S
