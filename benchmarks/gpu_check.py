@@ -387,6 +387,8 @@ def _parse_into(check: StepCheck, args: list[str], what: str) -> Any:
         return parse_recship(args)
     except Exception as error:  # click's usage errors and the options' own callbacks' errors
         message = error.format_message() if isinstance(error, click.ClickException) else error
+        if isinstance(error, click.NoSuchOption):
+            message = f"{message} (a typo in the plan, or an option this recship lacks)"
         check.problems.append(f"`recship {args[0]}`{what}: {message}")
         return None
 

@@ -89,7 +89,10 @@ def test_the_plan_fits_the_budget_and_serves_on_loopback(config) -> None:
 def test_an_unknown_option_is_a_problem(config) -> None:
     doctor = _named(gpu_check.build_plan(config), "doctor")
     bad = dataclasses.replace(doctor, argv=(*doctor.argv, "--no-such-option"))
-    assert _problems([bad], config) == ["`recship doctor`: No such option '--no-such-option'."]
+    assert _problems([bad], config) == [
+        "`recship doctor`: No such option '--no-such-option'. "
+        "(a typo in the plan, or an option this recship lacks)"
+    ]
 
 
 def test_a_bad_value_and_an_unknown_command_are_problems(config) -> None:
@@ -120,7 +123,8 @@ def test_a_bad_option_for_the_unbatched_server_is_a_problem(config) -> None:
     argv[argv.index("--unbatched-serve-args") + 1] = "--devices cuda:0 --no-such-flag"
     problems = _problems([dataclasses.replace(bench, argv=tuple(argv), inputs=())], config)
     assert problems == [
-        "`recship serve` (--unbatched-serve-args): No such option '--no-such-flag'."
+        "`recship serve` (--unbatched-serve-args): No such option '--no-such-flag'. "
+        "(a typo in the plan, or an option this recship lacks)"
     ]
 
 
