@@ -187,7 +187,7 @@ def build_plan(config: PlanConfig) -> list[Step]:
         *(
             Step(
                 f"train-{model}", StepKind.RECSHIP,
-                (recship, "train", model, *_flags(data=data, nproc=1, epochs=2, out=out)), 30,
+                (recship, "train", model, *_flags(data=data, nproc=1, epochs=2, out=out)), 35,
                 f"{model} trains under DistributedModelParallel on cuda:0 (nccl, one rank) "
                 "and writes a DCP checkpoint",
                 inputs=(venv, data), outputs=(out,),
