@@ -2,10 +2,10 @@
 
 A GPU machine is lent for minutes at a time, so everything worth knowing about the CUDA
 column (install, doctor, the `gpu` tests, nccl training, a CUDA bundle, serving on `cuda:0`,
-batched vs unbatched with a max-delay sweep) is measured in one run of under 8 minutes that
-never hangs: every step has its own timeout, a failed step is recorded and the run goes on
-(steps whose inputs it was to make are skipped), and everything lands in ONE Markdown report
-(`report.md`) beside the raw logs (`logs/`).
+batched vs unbatched with a max-delay sweep, a sweep of server worker processes) is measured
+in one run of under 8 minutes that never hangs: every step has its own timeout, a failed step
+is recorded and the run goes on (steps whose inputs it was to make are skipped), and
+everything lands in ONE Markdown report (`report.md`) beside the raw logs (`logs/`).
 
 The run is a *plan*, an ordered list of `Step`s built by `build_plan`. `run --dry-run` checks
 the plan on any machine, without a GPU and without running it: every `recship ...` command
@@ -64,6 +64,8 @@ BUNDLE = "movies"
 # Small enough to train in seconds, large enough that the default quality gate is meaningful.
 SYNTHETIC = {"num_users": 500, "num_items": 300, "interactions_per_user": 12, "seed": 0}
 MAX_DELAYS_MS = (0, 1, 2, 5)
+# `recship serve --workers N` sweep, up to half the host's cores (the other half load it).
+WORKERS = (1, 2, 4, 8)
 BENCH_CONCURRENCY = 64
 BENCH_DURATION_S = 2.0
 BENCH_WARMUP_S = 0.5
@@ -219,6 +221,20 @@ def build_plan(config: PlanConfig) -> list[Step]:
                 inputs=(venv, repo / BUNDLE),
                 server=_serve_argv(config, repo, max_delay_ms=delay),
                 table=("Serving on cuda:0: batched vs unbatched, max-delay sweep", f"{delay} ms"),
+            )
+        )  # fmt: skip
+    # Read like one process: the server announces one `listening on` line and its metrics
+    # endpoint reports the bundle's default version, whatever the number of workers.
+    for workers in (n for n in WORKERS if n <= max(1, config.cores // 2)):
+        plan.append(
+            Step(
+                f"workers-{workers}", StepKind.RECSHIP, _bench_argv(config, repo),
+                20 if workers <= 2 else 25,
+                f"`--workers {workers}`: server processes on one port, each on cuda:0; "
+                "Recommend QPS and latency as workers are added on the host's cores",
+                inputs=(venv, repo / BUNDLE),
+                server=_serve_argv(config, repo, workers=workers),
+                table=("Workers sweep on cuda:0", f"--workers {workers}"),
             )
         )  # fmt: skip
     return plan

@@ -80,10 +80,20 @@ def test_the_plan_fits_the_budget_and_serves_on_loopback(config) -> None:
     plan = gpu_check.build_plan(config)
     assert sum(step.timeout_s for step in plan) <= gpu_check.BUDGET_S - gpu_check.RESERVE_S
     served = [step for step in plan if step.server is not None]
-    assert [step.name for step in served] == [f"bench-delay-{d}ms" for d in gpu_check.MAX_DELAYS_MS]
+    assert [step.name for step in served] == [
+        *(f"bench-delay-{d}ms" for d in gpu_check.MAX_DELAYS_MS),
+        *(f"workers-{n}" for n in (1, 2, 4, 8)),
+    ]
     for step in served:
         parsed = gpu_check.parse_recship(step.server[1:]).params
         assert (parsed["host"], parsed["port"], parsed["devices"]) == ("127.0.0.1", 0, "cuda:0")
+
+
+def test_the_workers_sweep_leaves_half_the_cores_to_the_load(config) -> None:
+    plan = gpu_check.build_plan(dataclasses.replace(config, cores=5))
+    sweep = [step for step in plan if step.name.startswith("workers-")]
+    assert [step.server[step.server.index("--workers") + 1] for step in sweep] == ["1", "2"]
+    assert all(step.argv[step.argv.index("--processes") + 1] == "2" for step in sweep)
 
 
 def test_an_unknown_option_is_a_problem(config) -> None:
