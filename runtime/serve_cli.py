@@ -251,6 +251,8 @@ def _raw_value(text: str) -> str | int | float:
 @click.option("--top-n", type=int, default=10, show_default=True)
 @click.option("--exclude", default="", help="Item ids never to return, comma-separated.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--channels", type=int, default=1, show_default=True,
+              help="Connections to open, taken in turn (see serve --workers).")  # fmt: skip
 @tls_client_options
 def query_command(
     server: str,
@@ -263,6 +265,7 @@ def query_command(
     top_n: int,
     exclude: str,
     timeout: float,
+    channels: int,
     **connection: object,
 ) -> None:
     """Send one query to a running server and print the results as a table.
@@ -277,7 +280,8 @@ def query_command(
 
     excluded = list(_split(exclude))
     query = Query(parse_features(user_features))
-    with RecshipClient(server, timeout=timeout, tls=client_tls(connection)) as client:
+    tls = client_tls(connection)
+    with RecshipClient(server, timeout=timeout, tls=tls, channels=channels) as client:
         if rpc == "retrieve":
             retrieved = client.retrieve(
                 bundle, [query], retrieve_k or top_n, exclude=[excluded], version=version,
