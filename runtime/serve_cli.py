@@ -86,6 +86,10 @@ def _split(value: str | None) -> tuple[str, ...]:
                    "(default: unlimited). A new version that does not fit beside the old one "
                    "switches replica by replica, or with one replica through a brief, logged "
                    "unavailable window.")  # fmt: skip
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Serving processes on the one port (SO_REUSEPORT); a supervisor decides "
+                   "their versions and serves the admin API and the summed metrics. Clients "
+                   "balance by opening several channels.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -117,6 +121,7 @@ def serve_command(
     policies: tuple[str, ...],
     labels: tuple[str, ...],
     memory_budget_bytes: int | None,
+    workers: int,
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -163,6 +168,7 @@ def serve_command(
         policies=parse_policies(policies),
         labels=tuple(parse_label(text) for text in labels),
         memory_budget_bytes=memory_budget_bytes,
+        workers=workers,
     )
     asyncio.run(serve(config))
 
