@@ -190,10 +190,6 @@ class WorkerProcess:
         self.process.stdin.write(json.dumps({"id": number, "op": op, **fields}).encode() + b"\n")
         return future
 
-    async def command(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Sends one command and waits for its reply (see `send`)."""
-        return await self.send(op, **fields)
-
     def kill(self) -> None:
         """Kills the process (it did not start, or did not stop in time)."""
         if self.alive and self.process is not None:
@@ -334,10 +330,13 @@ class Fleet:
         """Lets every worker bind the port (after the initial load); restarted ones follow."""
         self._serve = True
         async with self._lock:
-            await asyncio.gather(
-                *(self._start_serving(w) for w in self.workers if w.alive),
-                return_exceptions=True,
+            targets = [w for w in self.workers if w.alive]
+            replies = await asyncio.gather(
+                *(self._start_serving(w) for w in targets), return_exceptions=True
             )
+        for worker, reply in zip(targets, replies, strict=True):
+            if isinstance(reply, BaseException) and not isinstance(reply, Unavailable):
+                logger.error("worker %d cannot serve: %s", worker.index, reply)
 
     async def load(self, bundle: str, version: int) -> FleetVersion:
         """Loads a version in every worker and waits until each has it READY.
@@ -351,7 +350,7 @@ class Fleet:
         async with self._lock:
             targets = [w for w in self.workers if w.alive]
             replies = await asyncio.gather(
-                *(w.command("load", bundle=bundle, version=version) for w in targets),
+                *(w.send("load", bundle=bundle, version=version) for w in targets),
                 return_exceptions=True,
             )
             failure: RecshipError | None = None
@@ -369,7 +368,7 @@ class Fleet:
                 placed = (int(reply["replicas"]), tuple(reply["devices"]))
             if failure is not None:
                 await asyncio.gather(
-                    *(w.command("unload", bundle=bundle, version=version) for w in done),
+                    *(w.send("unload", bundle=bundle, version=version) for w in done),
                     return_exceptions=True,
                 )
                 raise failure
@@ -383,7 +382,7 @@ class Fleet:
                 return
             replies = await asyncio.gather(
                 *(
-                    w.command("unload", bundle=bundle, version=version)
+                    w.send("unload", bundle=bundle, version=version)
                     for w in self.workers
                     if w.alive
                 ),
@@ -443,7 +442,7 @@ class Fleet:
             worker.serving = False
 
     async def _start_serving(self, worker: WorkerProcess) -> None:
-        await worker.command("serve")
+        await worker.send("serve")
         worker.serving = True
         self._on_change()
 
@@ -482,9 +481,9 @@ class Fleet:
         """Gives a restarted worker every loaded version and the view, then lets it serve."""
         async with self._lock:
             for bundle, version in sorted(self._loaded):
-                await worker.command("load", bundle=bundle, version=version)
+                await worker.send("load", bundle=bundle, version=version)
             if self._view:
-                await worker.command("view", bundles=self._view)
+                await worker.send("view", bundles=self._view)
             if self._serve:
                 await self._start_serving(worker)
         logger.info("worker %d is back: %d version(s) loaded", worker.index, len(self._loaded))
