@@ -20,7 +20,7 @@ ifeq ($(filter $(ACCEL),cpu cuda),)
 $(error ACCEL must be cpu or cuda, not '$(ACCEL)')
 endif
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-check
 
 install: $(STAMP)
 
@@ -40,6 +40,18 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# The device check (benchmarks/gpu_check.py; README, "Checking a GPU host"): one time-boxed run
+# on a GPU host that installs the CUDA column itself (so it does not depend on `install`) and
+# writes one report to $OUT, else gpu-check-out/. `make gpu-check DRY_RUN=1` checks its plan
+# here instead, with the local install; ARGS passes options on, e.g. ARGS="--cores 16".
+ifeq ($(DRY_RUN),1)
+gpu-check: install
+	$(VENV)/bin/python benchmarks/gpu_check.py run --dry-run --venv $(VENV) $(ARGS)
+else
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py run --venv $(VENV) $(ARGS)
+endif
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -68,6 +68,8 @@ class BenchConfig:
         unbatched_serve_args: more `recship serve` options for the unbatched server this
             command starts, to match the server under test (e.g. ("--threads", "2")).
         processes: load generator processes (default: min(concurrency, CPU count)).
+        channels: connections per load process, taken by its callers in turn: a server with
+            several worker processes (`serve --workers N`) balances by connection.
         seed: seeds the random queries.
         tls: how to reach TLS servers (both the one under test and the unbatched one).
         admin_token: the admin token of the unbatched server this command starts, when its
@@ -90,6 +92,7 @@ class BenchConfig:
     unbatched_metrics: str | None = None
     unbatched_serve_args: tuple[str, ...] = ()
     processes: int | None = None
+    channels: int = 4
     seed: int = 0
     tls: ClientTLS | None = None
     admin_token: str | None = field(default=None, repr=False)
@@ -168,19 +171,24 @@ def _worker(
     warmup_s: float,
     duration_s: float,
     tls: ClientTLS | None = None,
+    channels: int = 1,
 ) -> tuple[list[float], dict[str, int]]:
-    """One load process: `callers` threads in a closed loop; latencies of the measured window."""
+    """One load process: `callers` threads in a closed loop over `channels` connections;
+    latencies of the measured window."""
     import grpc
 
     from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
     from recship.runtime.security import open_channel
 
-    channel = open_channel(target, tls)
-    stub = recommender_pb2_grpc.RecommenderStub(channel)
-    method, parse = (
-        (stub.Retrieve, recommender_pb2.RetrieveRequest.FromString)
+    # A local subchannel pool each: channels to one target would share a connection otherwise.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [open_channel(target, tls, options) for _ in range(channels)]
+    stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in opened]
+    methods = [stub.Retrieve if rpc == "retrieve" else stub.Recommend for stub in stubs]
+    parse = (
+        recommender_pb2.RetrieveRequest.FromString
         if rpc == "retrieve"
-        else (stub.Recommend, recommender_pb2.RecommendRequest.FromString)
+        else recommender_pb2.RecommendRequest.FromString
     )
     messages = [parse(r) for r in requests]
     start = time.monotonic() + warmup_s
@@ -191,6 +199,7 @@ def _worker(
 
     def loop(caller: int) -> None:
         position = caller
+        method = methods[caller % len(methods)]
         while (now := time.monotonic()) < stop:
             try:
                 method(messages[position % len(messages)], timeout=30)
@@ -211,7 +220,8 @@ def _worker(
         thread.start()
     for thread in threads:
         thread.join()
-    channel.close()
+    for channel in opened:
+        channel.close()
     return [x for caller in latencies for x in caller], dict(errors)
 
 
@@ -244,8 +254,8 @@ def _scrape(metrics: str | None) -> dict[str, float]:
 
 def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) -> LoadResult:
     """Drives the closed-loop load against one server and measures it."""
-    if config.concurrency < 1 or config.duration_s <= 0:
-        raise InvalidInput("--concurrency must be >= 1 and --duration > 0")
+    if config.concurrency < 1 or config.duration_s <= 0 or config.channels < 1:
+        raise InvalidInput("--concurrency and --channels must be >= 1 and --duration > 0")
     processes = config.processes or min(config.concurrency, os.cpu_count() or 1)
     shares = [len(part) for part in np.array_split(np.arange(config.concurrency), processes)]
     requests = _queries(config, 256)
@@ -266,6 +276,7 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
                 config.warmup_s,
                 config.duration_s,
                 config.tls,
+                min(config.channels, share),
             )
             for share in shares
             if share
@@ -446,6 +457,9 @@ def _print(config: BenchConfig, results: list[LoadResult]) -> None:
               help='Options for the unbatched server started here, to match the server under '
                    'test, e.g. "--threads 2 --replicas 2".')  # fmt: skip
 @click.option("--processes", type=int, default=None, help="Load generator processes.")
+@click.option("--channels", type=int, default=4, show_default=True,
+              help="Connections per load process (a server's workers balance by "
+                   "connection).")  # fmt: skip
 @admin_token_option
 @tls_client_options
 def bench_command(unbatched_serve_args: str, **options: object) -> None:

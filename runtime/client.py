@@ -7,6 +7,10 @@ become the matching `RecshipError` (INVALID_ARGUMENT -> `InvalidInput`, NOT_FOUN
 `NotFound`, UNAUTHENTICATED -> `Unauthenticated`, ...) carrying the server's message; a
 server that cannot be reached (or that speaks TLS to a plaintext client) is `Unavailable`.
 
+A server with several worker processes (`recship serve --workers N`) balances by connection:
+`RecshipClient(target, channels=C)` opens C connections and spreads calls over them in turn;
+the kernel hands each connection to one worker (a few per worker spread them well).
+
 The admin API has its own listener (`recship serve --admin-port`, loopback by default) and
 takes a bearer token: `AdminClient(target, token=...)`. Both clients take `ClientTLS` for TLS
 and mTLS servers.
@@ -25,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -177,13 +182,19 @@ class _Client:
         tls: ClientTLS | None,
         metadata: tuple[tuple[str, str], ...] = (),
         max_message_bytes: int = 64 << 20,
+        channels: int = 1,
     ) -> None:
+        if channels < 1:
+            raise InvalidInput(f"channels must be >= 1, got {channels}")
         self.target = target
         self.timeout = timeout
         self._metadata = metadata
-        self.channel = open_channel(
-            target, tls, [("grpc.max_receive_message_length", max_message_bytes)]
-        )
+        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", max_message_bytes)]
+        if channels > 1:
+            # Channels to one target share their connection unless each has its own pool.
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self.channels = [open_channel(target, tls, options) for _ in range(channels)]
+        self.channel = self.channels[0]
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self):  # type: ignore[no-untyped-def]
@@ -193,7 +204,8 @@ class _Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def _call(self, method, request, timeout: float | None):
         try:
@@ -251,6 +263,8 @@ class RecshipClient(_Client):
         timeout: default per-call deadline in seconds (None: no deadline).
         tls: how to reach a TLS server (None: plaintext).
         max_message_bytes: largest response accepted.
+        channels: connections to open; calls take them in turn (for a server with several
+            worker processes, where each connection reaches one worker).
     """
 
     def __init__(
@@ -260,9 +274,22 @@ class RecshipClient(_Client):
         timeout: float | None = 30.0,
         tls: ClientTLS | None = None,
         max_message_bytes: int = 64 << 20,
+        channels: int = 1,
     ) -> None:
-        super().__init__(target, timeout=timeout, tls=tls, max_message_bytes=max_message_bytes)
-        self.recommender = recommender_pb2_grpc.RecommenderStub(self.channel)
+        super().__init__(
+            target,
+            timeout=timeout,
+            tls=tls,
+            max_message_bytes=max_message_bytes,
+            channels=channels,
+        )
+        self._stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in self.channels]
+        self._turn = itertools.count()
+
+    @property
+    def recommender(self) -> recommender_pb2_grpc.RecommenderStub:
+        """The stub of the next channel in turn (thread-safe: `itertools.count` is atomic)."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def __enter__(self) -> RecshipClient:
         return self

@@ -161,6 +161,38 @@ class VersionManager:
                         await self._unload(bundle, number)
         self._changed()
 
+    def follow(self, names: Sequence[str]) -> None:
+        """Registers bundles without reading the repository or loading anything.
+
+        A worker of `recship serve --workers N` runs its manager this way: its supervisor
+        decides, and the worker only carries out `load_version`, `unload_version` and
+        `set_view`, so that every worker serves exactly the supervisor's versions.
+        """
+        for name in names:
+            if name not in self._bundles:
+                self._bundles[name] = BundleEntry(name, self._policies.get(name, Latest()))
+
+    def set_view(self, name: str, default: int | None, labels: Mapping[str, int]) -> None:
+        """Takes over a bundle's default and labels as decided elsewhere (a worker's supervisor).
+
+        Versions not READY here are skipped: a label pointing at one is dropped, and a default
+        that is not READY leaves the current default in place (the supervisor loads a version
+        into every worker before any view names it).
+
+        Raises:
+            NotFound: unknown bundle (not followed).
+        """
+        bundle = self._bundle(name)
+        bundle.labels = {
+            label: version
+            for label, version in labels.items()
+            if self._is_ready(bundle, version)
+        }  # fmt: skip
+        if default is None or self._is_ready(bundle, default):
+            self._set_default(bundle, default)
+        else:
+            self._changed()
+
     @property
     def ready(self) -> bool:
         """True when every served bundle has a default version READY."""

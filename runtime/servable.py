@@ -119,12 +119,16 @@ class LoaderConfig:
         format: entry point format to load when the bundle has several ("torchscript" or
             "aoti"); None takes the first the manifest lists.
         batching: the replicas' batchers.
+        mmap_index: map the index's vectors from the bundle file instead of reading them
+            (`read_index(mmap=True)`): the worker processes of `recship serve --workers N`
+            then share one copy of those pages instead of holding N.
     """
 
     devices: tuple[str, ...] = ()
     replicas: int | None = None
     format: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    mmap_index: bool = False
 
 
 def configure_threads(threads: int) -> None:
@@ -387,7 +391,10 @@ def load_servable(
         raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
     codec = FeatureCodec(manifest, version.ref.path)
     index = read_index(
-        version.ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items
+        version.ref.path / manifest.index.file,
+        manifest.index,
+        mmap=config.mmap_index,
+        num_items=manifest.schema.num_items,
     )
     assets = VersionAssets(
         manifest.name, int(manifest.version), manifest.release_id, manifest, codec, index

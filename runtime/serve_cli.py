@@ -86,6 +86,10 @@ def _split(value: str | None) -> tuple[str, ...]:
                    "(default: unlimited). A new version that does not fit beside the old one "
                    "switches replica by replica, or with one replica through a brief, logged "
                    "unavailable window.")  # fmt: skip
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Serving processes on the one port (SO_REUSEPORT); a supervisor decides "
+                   "their versions and serves the admin API and the summed metrics. Clients "
+                   "balance by opening several channels.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -117,6 +121,7 @@ def serve_command(
     policies: tuple[str, ...],
     labels: tuple[str, ...],
     memory_budget_bytes: int | None,
+    workers: int,
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -163,6 +168,7 @@ def serve_command(
         policies=parse_policies(policies),
         labels=tuple(parse_label(text) for text in labels),
         memory_budget_bytes=memory_budget_bytes,
+        workers=workers,
     )
     asyncio.run(serve(config))
 
@@ -251,6 +257,8 @@ def _raw_value(text: str) -> str | int | float:
 @click.option("--top-n", type=int, default=10, show_default=True)
 @click.option("--exclude", default="", help="Item ids never to return, comma-separated.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--channels", type=int, default=1, show_default=True,
+              help="Connections to open, taken in turn (see serve --workers).")  # fmt: skip
 @tls_client_options
 def query_command(
     server: str,
@@ -263,6 +271,7 @@ def query_command(
     top_n: int,
     exclude: str,
     timeout: float,
+    channels: int,
     **connection: object,
 ) -> None:
     """Send one query to a running server and print the results as a table.
@@ -277,7 +286,8 @@ def query_command(
 
     excluded = list(_split(exclude))
     query = Query(parse_features(user_features))
-    with RecshipClient(server, timeout=timeout, tls=client_tls(connection)) as client:
+    tls = client_tls(connection)
+    with RecshipClient(server, timeout=timeout, tls=tls, channels=channels) as client:
         if rpc == "retrieve":
             retrieved = client.retrieve(
                 bundle, [query], retrieve_k or top_n, exclude=[excluded], version=version,

@@ -144,6 +144,9 @@ class ServerConfig:
             `recship.runtime.policy.estimated_bytes`); None (the default) is unlimited. When a
             new version does not fit beside the old one, the switch goes replica by replica
             (>= 2 replicas) or through a brief, reported unavailable window (1 replica).
+        workers: serving processes sharing the inference port (`SO_REUSEPORT`); above 1 a
+            supervisor decides the versions and the workers serve them
+            (`recship.runtime.fleet`).
     """
 
     repo: Path
@@ -176,8 +179,16 @@ class ServerConfig:
     tls: ServerTLS | None = None
     public_key: Path | None = None
     require_signature: bool = False
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InvalidInput(f"--workers must be >= 1, got {self.workers}")
+        if self.workers > 1 and self.memory_budget_bytes is not None:
+            raise InvalidInput(
+                "--memory-budget-bytes cannot be combined with --workers > 1 yet: each worker "
+                "would need its own share of the budget"
+            )
         if self.poll_interval_s < 0:
             raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -292,37 +303,12 @@ class RecshipServer:
             )
 
     async def _load(self) -> None:
-        try:
-            await self.manager.start()
-            for bundle, label, version in self.config.labels:
-                try:
-                    self.manager.set_label(bundle, label, version)
-                except RecshipError as error:
-                    logger.warning("--label %s:%s=%d not set: %s", bundle, label, version, error)
-        except RecshipError as error:
-            self.load_error = error
-            logger.error("loading failed: %s", error)
-        finally:
-            self._settled.set()
+        self.load_error = await load_initial(self.manager, self.config.labels)
+        self._settled.set()
         if self.load_error is None and self.config.poll_interval_s > 0:
             self._polling = asyncio.get_running_loop().create_task(
-                self._poll(self.config.poll_interval_s), name="recship-poll"
+                poll_repository(self.manager, self.config.poll_interval_s), name="recship-poll"
             )
-
-    async def _poll(self, interval_s: float) -> None:
-        """Re-reads the repository every `interval_s` seconds until the server stops.
-
-        A failing scan (repository unmounted, unreadable folder) is logged and retried at the
-        next tick; the versions already serving are not touched by it.
-        """
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.manager.refresh()
-            except RecshipError as error:
-                logger.warning("repository poll failed: %s", error)
-            except OSError as error:
-                logger.warning("repository poll failed: %s: %s", type(error).__name__, error)
 
     def health_changed(self) -> None:
         """Updates the health service from the manager (its `on_change` callback)."""
@@ -374,6 +360,42 @@ class RecshipServer:
         logger.info("stopped in %.2f s", time.perf_counter() - started)
 
 
+async def load_initial(
+    manager: VersionManager, labels: tuple[tuple[str, str, int], ...]
+) -> RecshipError | None:
+    """The initial load: every bundle's versions, then the `--label`s; returns its error.
+
+    A label whose version is not READY then is logged and skipped.
+    """
+    try:
+        await manager.start()
+        for bundle, label, version in labels:
+            try:
+                manager.set_label(bundle, label, version)
+            except RecshipError as error:
+                logger.warning("--label %s:%s=%d not set: %s", bundle, label, version, error)
+    except RecshipError as error:
+        logger.error("loading failed: %s", error)
+        return error
+    return None
+
+
+async def poll_repository(manager: VersionManager, interval_s: float) -> None:
+    """Re-reads the repository every `interval_s` seconds until cancelled.
+
+    A failing scan (repository unmounted, unreadable folder) is logged and retried at the
+    next tick; the versions already serving are not touched by it.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await manager.refresh()
+        except RecshipError as error:
+            logger.warning("repository poll failed: %s", error)
+        except OSError as error:
+            logger.warning("repository poll failed: %s: %s", type(error).__name__, error)
+
+
 def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     """Builds (but does not start) a server and binds its ports.
 
@@ -388,20 +410,6 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     """
     configure_threads(config.threads)
     metrics = ServerMetrics()
-    limits = config.limits
-    receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
-    grpc_server = grpc.aio.server(
-        interceptors=[
-            ErrorMappingInterceptor(
-                metrics.observe_request, max_request_bytes=limits.max_request_bytes
-            )
-        ],
-        options=[
-            ("grpc.max_receive_message_length", receive_limit),
-            ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
     health = health_aio.HealthServicer()
     holder: list[RecshipServer] = []
     store = BundleStore(
@@ -416,6 +424,45 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
         on_change=lambda: holder[0].health_changed() if holder else None,
         memory_budget_bytes=config.memory_budget_bytes,
     )
+    grpc_server = inference_server(config, manager, metrics, health)
+    credentials = None if config.tls is None else config.tls.credentials()
+    port = bind(grpc_server, tcp_address(config.host, config.port), credentials)
+    admin_server, admin_address = bind_admin(config, manager, health, metrics)
+    server = RecshipServer(
+        config, grpc_server, port, manager, metrics, health, admin_server, admin_address
+    )
+    holder.append(server)
+    return server, port
+
+
+def inference_server(
+    config: ServerConfig,
+    manager: VersionManager,
+    metrics: ServerMetrics,
+    health: health_aio.HealthServicer,
+    *,
+    reuse_port: bool = False,
+) -> grpc.aio.Server:
+    """The inference listener's server (not yet bound): Recommender, health and reflection.
+
+    Args:
+        reuse_port: set `SO_REUSEPORT`, so that the workers of `recship serve --workers N`
+            can listen on one port and the kernel spreads connections over them.
+    """
+    limits = config.limits
+    receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
+    grpc_server = grpc.aio.server(
+        interceptors=[
+            ErrorMappingInterceptor(
+                metrics.observe_request, max_request_bytes=limits.max_request_bytes
+            )
+        ],
+        options=[
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", int(reuse_port)),
+        ],
+    )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderService(manager, limits), grpc_server
     )
@@ -426,29 +473,38 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
         grpc_server,
         pool=_descriptor_pool(inference_files),
     )
+    return grpc_server
+
+
+def bind_admin(
+    config: ServerConfig,
+    manager: VersionManager,
+    health: health_aio.HealthServicer,
+    metrics: ServerMetrics,
+) -> tuple[grpc.aio.Server | None, str | None]:
+    """Builds the admin listener and binds its TCP port or Unix socket.
+
+    Returns:
+        The server and its target for clients ("host:port" or "unix:/path"), or (None, None)
+        when the configuration has no admin API.
+    """
+    if not config.admin_enabled:
+        return None, None
+    server = build_admin_server(config, manager, health, metrics)
     credentials = None if config.tls is None else config.tls.credentials()
-    port = _bind(grpc_server, _tcp_address(config.host, config.port), credentials)
-    admin_server, admin_address = None, None
-    if config.admin_enabled:
-        admin_server = _admin_server(config, manager, health, metrics)
-        if config.admin_socket is not None:
-            admin_address = f"unix:{Path(config.admin_socket).resolve()}"
-            _prepare_socket(Path(config.admin_socket))
-            with _private_umask():
-                _bind(admin_server, admin_address, credentials)
-        else:
-            admin_port = config.admin_port if config.admin_port is not None else 0
-            bound = _bind(admin_server, _tcp_address(config.admin_host, admin_port), credentials)
-            host = f"[{config.admin_host}]" if ":" in config.admin_host else config.admin_host
-            admin_address = f"{host}:{bound}"
-    server = RecshipServer(
-        config, grpc_server, port, manager, metrics, health, admin_server, admin_address
-    )
-    holder.append(server)
-    return server, port
+    if config.admin_socket is not None:
+        address = f"unix:{Path(config.admin_socket).resolve()}"
+        _prepare_socket(Path(config.admin_socket))
+        with _private_umask():
+            bind(server, address, credentials)
+        return server, address
+    admin_port = config.admin_port if config.admin_port is not None else 0
+    bound = bind(server, tcp_address(config.admin_host, admin_port), credentials)
+    host = f"[{config.admin_host}]" if ":" in config.admin_host else config.admin_host
+    return server, f"{host}:{bound}"
 
 
-def _admin_server(
+def build_admin_server(
     config: ServerConfig,
     manager: VersionManager,
     health: health_aio.HealthServicer,
@@ -500,11 +556,11 @@ def _descriptor_pool(files) -> descriptor_pool.DescriptorPool:  # type: ignore[n
     return pool
 
 
-def _tcp_address(host: str, port: int) -> str:
+def tcp_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
         if credentials is None:
             return server.add_insecure_port(address)
@@ -586,6 +642,11 @@ async def serve(config: ServerConfig, *, announce: bool = True) -> None:
     Raises:
         RecshipError: the initial load failed (unknown bundle, missing repository).
     """
+    if config.workers > 1:
+        from recship.runtime.fleet import serve_fleet
+
+        await serve_fleet(config, announce=announce)
+        return
     server, port = build_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

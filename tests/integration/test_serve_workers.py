@@ -1,0 +1,258 @@
+"""`recship serve --workers 2` as real processes: one port, one version decision, restarts,
+graceful SIGTERM and summed metrics.
+
+Which worker holds a connection is read from /proc (the server-side socket of each
+established connection, found among each worker's file descriptors), so "both workers" below
+is checked, not assumed from the kernel's spreading.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from recship.base.errors import RecshipError, Unavailable
+from recship.protos.v1 import admin_pb2
+from recship.runtime.client import AdminClient, Query, RecshipClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CHANNELS = 8
+
+
+@pytest.fixture
+def repo(bundle_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the session repository (tests here publish versions into it)."""
+    shutil.copytree(bundle_repo, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """Samples of the supervisor's endpoint, "name{labels}" -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+    return sorted(int(pid) for pid in text.split())
+
+
+def connections_by_worker(pids: list[int], port: int) -> dict[int, int]:
+    """Established inference connections held by each worker process."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    held = {}
+    for pid in pids:
+        count = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with_inode = re.fullmatch(r"socket:\[(\d+)\]", _readlink(f"/proc/{pid}/fd/{fd}"))
+            count += bool(with_inode and with_inode.group(1) in inodes)
+        held[pid] = count
+    return held
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def spread_client(serve, make_user) -> RecshipClient:  # type: ignore[no-untyped-def]
+    """A client whose channels reach every worker (a new set if the kernel put all on one)."""
+    for _ in range(5):
+        client = RecshipClient(serve.target, timeout=30, channels=CHANNELS)
+        for u in range(CHANNELS):  # one call per channel, in turn: every connection opens
+            client.recommend("movies", [Query(make_user(u, 0.0))], 10, 3)
+        held = connections_by_worker(worker_pids(serve.process.pid), serve.port)
+        if len(held) == 2 and all(held.values()):
+            return client
+        client.close()
+    raise AssertionError(f"the connections never reached both workers: {held}")
+
+
+def start_workers(serve_process, repo: Path, *flags: str):  # type: ignore[no-untyped-def]
+    serve = serve_process(repo, "--workers", "2", *flags)
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    return serve
+
+
+def recommend_all(client: RecshipClient, make_user) -> list[list[tuple[str, float]]]:  # type: ignore[no-untyped-def]
+    answers = []
+    for u in range(1, 25):
+        response = client.recommend("movies", [Query(make_user(u, 0.3))], 20, 5)
+        answers.append([(i.item_id, round(i.rank_score, 5)) for i in response.results[0]])
+    return answers
+
+
+def test_two_workers_answer_as_one_and_their_metrics_are_summed(
+    repo, serve_process, make_user
+) -> None:
+    single = serve_process(repo, "--poll-interval-s", "0")
+    fleet = start_workers(serve_process, repo, "--poll-interval-s", "0")
+    with RecshipClient(single.target, timeout=30) as client:
+        client.wait_until_serving(180)
+        expected = recommend_all(client, make_user)
+    with spread_client(fleet, make_user) as client:
+        assert recommend_all(client, make_user) == expected
+        sent = CHANNELS + 24
+        samples = scrape(fleet.metrics_port)
+    ok = samples['recship_requests_total{code="OK",method="recship.v1.Recommender/Recommend"}']
+    assert ok == sent  # both workers hold connections that took calls: the sum is both
+    assert samples["recship_workers_serving"] == 2
+    assert samples['recship_default_version{bundle="movies"}'] == 1  # decided once, not summed
+    # One histogram, summed per bucket: its count is every request.
+    assert (
+        samples['recship_request_latency_seconds_count{method="recship.v1.Recommender/Recommend"}']
+        == sent
+    )
+    assert fleet.terminate() == 0
+
+
+class Traffic:
+    """Callers in a closed loop over a client's channels, recording every outcome."""
+
+    def __init__(self, client: RecshipClient, make_user, callers: int = 8) -> None:  # type: ignore[no-untyped-def]
+        self.client = client
+        self.make_user = make_user
+        self.outcomes: list[tuple[float, str, int]] = []  # (finished at, code, version)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(c,)) for c in range(callers)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _loop(self, caller: int) -> None:
+        user = caller
+        while not self._stop.is_set():
+            user += 1
+            try:
+                response = self.client.recommend(
+                    "movies", [Query(self.make_user(user % 50 + 1, 0.1))], 10, 3, timeout=10
+                )
+                outcome = ("OK", response.served_by.version)
+            except Unavailable:
+                outcome = ("UNAVAILABLE", 0)
+            except RecshipError as error:
+                outcome = (str(error).split(":", 1)[0], 0)
+            self.outcomes.append((time.monotonic(), *outcome))
+
+
+def test_a_version_published_while_two_workers_serve_switches_both(
+    repo, serve_process, make_user, publish_copy
+) -> None:
+    serve = start_workers(serve_process, repo, "--poll-interval-s", "0.5")
+    with spread_client(serve, make_user) as client, Traffic(client, make_user) as traffic:
+        time.sleep(1.0)
+        publish_copy(repo)
+        deadline = time.monotonic() + 120
+        with AdminClient(serve.admin, timeout=30) as admin:
+            while time.monotonic() < deadline:
+                versions = {v.version: v for v in admin.list_bundles("movies").bundles[0].versions}
+                old = versions[1].state if 1 in versions else None
+                if (
+                    2 in versions
+                    and versions[2].is_default
+                    and old == admin_pb2.VERSION_STATE_UNLOADED
+                ):
+                    break
+                time.sleep(0.05)
+            switched = time.monotonic()
+        time.sleep(2.0)
+        held = connections_by_worker(worker_pids(serve.process.pid), serve.port)
+    assert time.monotonic() - deadline < 0, "the switch did not complete"
+    codes = {code for _, code, _ in traffic.outcomes}
+    assert codes == {"OK"}, codes
+    after = [version for at, _, version in traffic.outcomes if at > switched]
+    assert after and set(after) == {2}
+    assert {version for _, _, version in traffic.outcomes} == {1, 2}
+    assert all(held.values()), held  # both workers were answering to the end
+    assert serve.terminate() == 0
+
+
+def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
+    repo, serve_process, make_user
+) -> None:
+    serve = start_workers(serve_process, repo, "--poll-interval-s", "0")
+    pids = worker_pids(serve.process.pid)
+    with spread_client(serve, make_user) as client, Traffic(client, make_user) as traffic:
+        time.sleep(1.0)
+        os.kill(pids[0], signal.SIGKILL)
+        killed = time.monotonic()
+        deadline = killed + 120
+        while time.monotonic() < deadline:
+            samples = scrape(serve.metrics_port)
+            if samples.get("recship_worker_restarts_total") == 1 and (
+                samples.get("recship_workers_serving") == 2
+            ):
+                break
+            time.sleep(0.2)
+        restarted = time.monotonic()
+        time.sleep(1.0)
+    assert restarted < deadline, "the worker was not restarted"
+    new = worker_pids(serve.process.pid)
+    assert len(new) == 2 and pids[0] not in new and pids[1] in new
+    codes = {code for _, code, _ in traffic.outcomes}
+    assert codes <= {"OK", "UNAVAILABLE"}, codes
+    assert any(code == "OK" for at, code, _ in traffic.outcomes if at > restarted)
+    with AdminClient(serve.admin, timeout=30) as admin:
+        assert admin.health() == "SERVING"
+    assert serve.terminate() == 0
+
+
+def test_sigterm_lets_requests_in_flight_on_both_workers_finish(
+    repo, serve_process, make_user
+) -> None:
+    # Batches wait up to 1 s to fill, so the requests are still queued at SIGTERM.
+    serve = start_workers(serve_process, repo, "--max-delay-ms", "1000", "--grace-s", "20")
+    with spread_client(serve, make_user) as client:
+        pids = worker_pids(serve.process.pid)
+        with concurrent.futures.ThreadPoolExecutor(2 * CHANNELS) as pool:
+            calls = [
+                pool.submit(client.recommend, "movies", [Query(make_user(u, 0.0))], 10, 3)
+                for u in range(2 * CHANNELS)
+            ]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if total(scrape(serve.metrics_port), "recship_queue_rows{") >= 2 * CHANNELS:
+                    break
+                time.sleep(0.01)
+            held = connections_by_worker(pids, serve.port)
+            serve.process.send_signal(signal.SIGTERM)
+            results = [call.result(timeout=60) for call in calls]
+    assert all(held.values()), held  # every channel carried two of the queued calls
+    assert all(len(r.results[0]) == 3 for r in results)
+    assert serve.process.wait(60) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

@@ -1,0 +1,58 @@
+"""The supervisor's metrics of `serve --workers`: the workers' samples summed per label set."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from recship.runtime.fleet import merge_families
+
+
+def worker_text(requests: int, queued: int, latencies: list[float], version: int) -> str:
+    """One worker's exposition, as it answers the supervisor's `metrics` command."""
+    registry = CollectorRegistry()
+    counter = Counter("recship_requests", "", ["method", "code"], registry=registry)
+    counter.labels("Recommend", "OK").inc(requests)
+    Gauge("recship_queue_rows", "", ["model"], registry=registry).labels("movies/rank").set(queued)
+    histogram = Histogram("recship_request_latency_seconds", "", ["method"], registry=registry)
+    for seconds in latencies:
+        histogram.labels("Recommend").observe(seconds)
+    Gauge("recship_default_version", "", ["bundle"], registry=registry).labels("movies").set(
+        version
+    )
+    return generate_latest(registry).decode()
+
+
+def test_workers_are_summed_and_the_supervisors_decisions_are_its_own() -> None:
+    own = CollectorRegistry()
+    Counter("recship_requests", "", ["method", "code"], registry=own).labels(
+        "ListBundles", "OK"
+    ).inc()
+    Gauge("recship_default_version", "", ["bundle"], registry=own).labels("movies").set(2)
+    workers = [
+        list(text_string_to_metric_families(worker_text(3, 1, [0.001, 0.3], version=2))),
+        list(text_string_to_metric_families(worker_text(4, 5, [0.002], version=1))),
+    ]
+    merged = merge_families(list(own.collect()), workers)
+    registry = CollectorRegistry(auto_describe=False)
+
+    class Fixed:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return merged
+
+    registry.register(Fixed())  # type: ignore[arg-type]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("recship_requests_total", (("code", "OK"), ("method", "Recommend")))] == 7
+    assert samples[("recship_requests_total", (("code", "OK"), ("method", "ListBundles")))] == 1
+    assert samples[("recship_queue_rows", (("model", "movies/rank"),))] == 6
+    count = ("recship_request_latency_seconds_count", (("method", "Recommend"),))
+    assert samples[count] == 3
+    bucket = ("recship_request_latency_seconds_bucket", (("le", "0.005"), ("method", "Recommend")))
+    assert samples[bucket] == 2
+    assert samples[("recship_default_version", (("bundle", "movies"),))] == 2  # not 2 + 2 + 1
+    # The workers' creation timestamps are not amounts: dropped, not added up.
+    assert ("recship_requests_created", (("code", "OK"), ("method", "Recommend"))) not in samples
