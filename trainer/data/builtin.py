@@ -1,8 +1,9 @@
-"""The built-in data sets as feature specs: MovieLens in both layouts (and the synthetic
-generator, which writes MovieLens-shaped tables).
+"""The built-in data sets as feature specs: MovieLens in both layouts and the synthetic
+generator.
 
 A MovieLens-format folder is read through `specs/grouplens.toml` (u.data, u.user, u.item) or
-`specs/recbole.toml` (RecBole atomic files `<name>.inter/.user/.item`): the same mechanism a
+`specs/recbole.toml` (RecBole atomic files `<name>.inter/.user/.item`), and the synthetic
+generator's in-memory tables are encoded through `specs/synthetic.toml`: the same mechanism a
 team's own spec uses, so the built-in data sets are examples of the format, not special code.
 
 Example::
@@ -13,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from recship.trainer.data.spec import DataSpec, parse_spec
 
 GROUPLENS = "grouplens"
 RECBOLE = "recbole"
+SYNTHETIC = "synthetic"
 
 
 def builtin_document(spec_name: str, **substitutions: str) -> dict:
@@ -91,3 +94,17 @@ def _use_genres(document: dict, genres: list[str]) -> None:
         if feature["name"] == "item_genres":
             feature["flags"] = list(genres)
             feature["vocabulary"] = list(genres)
+
+
+def synthetic_spec(genres: Sequence[str]) -> DataSpec:
+    """The spec of the synthetic generator's tables (`synthetic.synthetic_tables`).
+
+    Args:
+        genres: the genre names, in id order (the fixed vocabulary of `item_genres`).
+
+    The tables come from memory (`load_tables(spec, tables=...)`); the spec's file names are
+    what messages call them.
+    """
+    vocabulary = ", ".join(f'"{genre}"' for genre in genres)
+    document = builtin_document(SYNTHETIC, genres=vocabulary)
+    return parse_spec(document, Path(SYNTHETIC), f"built-in {SYNTHETIC} spec")
