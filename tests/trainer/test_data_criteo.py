@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,20 @@ def test_a_resume_sees_the_rest_of_the_epoch_under_any_world_size(criteo_file: P
     # Two steps of 2 ranks x 32 were consumed; one rank of 64 takes the rest of the epoch.
     resumed = _rows(criteo_batches(criteo_file, 64, epoch=2, shuffle_buffer=50, start_batch=2))
     assert resumed == order[128 : 128 + 64 * ((500 - 128) // 64)]
+
+
+def test_closing_the_stream_stops_its_reader_thread(
+    criteo_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def readers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "criteo-reader"]
+
+    monkeypatch.setattr(criteo, "_BLOCK_BYTES", 4096)  # many blocks: the reader stays ahead
+    batches = criteo_batches(criteo_file, 8)
+    next(batches)
+    assert readers()
+    batches.close()  # what dropping a half-read stream does
+    assert not readers()
 
 
 def test_start_batch_skips_consumed_batches(criteo_file: Path) -> None:

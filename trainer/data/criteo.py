@@ -498,15 +498,28 @@ class _Encoder:
         dense = np.empty((len(table), NUM_DENSE), dtype=np.float32)
         for name_index, name in enumerate(DENSE_FEATURES):
             transform = self.transforms.features[name]
-            values = pc.fill_null(
-                raw_values(self.spec.feature(name), table, where), transform.default
-            )
+            values = pc.fill_null(self._raw(name, table, where), transform.default)
             dense[:, name_index] = transform.encode_dense(values)
         ids = hash_columns(
             [self.transforms.features[name] for name in SPARSE_FEATURES],
-            [raw_values(self.spec.feature(name), table, where) for name in SPARSE_FEATURES],
+            [self._raw(name, table, where) for name in SPARSE_FEATURES],
         )
         return labels, dense, ids
+
+    def _raw(self, name: str, table: pa.Table, where: str) -> pa.Array:
+        """The feature's raw values (`tables.raw_values`: its column after the spec's
+        derivations); a plain column of one chunk is that chunk, not a copy."""
+        feature = self.spec.feature(name)
+        plain = not (feature.prefix is not None or feature.pattern or feature.separator
+                     or feature.flags or feature.column not in table.column_names)  # fmt: skip
+        column = table.column(feature.column) if plain else None
+        if (
+            column is not None
+            and column.num_chunks == 1
+            and not (feature.kind == "dense" and pa.types.is_string(column.type))
+        ):
+            return column.chunk(0)
+        return raw_values(feature, table, where)
 
 
 @functools.lru_cache(maxsize=8)
@@ -517,95 +530,75 @@ def _encoder(table_size: int) -> _Encoder:
 
 
 def hashed_ids(transform: FeatureTransform, values: pa.Array) -> np.ndarray:
-    """`transform.encode_ids(values)` of a single-valued hashed feature, computed faster (see
-    `hash_columns`); tested against the transform."""
-    return hash_columns([transform], [values])[0]
+    """`transform.encode_ids(values)` of a single-valued hashed feature, computed faster.
+
+    The same FNV-1a 64 as `bundle.transforms.fnv1a_64` (tested against it), taken over the
+    values of each length at once as a byte matrix, one vector step per byte position: a
+    column of Criteo's 8 hex digits (or nothing) is one matrix, read in place from the Arrow
+    buffer. Missing values hash as the feature's default text (the empty text without one).
+
+    Args:
+        transform: a hashed, single-valued feature.
+        values: its n raw values.
+
+    Returns:
+        int64 [n].
+    """
+    text = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    default = "" if transform.default is None else str(transform.default)
+    if text.null_count and default:
+        text = pc.fill_null(text, default)
+    hashes = _fnv1a_64_by_length(text, transform.seed) if pa.types.is_string(text.type) else None
+    if hashes is None:
+        hashes = fnv1a_64(pc.fill_null(as_text(text), default), transform.seed)
+    np.remainder(hashes, np.uint64(transform.buckets), out=hashes)
+    return hashes.view(np.int64)  # < buckets: the same values
 
 
 def hash_columns(transforms: list[FeatureTransform], columns: list[pa.Array]) -> np.ndarray:
-    """The ids of several single-valued hashed features: int64 [len(columns), n], feature-major
-    (the layout of a KJT's values).
-
-    The same FNV-1a 64 as `bundle.transforms.fnv1a_64`, computed over byte matrices: the
-    values of one length form a matrix and each byte position is one vector step. Columns
-    whose non-empty values all have the same length (Criteo's 8 hex digits) are hashed
-    together, as one matrix; any other column by length groups of its own. Missing values
-    hash as the feature's default text (the empty text when it has none).
-
-    Args:
-        transforms: hashed, single-valued features.
-        columns: their raw values, one array of n each.
-    """
+    """`hashed_ids` of several features of the same rows: int64 [len(columns), n], feature-major
+    (the layout of a KJT's values)."""
     count = len(columns[0]) if columns else 0
     ids = np.empty((len(columns), count), dtype=np.int64)
-    shared: list[tuple[int, np.ndarray, np.ndarray]] = []  # (column, rows, bytes) of `width`
-    width = 0
     for index, (transform, values) in enumerate(zip(transforms, columns, strict=True)):
-        text = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        default = "" if transform.default is None else str(transform.default)
-        if text.null_count and default:
-            text = pc.fill_null(text, default)
-        layout = _byte_layout(text) if pa.types.is_string(text.type) else None
-        if layout is None:
-            hashes = fnv1a_64(pc.fill_null(as_text(text), default), transform.seed)
-            ids[index] = (hashes % np.uint64(transform.buckets)).astype(np.int64)
-            continue
-        empty = int(_basis(transform.seed) % np.uint64(transform.buckets))
-        ids[index] = empty
-        for rows, matrix in layout:
-            if width in (0, matrix.shape[1]) and len(layout) == 1:
-                width = matrix.shape[1]
-                shared.append((index, rows, matrix))
-            else:
-                state = _fnv_rows(matrix, np.full(rows.size, _basis(transform.seed)))
-                ids[index, rows] = (state % np.uint64(transform.buckets)).astype(np.int64)
-    if shared:
-        matrix = np.concatenate([m for _, _, m in shared])
-        seeds = np.repeat(
-            [_basis(transforms[i].seed) for i, _, _ in shared], [r.size for _, r, _ in shared]
-        ).astype(np.uint64)
-        buckets = np.repeat(
-            [transforms[i].buckets for i, _, _ in shared], [r.size for _, r, _ in shared]
-        ).astype(np.uint64)
-        all_ids = (_fnv_rows(matrix, seeds) % buckets).astype(np.int64)
-        start = 0
-        for index, rows, _ in shared:
-            ids[index, rows] = all_ids[start : start + rows.size]
-            start += rows.size
+        ids[index] = hashed_ids(transform, values)
     return ids
 
 
-def _byte_layout(text: pa.Array) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """The non-empty values of a string array as (rows, uint8 [rows, width]) per width; None
-    when a null holds bytes (then the reference hash decides)."""
+def _fnv1a_64_by_length(text: pa.Array, seed: int) -> np.ndarray | None:
+    """`fnv1a_64(text, seed)` of a string array (nulls hash as the empty text, as there),
+    grouped by value length; None when a null holds bytes (then the reference decides)."""
     count = len(text)
+    basis = _basis(seed)
+    hashes = np.full(count, basis, dtype=np.uint64)
     _, offsets_buffer, data_buffer = text.buffers()
     if count == 0 or data_buffer is None:
-        return []
+        return hashes
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[text.offset : text.offset + count + 1]
     data = np.frombuffer(data_buffer, dtype=np.uint8)
     lengths = np.diff(offsets)
-    if text.null_count and lengths[~text.is_valid().to_numpy(zero_copy_only=False)].any():
+    if text.null_count and np.any(
+        lengths.astype(bool) & ~text.is_valid().to_numpy(zero_copy_only=False)
+    ):
         return None
+    rows = np.flatnonzero(lengths)
+    if rows.size == 0:
+        return hashes
     width = int(lengths.max())
-    if width == 0:
-        return []
-    if np.all((lengths == width) | (lengths == 0)):  # back to back: a plain reshape
-        return [(np.flatnonzero(lengths), data[offsets[0] : offsets[-1]].reshape(-1, width))]
-    groups = []
-    for length in np.unique(lengths[lengths > 0]).tolist():
-        rows = np.flatnonzero(lengths == length)
-        groups.append((rows, data[offsets[rows][:, None] + np.arange(length)]))
-    return groups
-
-
-def _fnv_rows(matrix: np.ndarray, state: np.ndarray) -> np.ndarray:
-    """FNV-1a 64 of each row of a byte matrix, from the given start states (uint64)."""
-    state = state.astype(np.uint64)
-    for column in matrix.T:  # uint8, widened by the ufunc: no uint64 copy of the matrix
-        np.bitwise_xor(state, column, out=state, casting="unsafe")
-        np.multiply(state, _FNV_PRIME, out=state)
-    return state
+    if offsets[-1] - offsets[0] == width * rows.size:  # one length, back to back: a reshape
+        groups = [(rows, data[offsets[0] : offsets[-1]].reshape(-1, width))]
+    else:
+        groups = []
+        for length in np.unique(lengths[rows]).tolist():
+            group = np.flatnonzero(lengths == length)
+            groups.append((group, data[offsets[group][:, None] + np.arange(length)]))
+    for group, matrix in groups:
+        state = np.full(group.size, basis, dtype=np.uint64)
+        for column in matrix.T:  # uint8, widened by the ufunc: no uint64 copy of the matrix
+            np.bitwise_xor(state, column, out=state, casting="unsafe")
+            np.multiply(state, _FNV_PRIME, out=state)
+        hashes[group] = state
+    return hashes
 
 
 @functools.cache
@@ -651,8 +644,9 @@ def _record_batches(
             convert_options=pacsv.ConvertOptions(
                 column_types=types,
                 null_values=[""],
-                strings_can_be_null=True,
+                strings_can_be_null=False,  # an empty category is "": it hashes as missing
                 include_columns=columns,
+                check_utf8=False,  # categories are hashed as bytes: nothing to validate
             ),
         )
         yield from reader
