@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from recship.base.errors import InvalidInput, NotFound
-from recship.trainer.data.builtin import criteo_spec, synthetic_spec
+from recship.trainer.data.builtin import builtin_document, criteo_spec, synthetic_spec
 from recship.trainer.data.criteo import DENSE_FEATURES, LABEL, NUM_COLUMNS, SPARSE_FEATURES
 from recship.trainer.data.spec import parse_spec
 from recship.trainer.data.tables import load_tables
@@ -47,6 +47,15 @@ def test_synthetic_spec_fixes_its_vocabularies() -> None:
     assert spec.feature("user_gender").vocabulary == ("F", "M")
     assert len(spec.feature("user_occupation").vocabulary or ()) == 21
     assert (spec.user_key_feature, spec.item_key_feature) == ("user_id", "item_id")
+    # A query may omit what MovieLens's specs let it omit, with defaults fitted the same way.
+    movielens = builtin_document("grouplens")["features"]
+    for feature in movielens:
+        if feature["side"] == "user":
+            mine = spec.feature(feature["name"])
+            assert (mine.default_fit, mine.default) == (
+                feature.get("default_fit"),
+                feature.get("default"),
+            ), feature["name"]
 
 
 def test_tables_in_memory_replace_their_files_and_others_are_read(tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ def test_raw_tables_go_through_the_built_in_spec() -> None:
     assert again.transforms is not None
     assert again.raw_user_ids[:3].tolist() == ["1", "2", "3"]
     assert again.vocabularies["user_gender"] == ["F", "M"]
+    assert again.transforms.features["user_occupation"].default in synthetic.OCCUPATIONS
     assert len(again.vocabularies["user_occupation"]) == synthetic.NUM_OCCUPATIONS
     # Raw values land in the buckets the spec declares.
     ages = np.asarray(tables["users"].column("age"))

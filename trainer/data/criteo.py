@@ -499,7 +499,7 @@ class _Encoder:
         for name_index, name in enumerate(DENSE_FEATURES):
             transform = self.transforms.features[name]
             values = pc.fill_null(self._raw(name, table, where), transform.default)
-            dense[:, name_index] = transform.encode_dense(values)
+            dense[:, name_index] = transform.encode_dense(values, derived=True)
         ids = hash_columns(
             [self.transforms.features[name] for name in SPARSE_FEATURES],
             [self._raw(name, table, where) for name in SPARSE_FEATURES],
@@ -530,7 +530,8 @@ def _encoder(table_size: int) -> _Encoder:
 
 
 def hashed_ids(transform: FeatureTransform, values: pa.Array) -> np.ndarray:
-    """`transform.encode_ids(values)` of a single-valued hashed feature, computed faster.
+    """`transform.encode_ids(values, derived=True)[0]` of a single-valued hashed feature,
+    computed faster.
 
     The same FNV-1a 64 as `bundle.transforms.fnv1a_64` (tested against it), taken over the
     values of each length at once as a byte matrix, one vector step per byte position: a
@@ -539,7 +540,7 @@ def hashed_ids(transform: FeatureTransform, values: pa.Array) -> np.ndarray:
 
     Args:
         transform: a hashed, single-valued feature.
-        values: its n raw values.
+        values: its n values, derived already (`tables.raw_values`).
 
     Returns:
         int64 [n].
