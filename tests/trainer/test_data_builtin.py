@@ -44,7 +44,7 @@ def test_synthetic_spec_fixes_its_vocabularies() -> None:
     spec = synthetic_spec(["genre_0", "genre_1", "genre_2"])
     assert spec.name == "synthetic"
     assert spec.feature("item_genres").vocabulary == ("genre_0", "genre_1", "genre_2")
-    assert spec.feature("user_gender").vocabulary == ("F", "M")
+    assert spec.feature("user_gender").vocabulary == ("gender_0", "gender_1")
     assert len(spec.feature("user_occupation").vocabulary or ()) == 21
     assert (spec.user_key_feature, spec.item_key_feature) == ("user_id", "item_id")
     # A query may omit what MovieLens's specs let it omit, with defaults fitted the same way.

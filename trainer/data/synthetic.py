@@ -55,13 +55,10 @@ NUM_OCCUPATIONS = 21
 NUM_AGE_BUCKETS = 7
 NUM_ZIP_PREFIXES = 11  # ten digits and "other"
 MAX_GENRES_PER_ITEM = 3
-#: Raw values, in the id order of the spec's fixed vocabularies (they sort that way).
-GENDERS: tuple[str, ...] = ("F", "M")
-OCCUPATIONS: tuple[str, ...] = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
-    "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
-    "retired", "salesman", "scientist", "student", "technician", "writer",
-)  # fmt: skip
+#: Raw gender and occupation values, in the id order of the spec's fixed vocabularies (they
+#: sort that way): the names synthetic data has always had on the wire (`write_movielens`).
+GENDERS: tuple[str, ...] = tuple(f"gender_{g}" for g in range(NUM_GENDERS))
+OCCUPATIONS: tuple[str, ...] = tuple(f"occupation_{o:03d}" for o in range(NUM_OCCUPATIONS))
 #: (first, last) age of each age bucket of the spec (boundaries 18, 25, 35, 45, 50, 56).
 AGE_RANGES: tuple[tuple[int, int], ...] = (
     (7, 17), (18, 24), (25, 34), (35, 44), (45, 49), (50, 55), (56, 73),
