@@ -43,6 +43,7 @@ import functools
 import gzip
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,36 +442,52 @@ def _shuffled(
 
 
 class _Pending:
-    """Encoded rows of this rank waiting for their batch: appended in order, taken from the
-    front (one copy per appended piece, views out)."""
+    """Encoded rows of this rank waiting for their batch: pieces appended in order, a batch
+    taken from the front (copied once, when the batch is made).
+
+    A piece is (labels float32 [n], dense float32 [n, 13], ids int64 [26, n]).
+    """
 
     def __init__(self) -> None:
-        self.labels = np.zeros(0, dtype=np.float32)
-        self.dense = np.zeros((0, NUM_DENSE), dtype=np.float32)
-        self.ids = np.zeros((NUM_SPARSE, 0), dtype=np.int64)  # feature-major
+        self.pieces: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()
+        self.size = 0
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.size
 
     def add(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray) -> None:
-        self.labels = np.concatenate([self.labels, labels])
-        self.dense = np.concatenate([self.dense, dense])
-        self.ids = np.concatenate([self.ids, ids], axis=1)
+        self.pieces.append((labels, dense, ids))
+        self.size += len(labels)
 
     def take(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        taken = (self.labels[:count], self.dense[:count], self.ids[:, :count])
-        self.labels, self.dense, self.ids = (
-            self.labels[count:],
-            self.dense[count:],
-            self.ids[:, count:],
+        """The first `count` rows (all of them when fewer), removed."""
+        parts = []
+        while count > 0 and self.pieces:
+            labels, dense, ids = self.pieces[0]
+            if len(labels) <= count:
+                parts.append(self.pieces.popleft())
+            else:
+                parts.append((labels[:count], dense[:count], ids[:, :count]))
+                self.pieces[0] = (labels[count:], dense[count:], ids[:, count:])
+            count -= len(parts[-1][0])
+            self.size -= len(parts[-1][0])
+        if not parts:
+            return (
+                np.zeros(0, np.float32),
+                np.zeros((0, NUM_DENSE), np.float32),
+                np.zeros((NUM_SPARSE, 0), np.int64),
+            )
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts], axis=1),
         )
-        return taken
 
 
 def _batch(labels: np.ndarray, dense: np.ndarray, ids: np.ndarray) -> Batch:
     size = len(labels)
     # ids [26, B] are feature-major like a KJT's values: all rows of cat_0, then of cat_1, ...
-    values = np.ascontiguousarray(ids).reshape(-1)
+    values = np.ascontiguousarray(ids).reshape(-1)  # concatenated already: no copy
     return Batch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense)).reshape(size, NUM_DENSE),
         sparse_features=KeyedJaggedTensor(
