@@ -59,5 +59,5 @@ def test_a_mapped_read_refuses_what_a_copying_read_refuses(tmp_path: Path) -> No
     with pytest.raises(InvalidInput):
         read_item_features(path, mmap=True)
     path.write_bytes(b"not a zip")
-    with pytest.raises(InvalidInput, match="not a valid .npz"):
+    with pytest.raises(InvalidInput, match=r"not a valid \.npz"):
         read_item_features(path, mmap=True)
