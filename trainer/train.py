@@ -932,6 +932,8 @@ class _Trainer:
         if last_saved != state.step:
             self._save(state)
         sample = getattr(self.data, "eval_sample", None)
+        if self.model_config.kind != "two-tower":
+            sample = None  # a ranker scores every held-out pair
         log.say(
             "evaluating"
             + (f" on a sample of {sample.size} held-out users" if sample is not None else "")
