@@ -193,7 +193,9 @@ def _package_case(args: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(repo)
     start = time.perf_counter()
     # Bounded training: the gate's model-quality losses are not judged; the index floor is.
-    thresholds = QualityThresholds(max_recall_loss=1.0, max_auc_loss=1.0, max_logit_diff=10.0)
+    thresholds = QualityThresholds(
+        max_recall_loss=1.0, max_auc_loss=1.0, max_logit_diff=10.0, max_recommend_loss=1.0
+    )
     report = package_runs(_runs(args), repo, BUNDLE, thresholds=thresholds)
     wall = time.perf_counter() - start
     files = [f for f in report.ref.path.rglob("*") if f.is_file()]
