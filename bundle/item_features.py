@@ -11,10 +11,18 @@ stored uncompressed, each array's declared shape and dtype no larger than the by
 occupies, no object arrays) and, given the manifest, every array against it
 (`read_item_features`): the feature names, one row per item, offsets that index the values,
 ids inside each feature's cardinality and bags no longer than `MAX_BAG_IDS`.
+
+With `mmap=True` the arrays are read-only views of the file mapped into memory instead of
+copies: every member is stored (never compressed), so each array's bytes lie contiguous in the
+archive at an offset the zip headers give. Pages are then the page cache's, shared by every
+process and version that maps the file and evictable, not private memory per version; the
+format is unchanged.
 """
 
 from __future__ import annotations
 
+import mmap as mmap_module
+import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,11 +130,58 @@ def _check_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo)
         )
 
 
+def _read_header(handle, path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy header at the handle's position."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(handle)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(handle)
+        raise ValueError(f"unknown .npy version {version}")
+    except ValueError as error:
+        raise InvalidInput(f"{path}: array {name}: {clip(str(error), 120)}") from None
+
+
+def _mapped_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a checked archive (`check_archive`: stored members whose headers fit
+    their bytes) as a read-only view of the file mapped into memory, by member name."""
+    arrays: dict[str, np.ndarray] = {}
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        mapped = mmap_module.mmap(handle.fileno(), 0, access=mmap_module.ACCESS_READ)
+        with zipfile.ZipFile(handle) as archive:
+            members = archive.infolist()
+        for member in members:
+            name = untrusted(member.filename)
+            handle.seek(member.header_offset)
+            local = handle.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise InvalidInput(f"{path}: array {name}: bad local zip header")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            start = member.header_offset + 30 + name_length + extra_length
+            handle.seek(start)
+            shape, fortran, dtype = _read_header(handle, path, name)
+            offset = handle.tell()
+            count = 1
+            for extent in shape:
+                count *= int(extent)
+            end = offset + count * dtype.itemsize
+            if end > start + member.compress_size or end > size:
+                raise InvalidInput(f"{path}: array {name} runs past its member")
+            flat = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+            arrays[member.filename[: -len(".npy")]] = flat.reshape(
+                shape, order="F" if fortran else "C"
+            )
+    return arrays
+
+
 def read_user_features(
-    path: Path, manifest: manifest_pb2.BundleManifest
+    path: Path, manifest: manifest_pb2.BundleManifest, *, mmap: bool = False
 ) -> tuple[EntityTable, list[str], list[str]]:
-    """Loads the user table (same layout as the item table), checked against the manifest."""
-    table, sparse_names, dense_names = read_item_features(path)
+    """Loads the user table (same layout as the item table), checked against the manifest;
+    `mmap` as in `read_item_features`."""
+    table, sparse_names, dense_names = read_item_features(path, mmap=mmap)
     declared = manifest.user_features
     check_entity_table(
         path,
@@ -145,12 +200,14 @@ def read_user_features(
 
 
 def read_item_features(
-    path: Path, manifest: manifest_pb2.BundleManifest | None = None
+    path: Path, manifest: manifest_pb2.BundleManifest | None = None, *, mmap: bool = False
 ) -> tuple[EntityTable, list[str], list[str]]:
     """Loads the item table written by `write_item_features`.
 
     The archive's structure is checked first (`check_archive`); with `manifest`, every array is
-    checked against it too (`check_item_table`).
+    checked against it too (`check_item_table`). With `mmap`, the arrays are read-only views
+    of the mapped file (see the module docstring); the file must not change while they are in
+    use (published versions never do).
 
     Returns:
         (items, sparse feature names, dense feature names).
@@ -161,7 +218,7 @@ def read_item_features(
     """
     check_archive(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with _open_arrays(path, mmap) as data:
             sparse_names = [str(name) for name in data["sparse_names"]]
             dense_names = [str(name) for name in data["dense_names"]]
             dense = data["dense"]
@@ -179,6 +236,23 @@ def read_item_features(
     if manifest is not None:
         check_item_table(path, items, sparse_names, dense_names, manifest)
     return items, sparse_names, dense_names
+
+
+class _MappedArchive(dict):
+    """`np.load`'s context-manager interface over `_mapped_arrays`."""
+
+    def __enter__(self) -> _MappedArchive:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def _open_arrays(path: Path, mmap: bool):
+    """The archive's arrays by name: `np.load` (copies), or mapped views with `mmap`."""
+    if mmap:
+        return _MappedArchive(_mapped_arrays(path))
+    return np.load(path, allow_pickle=False)
 
 
 @dataclass(frozen=True)

@@ -307,8 +307,9 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
     return result
 
 
-class _UnbatchedServer:
-    """`recship serve --no-batching` on free ports, for the comparison; stopped on exit.
+class ServeProcess:
+    """`recship serve --no-batching` on free ports, for the comparison (or, with `batching`,
+    a server with its defaults, for benchmarks); stopped by `close`.
 
     `serve_args` come first, so the ports and `--no-batching` given here override any in them.
     Its log goes to a temporary file (a pipe nobody reads would fill and stall the server);
@@ -323,13 +324,15 @@ class _UnbatchedServer:
         *,
         tls: ClientTLS | None = None,
         token: str | None = None,
+        batching: bool = False,
     ) -> None:
         executable = Path(sys.executable).parent / "recship"
+        batching_flag = [] if batching else ["--no-batching"]
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open until close()
         self._tls, self._token = tls, token
         self.process = subprocess.Popen(
             [str(executable), "serve", *serve_args, "--repo", str(repo), "--bundle", bundle,
-             "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--no-batching"],
+             "--port", "0", "--metrics-port", "0", "--admin-port", "0", *batching_flag],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
         )  # fmt: skip
         if self.process.stdout is None:
@@ -340,9 +343,8 @@ class _UnbatchedServer:
             self._log.seek(0)
             said = [text.strip() for text in self._log.read().splitlines() if text.strip()]
             self._log.close()
-            raise Unavailable(
-                "the unbatched comparison server did not start" + (f": {said[-1]}" if said else "")
-            )
+            which = "the unbatched comparison server" if not batching else "recship serve"
+            raise Unavailable(f"{which} did not start" + (f": {said[-1]}" if said else ""))
         self.target = line[2]
         self.metrics = f"127.0.0.1:{line[4]}"
         self.admin = line[6]
@@ -384,7 +386,7 @@ def bench(config: BenchConfig) -> list[LoadResult]:
         elif config.repo is None:
             raise InvalidInput("--compare-unbatched needs --repo (or --unbatched-server)")
         else:
-            server = _UnbatchedServer(
+            server = ServeProcess(
                 config.repo,
                 config.bundle,
                 config.unbatched_serve_args,

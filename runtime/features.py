@@ -174,8 +174,10 @@ class FeatureCodec:
             {self.user_key} if self.user_key else set()))  # fmt: skip
         # Checked against the manifest as they load: one row per entity, offsets that index
         # their values, ids inside each feature's cardinality, bounded bags.
+        # Mapped, not copied: the pages are shared with every other version and process that
+        # maps the file (two versions side by side during a switch hold one copy's worth).
         items, sparse_names, _ = read_item_features(
-            version_dir / manifest.item_features.file, manifest
+            version_dir / manifest.item_features.file, manifest, mmap=True
         )
         self.items = items
         absent = [name for name in self.ranker_item_features if name not in sparse_names]
@@ -186,7 +188,7 @@ class FeatureCodec:
         self.user_dense: tuple[str, ...] = ()
         if manifest.HasField("user_features"):
             users, user_sparse, user_dense = read_user_features(
-                version_dir / manifest.user_features.file, manifest
+                version_dir / manifest.user_features.file, manifest, mmap=True
             )
             self.users = users
             self.user_sparse, self.user_dense = tuple(user_sparse), tuple(user_dense)

@@ -121,14 +121,16 @@ class LoaderConfig:
         batching: the replicas' batchers.
         mmap_index: map the index's vectors from the bundle file instead of reading them
             (`read_index(mmap=True)`): the worker processes of `recship serve --workers N`
-            then share one copy of those pages instead of holding N.
+            then share one copy of those pages instead of holding N, and two versions side
+            by side during a switch hold no private copy of either index (on by default;
+            benchmarks/README, "Scale end to end").
     """
 
     devices: tuple[str, ...] = ()
     replicas: int | None = None
     format: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    mmap_index: bool = False
+    mmap_index: bool = True
 
 
 def configure_threads(threads: int) -> None:
@@ -390,6 +392,8 @@ def load_servable(
     if not wanted or any(not 0 <= slot < len(where.replicas) for slot in wanted):
         raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
     codec = FeatureCodec(manifest, version.ref.path)
+    # Mapped from the file (every family; see bundle.index.read_index): the vectors stay in
+    # the page cache, shared between versions and processes, instead of a private copy each.
     index = read_index(
         version.ref.path / manifest.index.file,
         manifest.index,

@@ -22,7 +22,12 @@ from typing import Any
 import click
 
 from recship.base.errors import InvalidInput
-from recship.trainer.config import DEFAULT_TEMPERATURE, SHARDINGS
+from recship.trainer.config import (
+    DEFAULT_EVAL_USERS,
+    DEFAULT_LOG_EVERY,
+    DEFAULT_TEMPERATURE,
+    SHARDINGS,
+)
 
 
 def _layers(flag: str) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -98,6 +103,21 @@ def _common_options(function: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--eval-every", type=int, default=0, help="Steps between evaluations; 0 = at the end."
+        ),
+        click.option(
+            "--eval-users",
+            type=int,
+            default=DEFAULT_EVAL_USERS,
+            show_default=True,
+            help="two-tower: held-out users the evaluation ranks against every item (a seeded "
+            "sample when there are more; 0 = all).",
+        ),
+        click.option(
+            "--log-every",
+            type=float,
+            default=DEFAULT_LOG_EVERY,
+            show_default=True,
+            help="Seconds between progress lines when output is not a terminal; 0 = none.",
         ),
         click.option("--sparse-lr", type=float, help="Row-wise Adagrad learning rate (tables)."),
         click.option("--dense-lr", type=float, help="Adam learning rate (MLPs)."),

@@ -2,7 +2,11 @@
 
 Two-tower: recall@K and NDCG@10 by exact full ranking of every item for every evaluated user,
 with the user's training positives excluded (RecBole's definitions: recall@K = hits in the
-top K / the user's held-out items; averaged over users with at least one held-out item).
+top K / the user's held-out items; averaged over users with at least one held-out item). At
+size the evaluated users are a seeded sample of the held-out users (`eval_user_sample`: the
+trainer's --eval-users, `config.DEFAULT_EVAL_USERS`), ranked against every item in blocks of
+users that bound the score matrix (`SCORES_PER_BLOCK`): exact, in memory independent of the
+catalogue size.
 DLRM: ROC AUC and log loss of the held-out interactions' labels.
 End to end (`end_to_end_metrics`): what Recommend serves, offline and exact: each held-out
 user's retrieval top K (training items excluded), re-ranked by the DLRM, cut to the top N,
@@ -41,22 +45,47 @@ END_TO_END_TOP_N = 10
 #: the end-to-end metrics are flat from K = 50 up (the ranker keeps the retrieval order's
 #: information), so the smallest K with room for a client's excluded items wins on cost.
 DEFAULT_RETRIEVE_K = 100
+#: float64 scores held at once while ranking (users per block = this // items; 128 MiB).
+SCORES_PER_BLOCK = 1 << 24
 
 
 @torch.no_grad()
 def tower_embeddings(
-    tower: nn.Module, table: EntityTable, feature_names: Sequence[str], batch_size: int = 4096
+    tower: nn.Module,
+    table: EntityTable,
+    feature_names: Sequence[str],
+    batch_size: int = 4096,
+    ids: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Embeds every row of an entity table with one tower.
+    """Embeds rows of an entity table with one tower: every row, or the rows `ids`.
 
     Returns:
-        float32 [table.num_rows, D], row r = entity id r.
+        float32 [table.num_rows, D], row r = entity id r; with `ids`, [len(ids), D] in the
+        order of `ids`.
     """
-    parts = []
-    for start in range(0, table.num_rows, batch_size):
-        ids = np.arange(start, min(start + batch_size, table.num_rows), dtype=np.int64)
-        parts.append(tower(entity_kjt(table, ids, feature_names)))
+    if ids is None:
+        ids = np.arange(table.num_rows, dtype=np.int64)
+    parts = [
+        tower(entity_kjt(table, ids[start : start + batch_size], feature_names))
+        for start in range(0, ids.size, batch_size)
+    ]
     return torch.cat(parts)
+
+
+def eval_user_sample(held_out: InteractionDataset, count: int, seed: int) -> np.ndarray | None:
+    """A seeded sample of `count` users with held-out interactions, sorted; None (every such
+    user) when `count` is 0 or at least their number.
+
+    The sample depends on the held-out split and the seed only, so the evaluations of one run
+    (during training, at its end) and of a resumed run rank the same users.
+    """
+    if count < 0:
+        raise ValueError(f"the evaluation sample must be >= 0 users, got {count}")
+    users = np.unique(held_out.user_ids)
+    if count == 0 or count >= users.size:
+        return None
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, 0xE7A1])
+    return np.sort(rng.choice(users, size=count, replace=False))
 
 
 def positives_by_user(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
@@ -80,31 +109,53 @@ def retrieval_metrics(
     held_out: InteractionDataset,
     ks: Sequence[int] = RECALL_KS,
     user_batch: int = 1024,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@K and NDCG@10 by exact full ranking, training positives excluded.
 
     Args:
-        user_embeddings: float32 [num_users, D].
+        user_embeddings: float32 [num_users, D], row = user id; or, with `users`, either that
+            or [len(users), D], row i = user users[i] (only the evaluated users embedded).
         item_embeddings: float32 [num_items, D].
         train: the training split (its positives are masked out of each user's ranking).
         held_out: the evaluation split (its positives are the targets).
         ks: the K of each recall@K.
-        user_batch: users scored per matrix product.
+        user_batch: users scored per matrix product (at most SCORES_PER_BLOCK // num_items).
+        users: evaluate only these users (sorted unique ids, e.g. `eval_user_sample`); None:
+            every user with a held-out interaction.
 
     Returns:
         {"recall@K": ..., "ndcg@10": ..., "eval_users": n}; zeros and n = 0 when the held-out
         split is empty.
     """
-    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
-    seen = positives_by_user(train.user_ids, train.item_ids)
+    rows_of: np.ndarray | None = None  # user id -> row of user_embeddings, when not the id
+    if users is not None:
+        users = np.asarray(users, dtype=np.int64)
+        wanted = np.zeros(max(train.num_users, held_out.num_users), dtype=bool)
+        wanted[users] = True
+        held_out_user_ids = held_out.user_ids[wanted[held_out.user_ids]]
+        held_out_item_ids = held_out.item_ids[wanted[held_out.user_ids]]
+        seen_mask = wanted[train.user_ids]
+        targets = positives_by_user(held_out_user_ids, held_out_item_ids)
+        seen = positives_by_user(train.user_ids[seen_mask], train.item_ids[seen_mask])
+        if user_embeddings.shape[0] == users.size:
+            rows_of = np.full(wanted.size, -1, dtype=np.int64)
+            rows_of[users] = np.arange(users.size)
+    else:
+        targets = positives_by_user(held_out.user_ids, held_out.item_ids)
+        seen = positives_by_user(train.user_ids, train.item_ids)
     users = np.array(sorted(targets), dtype=np.int64)
-    max_k = min(max(max(ks), NDCG_K), item_embeddings.shape[0])
+    num_items = item_embeddings.shape[0]
+    user_batch = max(1, min(user_batch, SCORES_PER_BLOCK // max(num_items, 1)))
+    items_t = item_embeddings.double().T
+    max_k = min(max(max(ks), NDCG_K), num_items)
     hits_at = {k: 0.0 for k in ks}
     ndcg_total = 0.0
     discounts = 1.0 / np.log2(np.arange(2, NDCG_K + 2))
     for start in range(0, users.size, user_batch):
         block = users[start : start + user_batch]
-        scores = user_embeddings[torch.from_numpy(block)].double() @ item_embeddings.double().T
+        block_rows = block if rows_of is None else rows_of[block]
+        scores = user_embeddings[torch.from_numpy(block_rows)].double() @ items_t
         rows = [np.full(seen.get(int(u), np.empty(0)).size, i) for i, u in enumerate(block)]
         cols = [seen.get(int(u), np.empty(0, np.int64)) for u in block]
         if rows:
@@ -127,13 +178,17 @@ def retrieval_metrics(
 
 
 def popularity_baseline(
-    train: InteractionDataset, held_out: InteractionDataset, ks: Sequence[int] = RECALL_KS
+    train: InteractionDataset,
+    held_out: InteractionDataset,
+    ks: Sequence[int] = RECALL_KS,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of ranking items by training popularity (the bar a model must beat)."""
+    """Retrieval metrics of ranking items by training popularity (the bar a model must beat),
+    on the users `users` (see `retrieval_metrics`) or every held-out user."""
     counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float32)
     item_scores = torch.from_numpy(counts).unsqueeze(1)
-    user_scores = torch.ones(train.num_users, 1)
-    return retrieval_metrics(user_scores, item_scores, train, held_out, ks)
+    user_scores = torch.ones(train.num_users if users is None else len(users), 1)
+    return retrieval_metrics(user_scores, item_scores, train, held_out, ks, users=users)
 
 
 def binary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -183,6 +238,7 @@ def evaluate(
     train: InteractionDataset,
     held_out: InteractionDataset,
     batch_size: int = 4096,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Evaluates an unsharded model on the held-out split.
 
@@ -192,6 +248,9 @@ def evaluate(
         train: the training split (two-tower: positives excluded from the ranking).
         held_out: the evaluation split.
         batch_size: rows per forward pass.
+        users: two-tower: rank for these users only (sorted ids, `eval_user_sample`; only
+            they are embedded); None: every held-out user. DLRM: ignored (every held-out pair
+            is scored, O(pairs)).
 
     Returns:
         Two-tower: recall@10/50/100, ndcg@10, eval_users. DLRM: auc, log_loss, eval_examples,
@@ -205,13 +264,13 @@ def evaluate(
         if config.kind == "two-tower":
             if not isinstance(model, TwoTower):
                 raise TypeError(f"two-tower config needs a TwoTower, got {type(model).__name__}")
-            users = tower_embeddings(
-                model.query_tower, train.users, model.query_tower.feature_names, batch_size
+            queries = tower_embeddings(
+                model.query_tower, train.users, model.query_tower.feature_names, batch_size, users
             )
             items = tower_embeddings(
                 model.candidate_tower, train.items, model.candidate_tower.feature_names, batch_size
             )
-            return retrieval_metrics(users, items, train, held_out)
+            return retrieval_metrics(queries, items, train, held_out, users=users)
         return evaluate_ranking(
             model, ranking_batches(held_out, batch_size, drop_last=False, shuffle=False)
         )

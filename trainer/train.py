@@ -102,6 +102,7 @@ from recship.trainer.data.ranking_examples import (
 from recship.trainer.data.sources import open_source
 from recship.trainer.evaluate import (
     end_to_end_metrics,
+    eval_user_sample,
     evaluate,
     evaluate_ranking,
     popularity_baseline,
@@ -218,13 +219,17 @@ class _InteractionData:
     and freshly drawn negatives (`ranking_examples.build_examples`) instead of the rated pairs.
     """
 
-    def __init__(self, data: InteractionDataset, eval_fraction: float, seed: int) -> None:
+    def __init__(
+        self, data: InteractionDataset, eval_fraction: float, seed: int, eval_users: int = 0
+    ) -> None:
         self.schema = data.schema
         self.seed = seed
         self.train, self.held_out = data.split(eval_fraction, seed)
         self.transforms = self.train.transforms
         self.num_train = len(self.train)
         self.num_eval = len(self.held_out)
+        # Two-tower evaluations rank for these users only (None: every held-out user).
+        self.eval_sample = eval_user_sample(self.held_out, eval_users, seed)
         self.recipe: ExampleRecipe | None = None
         self.candidates: np.ndarray | None = None
         self.retrieval: RetrievalProvenance | None = None
@@ -309,8 +314,8 @@ class _InteractionData:
         return item_log_frequencies(self.train.item_ids, self.train.num_items)
 
     def evaluate(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
-        """Held-out metrics of an unsharded model."""
-        return evaluate(model_config, model, self.train, self.held_out)
+        """Held-out metrics of an unsharded model (two-tower: on the user sample)."""
+        return evaluate(model_config, model, self.train, self.held_out, users=self.eval_sample)
 
     def end_to_end(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
         """Recommend offline (retrieve K, rank, top 10) vs. retrieval alone, for a DLRM run
@@ -324,7 +329,9 @@ class _InteractionData:
         """Reference scores a trained model should beat."""
         if model_config.kind != "two-tower" or not self.num_eval:
             return {}
-        return {"popularity": popularity_baseline(self.train, self.held_out)}
+        return {
+            "popularity": popularity_baseline(self.train, self.held_out, users=self.eval_sample)
+        }
 
 
 class _CriteoData:
@@ -406,7 +413,7 @@ def _open_data(config: TrainConfig) -> _Data:
     seed = config.seed or 0
     if isinstance(source, CriteoSource):
         return _CriteoData(source, fraction, seed)
-    return _InteractionData(source, fraction, seed)
+    return _InteractionData(source, fraction, seed, config.eval_users)
 
 
 def _quiet_libraries() -> None:
@@ -550,6 +557,50 @@ def _unsharded_from_state(model_config: ModelConfig, state: dict[str, torch.Tens
     model = build_model(model_config, torch.device("cpu"))
     build_train_module(model_config, model).load_state_dict(state)
     return model
+
+
+class _ProgressLog:
+    """Progress lines for output that is not a terminal (a log file, a pipe, a CI job), where
+    the live bar does not draw: the first step, then one line every `every` seconds and the
+    last step, each with step, epoch, loss, examples/s and the estimated time left."""
+
+    def __init__(
+        self, console: Console, total_steps: int, epochs: int, every: float, enabled: bool
+    ) -> None:
+        self.console = console
+        self.total_steps = total_steps
+        self.epochs = epochs
+        self.every = every
+        self.enabled = enabled and every > 0
+        self.last: float | None = None
+
+    def step(self, step: int, epoch: int, loss: float, rate: float, steps_per_s: float) -> None:
+        """Prints a line if one is due (the first step, `every` seconds on, the last step)."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        last_step = step >= self.total_steps
+        if self.last is not None and now - self.last < self.every and not last_step:
+            return
+        self.last = now
+        left = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.nan
+        eta = "?" if not math.isfinite(left) else _duration(left)
+        self.say(
+            f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.1f} %), "
+            f"epoch {min(epoch + 1, self.epochs)}/{self.epochs}, loss {loss:.4f}, "
+            f"{rate:,.0f} examples/s, ETA {eta}"
+        )
+
+    def say(self, text: str) -> None:
+        """Prints one plain line (when enabled)."""
+        if self.enabled:
+            self.console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    """H:MM:SS."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 @dataclass
@@ -828,7 +879,19 @@ class _Trainer:
             TextColumn("{task.fields[rate]:,.0f} ex/s"),
             TimeRemainingColumn(),
             console=self.console,
-            disable=self.rank != 0,
+            disable=self.rank != 0 or not self.console.is_terminal,
+        )
+        log = _ProgressLog(
+            self.console,
+            self.total_steps,
+            self.epochs,
+            self.config.log_every,
+            enabled=self.rank == 0 and not self.console.is_terminal,
+        )
+        log.say(
+            f"{self.model_config.kind} x{self.env.world_size}: {self.total_steps} steps "
+            f"({self.steps_per_epoch} per epoch, {examples_per_step} examples each), from step "
+            f"{state.step}"
         )
         with bar:
             task = bar.add_task(
@@ -864,9 +927,17 @@ class _Trainer:
                     elapsed = time.perf_counter() - started
                     rate = (state.step - start_step) * examples_per_step / max(elapsed, 1e-9)
                     bar.update(task, completed=state.step, loss=loss, rate=rate)
+                    log.step(state.step, state.epoch, loss, rate, rate / examples_per_step)
         elapsed = time.perf_counter() - started
         if last_saved != state.step:
             self._save(state)
+        sample = getattr(self.data, "eval_sample", None)
+        if self.model_config.kind != "two-tower":
+            sample = None  # a ranker scores every held-out pair
+        log.say(
+            "evaluating"
+            + (f" on a sample of {sample.size} held-out users" if sample is not None else "")
+        )
         final = self._evaluate(end_to_end=True)
         return self._finish(state, start_step, elapsed, final)
 

@@ -101,8 +101,17 @@ def test_end_to_end_metrics_against_retrieval_and_an_oracle_ranker() -> None:
     reference = retrieval_metrics(users, items, train, held_out, ks=(10,))
     assert metrics["retrieval/recall@10"] == pytest.approx(reference["recall@10"], abs=1e-9)
     assert metrics["retrieval/ndcg@10"] == pytest.approx(reference["ndcg@10"], abs=1e-9)
-    popularity = popularity_baseline(train, held_out, ks=(10,))
-    assert metrics["popularity/recall@10"] == pytest.approx(popularity["recall@10"], abs=0.02)
+    # Popularity with ties among equal counts going to the lower item id, as candidates do
+    # (popularity_baseline's topk breaks them otherwise: on 60 items ties are common).
+    counts = np.bincount(train.item_ids, minlength=data.num_items).astype(np.float64)
+    by_count = torch.from_numpy(counts - 1e-6 * np.arange(data.num_items)).unsqueeze(1)
+    popularity = retrieval_metrics(
+        torch.ones(data.num_users, 1, dtype=torch.float64), by_count, train, held_out, ks=(10,)
+    )
+    assert metrics["popularity/recall@10"] == pytest.approx(popularity["recall@10"], abs=1e-9)
+    assert metrics["popularity/recall@10"] == pytest.approx(
+        popularity_baseline(train, held_out, ks=(10,))["recall@10"], abs=0.05
+    )
     # The oracle ranker serves every held-out item among the candidates: with K covering the
     # catalogue that is all of them (each user has 2 held-out items, fewer than 10).
     assert metrics["recommend@60/recall@10"] == pytest.approx(1.0)
@@ -112,3 +121,66 @@ def test_end_to_end_metrics_against_retrieval_and_an_oracle_ranker() -> None:
         retrieval_metrics(users, items, train, held_out, ks=(5,))["recall@5"], abs=1e-9
     )
     assert metrics["eval_users"] == reference["eval_users"]
+
+
+def _untrained_two_tower(data):
+    from pathlib import Path
+
+    from recship.trainer.config import TrainConfig, model_config_for, resolve_defaults
+    from recship.trainer.models import build_model
+
+    config = resolve_defaults(
+        TrainConfig(model="two-tower", data="synthetic", out=Path("unused"), embedding_dim=8),
+        data.schema.name,
+    )
+    model_config = model_config_for(config, data.schema)
+    torch.manual_seed(0)
+    return model_config, build_model(model_config)
+
+
+def test_a_sample_of_every_user_is_the_full_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled evaluation (only the sampled users embedded, ranked in bounded blocks)
+    equals the full one when the sample is every held-out user; the popularity baseline too."""
+    from recship.trainer import evaluate as evaluation
+
+    data = generate(num_users=300, num_items=120, interactions_per_user=8, seed=2)
+    train, held_out = data.split(0.2, seed=0)
+    model_config, model = _untrained_two_tower(data)
+    full = evaluation.evaluate(model_config, model, train, held_out)
+    everyone = np.unique(held_out.user_ids)
+    assert evaluation.eval_user_sample(held_out, 0, seed=1) is None
+    assert evaluation.eval_user_sample(held_out, everyone.size, seed=1) is None
+    # Blocks of 7 users (7 * 120 scores): several blocks, one partial.
+    monkeypatch.setattr(evaluation, "SCORES_PER_BLOCK", 7 * data.num_items)
+    sampled = evaluation.evaluate(model_config, model, train, held_out, users=everyone)
+    assert sampled == full  # exactly: the same float64 scores and ties
+    assert full["eval_users"] == everyone.size
+    assert popularity_baseline(train, held_out, users=everyone) == popularity_baseline(
+        train, held_out
+    )
+
+
+def test_a_smaller_sample_is_seeded_and_ranks_only_its_users() -> None:
+    from recship.trainer.evaluate import eval_user_sample, evaluate, tower_embeddings
+
+    data = generate(num_users=300, num_items=120, interactions_per_user=8, seed=2)
+    train, held_out = data.split(0.2, seed=0)
+    sample = eval_user_sample(held_out, 40, seed=3)
+    assert sample is not None and sample.size == 40
+    assert np.array_equal(sample, eval_user_sample(held_out, 40, seed=3))
+    assert not np.array_equal(sample, eval_user_sample(held_out, 40, seed=4))
+    assert np.all(np.diff(sample) > 0) and np.isin(sample, held_out.user_ids).all()
+    model_config, model = _untrained_two_tower(data)
+    metrics = evaluate(model_config, model, train, held_out, users=sample)
+    assert metrics["eval_users"] == 40
+    # Reference: every user embedded, the held-out split cut to the sample, ranked in full.
+    model.eval()
+    queries = tower_embeddings(model.query_tower, train.users, model.query_tower.feature_names)
+    items = tower_embeddings(
+        model.candidate_tower, train.items, model.candidate_tower.feature_names
+    )
+    only = held_out._subset(np.isin(held_out.user_ids, sample))
+    reference = retrieval_metrics(queries, items, train, only)
+    assert metrics == pytest.approx(reference, abs=1e-12)
+    with pytest.raises(ValueError, match=">= 0"):
+        eval_user_sample(held_out, -1, seed=0)

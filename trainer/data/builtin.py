@@ -1,9 +1,11 @@
-"""The built-in data sets as feature specs: MovieLens in both layouts (and the synthetic
-generator, which writes MovieLens-shaped tables).
+"""The built-in data sets as feature specs: MovieLens in both layouts, the synthetic generator
+and Criteo.
 
 A MovieLens-format folder is read through `specs/grouplens.toml` (u.data, u.user, u.item) or
-`specs/recbole.toml` (RecBole atomic files `<name>.inter/.user/.item`): the same mechanism a
-team's own spec uses, so the built-in data sets are examples of the format, not special code.
+`specs/recbole.toml` (RecBole atomic files `<name>.inter/.user/.item`); the synthetic
+generator's in-memory tables are encoded through `specs/synthetic.toml`, and a Criteo TSV file
+is streamed through `specs/criteo.toml`. The same mechanism a team's own spec uses, so the
+built-in data sets are examples of the format, not special code.
 
 Example::
 
@@ -13,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from recship.trainer.data.spec import DataSpec, parse_spec
 
 GROUPLENS = "grouplens"
 RECBOLE = "recbole"
+SYNTHETIC = "synthetic"
+CRITEO = "criteo"
 
 
 def builtin_document(spec_name: str, **substitutions: str) -> dict:
@@ -91,3 +96,29 @@ def _use_genres(document: dict, genres: list[str]) -> None:
         if feature["name"] == "item_genres":
             feature["flags"] = list(genres)
             feature["vocabulary"] = list(genres)
+
+
+def synthetic_spec(genres: Sequence[str]) -> DataSpec:
+    """The spec of the synthetic generator's tables (`synthetic.synthetic_tables`).
+
+    Args:
+        genres: the genre names, in id order (the fixed vocabulary of `item_genres`).
+
+    The tables come from memory (`load_tables(spec, tables=...)`); the spec's file names are
+    what messages call them.
+    """
+    vocabulary = ", ".join(f'"{genre}"' for genre in genres)
+    document = builtin_document(SYNTHETIC, genres=vocabulary)
+    return parse_spec(document, Path(SYNTHETIC), f"built-in {SYNTHETIC} spec")
+
+
+def criteo_spec(path: Path, table_size: int) -> DataSpec:
+    """The spec of a Criteo TSV file: a label, 13 dense and 26 hashed categorical columns.
+
+    Args:
+        path: the file (read by `criteo.CriteoSource`, streamed, never whole).
+        table_size: the hash buckets of every categorical feature (its embedding table's rows).
+    """
+    document = builtin_document(CRITEO, table_size=str(int(table_size)))
+    document["interactions"]["path"] = str(path)
+    return parse_spec(document, Path(path).parent, f"built-in {CRITEO} spec")

@@ -8,7 +8,8 @@ SOURCE is one of:
   overrides the cache root;
 - a directory: a MovieLens-format directory (`load_movielens`);
 - a `.toml` file: a feature spec (`recship.trainer.data.spec`): the team's own tables;
-- another file: a Criteo TSV file (`CriteoSource`); option table_size.
+- another file: a Criteo TSV file (`CriteoSource`, streamed through the built-in Criteo spec);
+  options table_size and shuffle_buffer.
 
 Example::
 
@@ -69,7 +70,7 @@ def open_source(spec: str, **size_options: Any) -> InteractionDataset | CriteoSo
         _check_options(spec, options, ())
         return load_tables(read_spec(path))
     if path.is_file():
-        _check_options(spec, options, ("table_size",))
+        _check_options(spec, options, ("table_size", "shuffle_buffer"))
         return CriteoSource(path, **options)
     raise NotFound(
         f"data source {spec!r}: not {SYNTHETIC!r} or {MOVIELENS_100K!r}, "

@@ -48,21 +48,31 @@ _BLOCK_BYTES = 1 << 24
 
 
 # -- reading -----------------------------------------------------------------------------------
-def read_table(table: TableSpec, role: str) -> pa.Table:
+def read_table(table: TableSpec, role: str, given: pa.Table | None = None) -> pa.Table:
     """Reads one table (CSV/TSV streamed in blocks, or Parquet) with the spec's column names.
+
+    Args:
+        table: the table's spec.
+        role: "interactions", "users" or "items", for messages.
+        given: the table already in memory (e.g. generated): used instead of reading the file.
 
     Raises:
         NotFound: the file does not exist.
         InvalidInput: the file cannot be parsed: one line naming the file, the line (CSV/TSV)
             and the problem.
     """
-    if not table.path.is_file():
+    if given is not None:
+        result = given
+    elif not table.path.is_file():
         raise NotFound(f"{table.path}: file not found")
-    try:
-        result = pq.read_table(table.path) if table.format == "parquet" else _read_delimited(table)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise InvalidInput(f"{table.path}: cannot read the {role} table: {reason}") from None
+    else:
+        try:
+            result = (
+                pq.read_table(table.path) if table.format == "parquet" else _read_delimited(table)
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise InvalidInput(f"{table.path}: cannot read the {role} table: {reason}") from None
     if table.header_types:
         result = result.rename_columns([name.split(":", 1)[0] for name in result.column_names])
     if table.format == "parquet":
@@ -344,8 +354,13 @@ def encode_sparse(transform: FeatureTransform, values: pa.Array, rows: _Rows) ->
 
 
 # -- the data set ------------------------------------------------------------------------------
-def load_tables(spec: DataSpec) -> InteractionDataset:
+def load_tables(spec: DataSpec, tables: Mapping[str, pa.Table] | None = None) -> InteractionDataset:
     """Reads, fits and encodes everything the spec names (see the module docstring).
+
+    Args:
+        spec: the data set's spec.
+        tables: tables already in memory, by role ("interactions", "users", "items"): used
+            instead of reading those files (the synthetic generator's tables).
 
     Raises:
         NotFound: a table's file is missing.
@@ -357,9 +372,10 @@ def load_tables(spec: DataSpec) -> InteractionDataset:
             f"{spec.source}: context features ({names}) are not supported by the trainer's "
             "models yet; declare them on the user side"
         )
-    interactions = read_table(spec.interactions, "interactions")
+    given = dict(tables or {})
+    interactions = read_table(spec.interactions, "interactions", given.get("interactions"))
     transforms: dict[str, FeatureTransform] = {}
-    tables: dict[str, EntityTable] = {}
+    entities: dict[str, EntityTable] = {}
     ordered: dict[str, pa.Table] = {}
     keys: dict[str, np.ndarray] = {}
     for side, key_column, table_spec, key_feature in (
@@ -369,11 +385,11 @@ def load_tables(spec: DataSpec) -> InteractionDataset:
         if key_column is None or key_feature is None:
             continue
         if table_spec is not None:
-            table = read_table(table_spec, f"{side}s")
+            table = read_table(table_spec, f"{side}s", given.get(f"{side}s"))
         else:  # entities are the distinct keys of the interactions
             column = _column(interactions, key_column, str(spec.interactions.path))
             table = pa.table({key_column: pc.unique(column)})
-        tables[side], ordered[side], keys[side] = _entities(
+        entities[side], ordered[side], keys[side] = _entities(
             spec, side, table, key_feature, transforms, _Rows(table_spec, f"{side}s")
         )
     rows = _Rows(spec.interactions, "interactions")
@@ -396,8 +412,8 @@ def load_tables(spec: DataSpec) -> InteractionDataset:
     schema = _schema(spec, transforms)
     data = InteractionDataset(
         schema=schema,
-        users=tables["user"],
-        items=tables["item"],
+        users=entities["user"],
+        items=entities["item"],
         user_ids=user_ids,
         item_ids=item_ids,
         labels=labels,
