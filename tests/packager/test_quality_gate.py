@@ -21,6 +21,7 @@ from recship.bundle.manifest import read_manifest
 from recship.bundle.store import UNGATED_WARNING, BundleStore
 from recship.cli.pipeline import SMOKE_GATE, package_runs, train_models
 from recship.packager.checkpoint import load_checkpoint
+from recship.packager.evaluation import EvalSplit
 from recship.packager.options import QualityThresholds
 from recship.packager.verify import EndToEnd, choose_retrieve_k, quality_gate, retrieve_k_sweep
 from recship.trainer.config import FITTED_TRANSFORMS_DIR
@@ -156,3 +157,14 @@ def test_data_that_fit_otherwise_than_at_training_are_refused(unsplit_runs, tmp_
     saved.write_text(json.dumps(document))
     with pytest.raises(InvalidInput, match=f"feature '{dense['name']}' fits differently"):
         load_checkpoint(run, "two-tower")
+
+
+def test_a_sample_of_everyone_is_every_validation_user_and_smaller_ones_are_seeded() -> None:
+    targets = {user: np.array([user % 7]) for user in range(0, 60, 3)}
+    split = EvalSplit(targets, "held-out split of runs/tt")
+    everyone = split.sample(len(targets), np.random.default_rng(0))
+    assert everyone.tolist() == sorted(targets)  # the sampled gate is then the full gate
+    assert split.sample(10**6, np.random.default_rng(1)).tolist() == sorted(targets)
+    some = split.sample(5, np.random.default_rng(3))
+    assert some.size == 5 and set(some) <= set(targets) and list(some) == sorted(some)
+    assert some.tolist() == split.sample(5, np.random.default_rng(3)).tolist()
