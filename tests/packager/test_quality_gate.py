@@ -168,3 +168,14 @@ def test_a_sample_of_everyone_is_every_validation_user_and_smaller_ones_are_seed
     some = split.sample(5, np.random.default_rng(3))
     assert some.size == 5 and set(some) <= set(targets) and list(some) == sorted(some)
     assert some.tolist() == split.sample(5, np.random.default_rng(3)).tolist()
+
+
+@pytest.mark.slow
+def test_a_ranker_is_packaged_only_with_the_retrieval_it_was_mined_from(
+    trained_runs, train_synthetic, tmp_path: Path
+) -> None:
+    from recship.cli.pipeline import TrainedRuns
+
+    other = train_synthetic(tmp_path / "other-tt", "two-tower", 1)  # same data, another run
+    with pytest.raises(InvalidInput, match="negatives were mined from"):
+        package_runs(TrainedRuns(other, trained_runs[1]), tmp_path / "repo", "m")
