@@ -25,6 +25,7 @@ from recship.trainer.data.criteo import (
     criteo_batches,
     criteo_schema,
     criteo_transforms,
+    dense_rows,
     hash_columns,
     hashed_ids,
 )
@@ -150,6 +151,54 @@ def test_fast_hash_equals_the_transform(values: list[str | None]) -> None:
     other = FeatureTransform("g", "user", "hashed", cardinality=31, seed=2, buckets=31)
     both = hash_columns([transform, other], [array, array])
     np.testing.assert_array_equal(both[1], other.encode_ids(pa.array([v or "" for v in values]))[0])
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.2, 1.0])
+def test_fast_hash_of_criteo_columns_equals_the_reference_hash(missing: float) -> None:
+    # 8-byte values are hashed as little-endian words (shift and mask): every byte value, at
+    # every position, against the bundle's fnv1a_64 one value at a time.
+    rng = np.random.default_rng(3)
+    values = [
+        None if rng.random() < missing else bytes(rng.integers(0, 256, 8).tolist()).hex()[:8]
+        for _ in range(300)
+    ] + ["éééé", "\x00" * 8, "\x7f" * 8]  # 8 UTF-8 bytes with the top bit set; zero bytes
+    values += ["".join(chr(b) for b in rng.integers(32, 127, 8).tolist()) for _ in range(50)]
+    for seed, buckets in ((0, 2), (25, 100_000), (7, (1 << 63) + 5)):
+        transform = FeatureTransform(
+            "f", "user", "hashed", cardinality=buckets, seed=seed, buckets=buckets
+        )
+        expected = [int(fnv1a_64(pa.array([v or ""]), seed)[0]) % buckets for v in values]
+        np.testing.assert_array_equal(
+            hashed_ids(transform, pa.array(values, pa.string())).view(np.uint64), expected
+        )
+        sliced = pa.array(["abc", *values], pa.string()).slice(1)  # words not 8-byte aligned
+        np.testing.assert_array_equal(hashed_ids(transform, sliced).view(np.uint64), expected)
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_dense_rows_equal_the_transform(offset: int) -> None:
+    rng = np.random.default_rng(4)
+    ints = [None if rng.random() < 0.3 else int(v) for v in rng.integers(-5, 10**6, 200)]
+    floats = [None if v is None else v / 7 for v in ints]
+    columns = [pa.array([0] * offset + ints, pa.int64()).slice(offset),
+               pa.array(ints, pa.int32()), pa.array(floats, pa.float64()),
+               pa.array(ints, pa.int64())]  # fmt: skip
+    transforms = [
+        criteo_transforms(10).features["int_0"],  # Criteo's: log1p(max(x, 0)), default 0
+        FeatureTransform("b", "user", "dense", clip_min=-1.0, clip_max=50.0, default=2),
+        FeatureTransform("c", "user", "dense", log1p=True, mean=1.5, std=2.0, default=0.5),
+        FeatureTransform("d", "user", "dense", default=-3),
+    ]
+    expected = [
+        t.encode_dense(pa.compute.fill_null(c, t.default), derived=True)
+        for t, c in zip(transforms, columns, strict=True)
+    ]
+    encoded = dense_rows(transforms, columns)
+    assert encoded.dtype == np.float32 and encoded.shape == (4, 200)
+    for row, want in zip(encoded, expected, strict=True):
+        np.testing.assert_array_equal(row.view(np.uint32), want.view(np.uint32))  # bit for bit
+    same = dense_rows([transforms[0]] * 3, [columns[0], columns[3], columns[0]])
+    np.testing.assert_array_equal(same.view(np.uint32), np.stack([expected[0]] * 3).view(np.uint32))
 
 
 def test_fast_hash_of_nulls_that_hold_bytes_and_of_a_default() -> None:
