@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+# Set for a test re-run in a fresh interpreter (`own_process`): the session bundle's folder.
+BUNDLE_ROOT_VARIABLE = "RECSHIP_TEST_BUNDLE_ROOT"
 # The admin token of every test server (tests of the token itself use others).
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 # Small synthetic data the packaging tests train on (seconds per model on 2 cores).
@@ -193,8 +197,43 @@ def publish_copy() -> Callable[..., int]:
 
 @pytest.fixture(scope="session")
 def bundle_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with one published bundle version, `movies/1`."""
-    return build_bundle(tmp_path_factory.getbasetemp() / "recship-serving-bundle")
+    """A repository with one published bundle version, `movies/1`; a test re-run in a fresh
+    interpreter is given the suite's through `BUNDLE_ROOT_VARIABLE`."""
+    given = os.environ.get(BUNDLE_ROOT_VARIABLE)
+    return build_bundle(
+        Path(given) if given else tmp_path_factory.getbasetemp() / "recship-serving-bundle"
+    )
+
+
+@dataclass(frozen=True)
+class OwnProcess:
+    """Re-runs the requesting test in a fresh interpreter on the session's bundle: for a
+    measurement that must not share the suite's process (its threads, heap and lock)."""
+
+    nodeid: str
+    bundle_root: Path
+
+    @property
+    def inside(self) -> bool:
+        """Whether this is the re-run (then the test measures)."""
+        return os.environ.get(BUNDLE_ROOT_VARIABLE) is not None
+
+    def run(self) -> str:
+        """Runs the test alone; fails with it; returns its output."""
+        root = Path(__file__).resolve().parent.parent
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", self.nodeid],
+            cwd=root, env={**os.environ, BUNDLE_ROOT_VARIABLE: str(self.bundle_root)},
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+        return done.stdout[-4000:]
+
+
+@pytest.fixture
+def own_process(request: pytest.FixtureRequest, bundle_repo: Path) -> OwnProcess:
+    """`own_process.inside` / `own_process.run()`: see `OwnProcess`."""
+    return OwnProcess(request.node.nodeid, bundle_repo.parent)
 
 
 class ServerThread:

@@ -175,7 +175,7 @@ class ProcessSampler:
 
 
 def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
-    bundle_repo, server_factory, make_user
+    bundle_repo, server_factory, make_user, own_process
 ) -> None:
     """10x the capacity measured in this test, with 1 s deadlines.
 
@@ -190,7 +190,16 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
     overload as while calibrating, and the cores this process got are reported beside. The
     refusal latency is asserted as the server measures it (call start to RESOURCE_EXHAUSTED),
     its median and p99 also at the client.
+
+    The server under measurement owns its process, as `recship serve` does: inside the whole
+    suite's process, what earlier tests left there (their servers' threads, a large heap)
+    shares the interpreter lock and cut the goodput ratio to 0.71-0.73, against 0.89-0.94 for
+    the same test run alone. So the suite runs this test in a fresh interpreter, on the
+    session's bundle.
     """
+    if not own_process.inside:
+        print(own_process.run())
+        return
     server = server_factory(
         bundle_repo, max_batch_size=4096, max_delay_ms=0, max_queue_rows=1 << 20,
         max_queue_cost=1 << 27,
