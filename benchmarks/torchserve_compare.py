@@ -51,6 +51,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,8 @@ def _load_process(
     duration_s: float,
 ) -> tuple[list[float], dict[str, int]]:
     """One load process: `callers` threads in a closed loop; latencies of the measured window."""
+    from recship.runtime.bench import closed_loop
+
     if kind == "grpc":
         import grpc
 
@@ -188,52 +191,39 @@ def _load_process(
         messages = [recommender_pb2.RecommendRequest.FromString(p) for p in payloads]
     host, _, rest = target.partition(":")
     port, _, path = rest.partition("/")
-    start = time.monotonic() + warmup_s
-    stop = start + duration_s
-    latencies: list[list[float]] = [[] for _ in range(callers)]
-    errors: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
 
-    def loop(caller: int) -> None:
-        position = caller
+    def caller_of(caller: int) -> Callable[[int], str | None]:
         if kind == "grpc":
             method = stubs[caller % len(stubs)].Recommend
-        else:
-            connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        while (now := time.monotonic()) < stop:
-            code = None
-            try:
-                if kind == "grpc":
-                    method(messages[position % len(messages)], timeout=30)
-                else:
-                    connection.request(
-                        "POST", "/" + path, payloads[position % len(payloads)],
-                        {"Content-Type": "application/json"},
-                    )  # fmt: skip
-                    response = connection.getresponse()
-                    response.read()
-                    if response.status != 200:
-                        code = f"HTTP {response.status}"
-            except Exception as error:  # counted, not raised
-                code = type(error).__name__
-                if kind == "http":
-                    connection.close()
-                    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-            finished = time.monotonic()
-            if now >= start:
-                if code is None:
-                    latencies[caller].append(finished - now)
-                else:
-                    with lock:
-                        errors[code] += 1
-            position += callers
 
-    threads = [threading.Thread(target=loop, args=(c,)) for c in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [x for caller in latencies for x in caller], dict(errors)
+            def call_grpc(position: int) -> str | None:
+                try:
+                    method(messages[position % len(messages)], timeout=30)
+                except grpc.RpcError as error:
+                    return error.code().name
+                return None
+
+            return call_grpc
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+
+        def call_http(position: int) -> str | None:
+            nonlocal connection
+            try:
+                connection.request(
+                    "POST", "/" + path, payloads[position % len(payloads)],
+                    {"Content-Type": "application/json"},
+                )  # fmt: skip
+                response = connection.getresponse()
+                response.read()
+            except Exception as error:  # counted, not raised
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                return type(error).__name__
+            return None if response.status == 200 else f"HTTP {response.status}"
+
+        return call_http
+
+    return closed_loop(callers, warmup_s, duration_s, caller_of)
 
 
 def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, duration_s, root):

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,46 @@ def _queries(config: BenchConfig, count: int) -> list[bytes]:
     return requests
 
 
+def closed_loop(
+    callers: int,
+    warmup_s: float,
+    duration_s: float,
+    caller_of: Callable[[int], Callable[[int], str | None]],
+) -> tuple[list[float], dict[str, int]]:
+    """`callers` threads, each calling its `caller_of(caller)(position)` back to back (positions
+    caller, caller + callers, ...), until `warmup_s + duration_s` have passed.
+
+    A call returns None when answered, else its error's name. Returns the latencies of the
+    answered calls that started after the warm-up, and the count of each error among those.
+    """
+    start = time.monotonic() + warmup_s
+    stop = start + duration_s
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+    errors: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def loop(caller: int) -> None:
+        call = caller_of(caller)
+        position = caller
+        while (now := time.monotonic()) < stop:
+            code = call(position)
+            finished = time.monotonic()
+            if now >= start:
+                if code is None:
+                    latencies[caller].append(finished - now)
+                else:
+                    with lock:
+                        errors[code] += 1
+            position += callers
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [x for caller in latencies for x in caller], dict(errors)
+
+
 def _worker(
     target: str,
     rpc: str,
@@ -191,38 +232,23 @@ def _worker(
         else recommender_pb2.RecommendRequest.FromString
     )
     messages = [parse(r) for r in requests]
-    start = time.monotonic() + warmup_s
-    stop = start + duration_s
-    latencies: list[list[float]] = [[] for _ in range(callers)]
-    errors: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
 
-    def loop(caller: int) -> None:
-        position = caller
+    def caller_of(caller: int) -> Callable[[int], str | None]:
         method = methods[caller % len(methods)]
-        while (now := time.monotonic()) < stop:
+
+        def call(position: int) -> str | None:
             try:
                 method(messages[position % len(messages)], timeout=30)
-                code = None
             except grpc.RpcError as error:
-                code = error.code().name  # type: ignore[attr-defined]
-            finished = time.monotonic()
-            if now >= start:
-                if code is None:
-                    latencies[caller].append(finished - now)
-                else:
-                    with lock:
-                        errors[code] += 1
-            position += callers
+                return error.code().name  # type: ignore[attr-defined]
+            return None
 
-    threads = [threading.Thread(target=loop, args=(c,)) for c in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        return call
+
+    measured = closed_loop(callers, warmup_s, duration_s, caller_of)
     for channel in opened:
         channel.close()
-    return [x for caller in latencies for x in caller], dict(errors)
+    return measured
 
 
 _SCRAPED = (
