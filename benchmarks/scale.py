@@ -224,31 +224,9 @@ def stage_package(args: dict[str, Any]) -> dict[str, Any]:
 def publish_copy(repo: Path, source: int) -> int:
     """Publishes the files of version `source` again as the next version (a real second
     version on disk: its own files, as an upgrade has), through `BundleWriter`."""
-    from recship.bundle.layout import MANIFEST_FILENAME
-    from recship.bundle.manifest import read_manifest
-    from recship.bundle.writer import BundleWriter
-    from recship.protos.v1 import manifest_pb2
+    from recship.bundle.writer import republish
 
-    source_dir = repo / BUNDLE / str(source)
-    original = read_manifest(source_dir / MANIFEST_FILENAME)
-    with BundleWriter(repo, BUNDLE) as staged:
-        for entry in original.files:
-            target = staged.path / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_dir / entry.path, target)
-
-        def fill(manifest: manifest_pb2.BundleManifest) -> None:
-            merged = manifest_pb2.BundleManifest()
-            merged.CopyFrom(original)
-            for name in ("format_version", "name", "version", "release_id", "created_by"):
-                setattr(merged, name, getattr(manifest, name))
-            merged.created_at.CopyFrom(manifest.created_at)
-            merged.libraries.CopyFrom(manifest.libraries)
-            del merged.files[:]
-            merged.files.extend(manifest.files)
-            manifest.CopyFrom(merged)
-
-        return staged.publish(fill).version
+    return republish(repo, BUNDLE, source).version
 
 
 async def _serve_memory(repo: Path) -> dict[str, Any]:

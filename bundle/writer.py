@@ -47,7 +47,12 @@ from recship.bundle.layout import (
     check_bundle_name,
     parse_version_name,
 )
-from recship.bundle.manifest import FORMAT_VERSION, validate_manifest, write_manifest
+from recship.bundle.manifest import (
+    FORMAT_VERSION,
+    read_manifest,
+    validate_manifest,
+    write_manifest,
+)
 from recship.protos.v1 import manifest_pb2
 
 # Staging folders nobody holds a lock on are removed once they are this old (seconds). The age
@@ -223,6 +228,46 @@ class StagedVersion:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def republish(
+    repo: Path,
+    name: str,
+    source: int,
+    *,
+    edit: Callable[[Path], None] | None = None,
+    sign: Signer | None = None,
+) -> BundleRef:
+    """Publishes the files of `<repo>/<name>/<source>` again as the bundle's next version.
+
+    The copy goes through `BundleWriter` like any packaged version (staging folder, checksums,
+    MANIFEST.json last, rename): a real second version on disk with its own files, as an
+    upgrade has. Its manifest is the source's but for what the writer sets (name, version,
+    release id, creation, creator, libraries, files). `edit(staging_folder)` may change the
+    copied files first; their checksums then match the changed files.
+    """
+    source_dir = Path(repo) / name / str(source)
+    original = read_manifest(source_dir / MANIFEST_FILENAME)
+    with BundleWriter(repo, name) as staged:
+        for entry in original.files:
+            target = staged.path / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / entry.path, target)
+        if edit is not None:
+            edit(staged.path)
+
+        def fill(manifest: manifest_pb2.BundleManifest) -> None:
+            merged = manifest_pb2.BundleManifest()
+            merged.CopyFrom(original)
+            for field in ("format_version", "name", "version", "release_id", "created_by"):
+                setattr(merged, field, getattr(manifest, field))
+            merged.created_at.CopyFrom(manifest.created_at)
+            merged.libraries.CopyFrom(manifest.libraries)
+            del merged.files[:]
+            merged.files.extend(manifest.files)
+            manifest.CopyFrom(merged)
+
+        return staged.publish(fill, sign=sign)
 
 
 def remove_abandoned_staging(bundle_dir: Path, *, older_than_s: float) -> list[Path]:

@@ -141,23 +141,16 @@ def _publish_copy(
     Returns:
         The published version number.
     """
-    import shutil
-
     from recship.bundle.golden import GoldenRecord, read_golden, write_golden
     from recship.bundle.layout import MANIFEST_FILENAME
     from recship.bundle.manifest import read_manifest
-    from recship.bundle.writer import BundleWriter
-    from recship.protos.v1 import manifest_pb2
+    from recship.bundle.writer import republish
 
-    source_dir = repo / BUNDLE / str(source)
-    original = read_manifest(source_dir / MANIFEST_FILENAME)
-    with BundleWriter(repo, BUNDLE) as staged:
-        for entry in original.files:
-            target = staged.path / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_dir / entry.path, target)
+    golden_file = read_manifest(repo / BUNDLE / str(source) / MANIFEST_FILENAME).golden.file
+
+    def change(folder: Path) -> None:
         if golden_offset:
-            golden_path = staged.path / original.golden.file
+            golden_path = folder / golden_file
             golden = read_golden(golden_path)
             shifted = {
                 name: GoldenRecord(record.inputs, record.output + golden_offset)
@@ -165,27 +158,16 @@ def _publish_copy(
             }
             write_golden(golden_path, shifted, golden.atol, golden.rtol, golden.raw)
         if edit is not None:
-            edit(staged.path)
+            edit(folder)
 
-        def fill(manifest: manifest_pb2.BundleManifest) -> None:
-            merged = manifest_pb2.BundleManifest()
-            merged.CopyFrom(original)
-            for name in ("format_version", "name", "version", "release_id", "created_by"):
-                setattr(merged, name, getattr(manifest, name))
-            merged.created_at.CopyFrom(manifest.created_at)
-            merged.libraries.CopyFrom(manifest.libraries)
-            del merged.files[:]
-            merged.files.extend(manifest.files)
-            manifest.CopyFrom(merged)
+    sign = None
+    if sign_key is not None:
+        from recship.bundle.signature import sign_version
 
-        sign = None
-        if sign_key is not None:
-            from recship.bundle.signature import sign_version
+        def sign(folder: Path) -> None:
+            sign_version(folder, sign_key)
 
-            def sign(folder: Path) -> None:
-                sign_version(folder, sign_key)
-
-        return staged.publish(fill, sign=sign).version
+    return republish(repo, BUNDLE, source, edit=change, sign=sign).version
 
 
 @pytest.fixture(scope="session")
