@@ -80,7 +80,7 @@ from recship.packager.verify import (
 from recship.protos.v1 import manifest_pb2
 from recship.trainer.data.batches import pair_batch, ranking_batch
 from recship.trainer.data.dataset import InteractionDataset
-from recship.trainer.evaluate import DEFAULT_RETRIEVE_K, tower_embeddings
+from recship.trainer.evaluate import DEFAULT_RETRIEVE_K, positives_by_user, tower_embeddings
 
 # The runtime's self-test recomputes the exported entry points on the golden inputs; only
 # thread-count dependent float summation order may differ.
@@ -405,16 +405,18 @@ class _Packager:
             self.query_fp32, lambda block: _query_inputs(train, block, self.query_features), users
         )
         index_search = functools.partial(search, self.built.index, threads=None)
+        seen = positives_by_user(train.user_ids, train.item_ids)
         recall_fp32 = ranked_recall(
-            fp32_queries, exact_search(self.item_embeddings), users, targets, train
+            fp32_queries, exact_search(self.item_embeddings), users, targets, seen
         )
-        recall_packaged = ranked_recall(self.packaged_queries, index_search, users, targets, train)
+        recall_packaged = ranked_recall(self.packaged_queries, index_search, users, targets, seen)
         end_to_end = measure_end_to_end(
             users,
             self.packaged_queries,
             lambda queries, k, exclude: index_search(queries, k, exclude)[1],
             self._packaged_scores,
             train,
+            seen,
             targets,
             retrieve_k_sweep(train.num_items),
         )

@@ -24,7 +24,6 @@ from recship.trainer.evaluate import (
     END_TO_END_TOP_N,
     binary_metrics,
     pipeline_metrics,
-    positives_by_user,
 )
 
 RECALL_KS: tuple[int, ...] = (10, 100)
@@ -81,7 +80,7 @@ def ranked_recall(
     search: SearchFn,
     users: np.ndarray,
     targets: Mapping[int, np.ndarray],
-    train: InteractionDataset,
+    seen: Mapping[int, np.ndarray],
     ks: Sequence[int] = RECALL_KS,
     user_batch: int = 512,
 ) -> dict[str, float]:
@@ -96,14 +95,13 @@ def ranked_recall(
         search: the retrieval under test (exact or ANN).
         users: the evaluated users, each with items in `targets`.
         targets: user -> relevant items.
-        train: the training split (its positives are excluded).
+        seen: user -> training positives (excluded; `positives_by_user` of the training split).
         ks: cut-offs.
         user_batch: users per search call.
 
     Returns:
         {"recall@K": ...}.
     """
-    seen = positives_by_user(train.user_ids, train.item_ids)
     max_k = max(ks)
     hits = dict.fromkeys(ks, 0.0)
     for start in range(0, users.size, user_batch):
@@ -202,6 +200,7 @@ def measure_end_to_end(
     retrieve: Callable[[np.ndarray, int, list[np.ndarray]], np.ndarray],
     score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     train: InteractionDataset,
+    seen: Mapping[int, np.ndarray],
     targets: Mapping[int, np.ndarray],
     sweep: Sequence[int],
     top_n: int = END_TO_END_TOP_N,
@@ -214,9 +213,9 @@ def measure_end_to_end(
         users: int [U] validation users; `queries` float32 [U, D] their query embeddings.
         retrieve: (queries, k, exclusions) -> item ids [Q, k], -1 pads (the packaged index).
         score: (user ids, item ids) -> ranker logits (the packaged ranker).
-        train / targets: training split (excluded, features) and relevant items per user.
+        train / seen / targets: the training split (popularity), its positives per user
+            (excluded) and the relevant items per user.
     """
-    seen = positives_by_user(train.user_ids, train.item_ids)
     empty = np.zeros(0, dtype=np.int64)
     depth = max(sweep)
     blocks = []

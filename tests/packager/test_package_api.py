@@ -88,12 +88,13 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
     targets = positives_by_user(retrieval.held_out.user_ids, retrieval.held_out.item_ids)
     held_out_users = np.array(sorted(targets))
     train = retrieval.train
+    seen = positives_by_user(train.user_ids, train.item_ids)
     fp32 = ranked_recall(
-        fp32_queries[held_out_users], exact_search(items), held_out_users, targets, train
+        fp32_queries[held_out_users], exact_search(items), held_out_users, targets, seen
     )
     index_search = functools.partial(search, index, threads=None)
     packaged = ranked_recall(
-        packaged_queries[held_out_users], index_search, held_out_users, targets, train
+        packaged_queries[held_out_users], index_search, held_out_users, targets, seen
     )
     metrics = manifest.quality.metrics
     for k in (10, 100):
@@ -107,7 +108,6 @@ def test_packaged_int8_pipeline_matches_the_fp32_models(runs, tmp_path: Path, de
     ranker = load_entry_point(report.ref.path / "ranker.pt")
     ranking = load_checkpoint(runs[1], "dlrm")
     sweep = [point.retrieve_k for point in manifest.quality.end_to_end.sweep]
-    seen = positives_by_user(train.user_ids, train.item_ids)
     _, candidates = index_search(
         packaged_queries[held_out_users], max(sweep), [seen[int(u)] for u in held_out_users]
     )
