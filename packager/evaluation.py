@@ -15,7 +15,7 @@ import numpy as np
 
 from recship.base.errors import InvalidInput
 from recship.trainer.data.dataset import InteractionDataset
-from recship.trainer.data.spec import FORMATS, TableSpec
+from recship.trainer.data.spec import FORMATS, TableSpec, format_of
 from recship.trainer.data.tables import read_table
 from recship.trainer.evaluate import positives_by_user
 
@@ -65,8 +65,7 @@ def read_eval_data(path: Path, train: InteractionDataset) -> EvalSplit:
     transforms = train.transforms
     if transforms is None or transforms.user_key is None or transforms.item_key is None:
         raise InvalidInput("--eval-data needs a data source with user and item keys")
-    suffix = path.suffix.lower().lstrip(".")
-    fmt = {"txt": "csv"}.get(suffix, suffix)
+    fmt = format_of(path)
     if fmt not in FORMATS:
         raise InvalidInput(f"--eval-data {path}: suffix {path.suffix!r} is not one of {FORMATS}")
     table = read_table(TableSpec(path=path, format=fmt), "evaluation")  # type: ignore[arg-type]

@@ -35,6 +35,12 @@ Column = Literal["string", "int64", "float64"]
 COLUMN_TYPES: tuple[str, ...] = get_args(Column)
 
 
+def format_of(path: Path) -> str:
+    """The table format a file's suffix names (".txt" reads as CSV); may be none of FORMATS."""
+    suffix = path.suffix.lower().lstrip(".")
+    return {"txt": "csv"}.get(suffix, suffix)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One input table.
@@ -295,8 +301,7 @@ class _Reader:
             raise self.fail(f"{role}.path", "required")
         path = Path(path_text)
         path = path if path.is_absolute() else root / path
-        suffix = path.suffix.lower().lstrip(".")
-        fmt = self.get(raw, "format", str, role, {"txt": "csv"}.get(suffix, suffix))
+        fmt = self.get(raw, "format", str, role, format_of(path))
         if fmt not in FORMATS:
             raise self.fail(f"{role}.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
         columns = tuple(self.get(raw, "columns", list, role, []))
