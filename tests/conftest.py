@@ -204,7 +204,10 @@ class OwnProcess:
         """Runs the test alone; fails with it; returns its output."""
         root = Path(__file__).resolve().parent.parent
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", self.nodeid],
+            [
+                sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                "-p", "no:warnings", self.nodeid,
+            ],
             cwd=root, env={**os.environ, BUNDLE_ROOT_VARIABLE: str(self.bundle_root)},
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip

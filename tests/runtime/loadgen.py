@@ -120,6 +120,7 @@ async def _run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     ok = 0
     closed_s = 0.0
     for phase in spec["phases"]:
+        cpu_before = time.process_time()
         phase_timeout = float(phase.get("timeout_s", timeout))
         if phase["mode"] == "closed":
             calls, began, seconds = await _closed(stubs, body, phase_timeout, phase)
@@ -138,6 +139,8 @@ async def _run(spec: dict[str, Any]) -> list[dict[str, Any]]:
             await asyncio.sleep(float(phase["duration_s"]))
             summary = _summary([], began, float(phase["duration_s"]), mode="idle")
         summary["warmup"] = bool(phase.get("warmup"))
+        # This process's CPU seconds over the phase (its drain included): what the load took.
+        summary["cpu_s"] = time.process_time() - cpu_before
         # The phase's window on the wall clock, for what the server process measured in it.
         summary["wall"] = [time.time() - (time.perf_counter() - began), 0.0]
         summary["wall"][1] = summary["wall"][0] + summary["seconds"]

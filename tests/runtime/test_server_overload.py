@@ -191,11 +191,11 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
     refusal latency is asserted as the server measures it (call start to RESOURCE_EXHAUSTED),
     its median and p99 also at the client.
 
-    The server under measurement owns its process, as `recship serve` does: inside the whole
-    suite's process, what earlier tests left there (their servers' threads, a large heap)
-    shares the interpreter lock and cut the goodput ratio to 0.71-0.73, against 0.89-0.94 for
-    the same test run alone. So the suite runs this test in a fresh interpreter, on the
-    session's bundle.
+    The server under measurement owns its process, as `recship serve` does (not the suite's,
+    with earlier tests' threads and heap): the suite runs this test in a fresh interpreter, on
+    the session's bundle. The ratio still swings with the machine (0.82-0.98 in ten runs of
+    the same commit here, one run at 0.71 on CI when each overload was compared with the mean
+    of all capacity phases), which is why each overload phase is bracketed by its own.
     """
     if not own_process.inside:
         print(own_process.run())
@@ -208,11 +208,12 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
     body = rank_request(make_user, 4096, queries=8).SerializeToString()
     closed = {"mode": "closed", "concurrency": 8, "timeout_s": 30.0}
     # Each phase ends once its calls are answered (or expired): the next starts on an idle
-    # server. Capacity and overload take turns, so both see the same machine.
+    # server. Capacity and overload take turns, so both see the same machine: every overload
+    # phase sits between two capacity phases, the last of which is also the recovery check.
     phases: list[dict[str, Any]] = [{**closed, "duration_s": 2.5, "warmup": True}]
     for _ in range(2):
         phases += [{**closed, "duration_s": 2.0}, {"mode": "open", "factor": 10, "duration_s": 2.5}]
-    phases.append({**closed, "duration_s": 1.0})  # recovery
+    phases.append({**closed, "duration_s": 2.0})
     registry = server.server.metrics.registry
     sampler = ProcessSampler(registry)
     result = run_load(server.target, body, 1.0, phases)
@@ -238,9 +239,13 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
         cpu = sum(sampler.between(*p["wall"])[0] for p in phase)
         return cpu / sum(p["seconds"] for p in phase)
 
-    measuring = [i for i, p in enumerate(result[:-1]) if p["mode"] == "closed" and not p["warmup"]]
+    measuring = [i for i, p in enumerate(result) if p["mode"] == "closed" and not p["warmup"]]
     overloads = [i for i, p in enumerate(result) if p["mode"] == "open"]
-    capacity, busy_calibrating, _ = rates(measuring)
+    # The machine's speed drifts by tens of percent over seconds (shared cores, measured
+    # here: 40-68 ms of model time per request between phases of one run), so each overload
+    # phase is compared with the capacity phases on either side of it: a linear drift cancels.
+    capacity = float(np.mean([(rates([i - 1])[0] + rates([i + 1])[0]) / 2 for i in overloads]))
+    _, busy_calibrating, _ = rates(measuring)
     accepted, busy, offered = rates(overloads)
     opened = [result[i] for i in overloads]
     refused = np.array([x for p in opened for x in p["latencies"].get("RESOURCE_EXHAUSTED", [])])
@@ -260,6 +265,11 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
         "replica_busy_calibrating": round(busy_calibrating, 2),
         "cores_calibrating": round(cpu_share(measuring), 2),
         "cores_overloaded": round(cpu_share(overloads), 2),
+        "load_generator_cores_overloaded": round(
+            sum(result[i]["cpu_s"] for i in overloads)
+            / sum(max(result[i]["seconds"], result[i]["ok_until_s"]) for i in overloads),
+            2,
+        ),
         "resource_exhausted": int(refused.size),
         "client_resource_exhausted_p50_ms": round(float(np.percentile(refused, 50)) * 1000, 2),
         "client_resource_exhausted_p99_ms": round(float(np.percentile(refused, 99)) * 1000, 2),
@@ -270,26 +280,29 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
         "recovery": recovery["codes"],
         "recovery_ok_p50_ms": round(recovery["latency"]["OK"]["p50"] * 1000, 1),
         "before_ok_p50_ms": round(result[measuring[0]]["latency"]["OK"]["p50"] * 1000, 1),
+        # Per phase: mode, codes, replica busy fraction, OK answers per second.
         "phases": [
-            (p["mode"], p["codes"], round(sampler.between(*p["wall"])[1] / p["seconds"], 2))
-            for p in result
+            (p["mode"], p["codes"], round(rates([i])[1], 2), round(rates([i])[0], 1))
+            for i, p in enumerate(result)
         ],
     }
-    print("overload figures:", json.dumps(figures))
+    # A string, so that a failure prints every figure (pytest shortens a dict).
+    report = json.dumps(figures)
+    print("overload figures:", report)
     if cpu_share(measuring) < 0.5:
-        pytest.skip(f"this machine is too contended to measure overload: {figures}")
+        pytest.skip(f"this machine is too contended to measure overload: {report}")
     # Each overload phase offered 10x the capacity measured before it (the load generator
     # sets its rate so); over both, many times the capacity measured over the whole test.
-    assert offered > 5 * capacity, figures
-    assert accepted >= 0.8 * capacity, figures
+    assert offered > 5 * capacity, report
+    assert accepted >= 0.8 * capacity, report
     # The overload left the replica no idler than the sustainable load did.
-    assert busy > min(0.85, busy_calibrating - 0.05), figures
-    assert refusals >= refused.size and fast >= 0.99 * refusals, figures  # p99 < 10 ms
-    assert np.percentile(refused, 50) < 0.010, figures
-    assert codes <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, figures  # no CANCELLED
-    assert sampler.growth_mb < 256, figures
+    assert busy > min(0.85, busy_calibrating - 0.05), report
+    assert refusals >= refused.size and fast >= 0.99 * refusals, report  # p99 < 10 ms
+    assert np.percentile(refused, 50) < 0.010, report
+    assert codes <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, report  # no CANCELLED
+    assert sampler.growth_mb < 256, report
     # Full recovery: everything answered, nothing left queued.
-    assert set(recovery["codes"]) == {"OK"}, figures
+    assert set(recovery["codes"]) == {"OK"}, report
     assert registry.get_sample_value("recship_queue_cost", {"model": "movies/rank"}) == 0
     assert server.server.manager.queued_rows("movies") == 0
 
