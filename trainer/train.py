@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import json
 import logging
@@ -31,10 +32,12 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +118,7 @@ from recship.trainer.retrieval import (
     load_retrieval,
     retrieval_output_dim,
 )
+from recship.trainer.shared_data import read_shared, write_shared
 
 _SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
@@ -618,13 +622,19 @@ class _RunState:
 class _Trainer:
     """One rank's training run (constructed and driven by `run_rank`)."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        env: DistEnv,
+        device: torch.device,
+        shared_data: Path | None = None,
+    ) -> None:
         self.env = env
         self.device = device
         self.rank = env.rank
         self.console = Console(stderr=True)
         config = _with_saved_config(config)
-        self.data = _open_data(config)
+        self.data = _open_data(config) if shared_data is None else read_shared(shared_data)
         retrieval_dim = retrieval_output_dim(config.retrieval) if config.retrieval else None
         self.config = resolve_defaults(config, self.data.schema.name, retrieval_dim)
         self.data.prepare_ranking(self.config)
@@ -1071,12 +1081,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run_rank(config: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+def run_rank(
+    config: TrainConfig, env: DistEnv | None = None, shared_data: Path | None = None
+) -> dict[str, Any]:
     """Runs one rank of a training run to the end (collective with every other rank).
 
     Args:
         config: the run (every rank gets the same one).
         env: this rank's place; None reads torchrun's environment, or runs a world of one.
+        shared_data: the data set the launcher encoded once for every rank (`_prepare_data`);
+            None: this rank reads and encodes it itself.
 
     Returns:
         The run's metrics (rank 0 writes them to `<out>/metrics.json`).
@@ -1095,7 +1109,7 @@ def run_rank(config: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     if use_cuda:
         torch.cuda.set_device(device)
     # Data errors surface on every rank before any collective, so no rank waits on another.
-    trainer = _Trainer(config, env, device)
+    trainer = _Trainer(config, env, device, shared_data)
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group(
@@ -1120,7 +1134,12 @@ def _die_with_parent() -> None:
 
 
 def _spawned_rank(
-    local_rank: int, config: TrainConfig, nproc: int, port: int, failures: Any
+    local_rank: int,
+    config: TrainConfig,
+    nproc: int,
+    port: int,
+    failures: Any,
+    shared_data: Path | None,
 ) -> None:
     _die_with_parent()
     env = DistEnv(
@@ -1131,11 +1150,58 @@ def _spawned_rank(
         init_method=f"tcp://127.0.0.1:{port}",
     )
     try:
-        run_rank(config, env)
+        run_rank(config, env, shared_data)
     except RecshipError as error:
         failures.put((type(error).__name__, str(error)))
         raise
     _exit_now(0)
+
+
+def _spawned_preparation(config: TrainConfig, path: Path, failures: Any) -> None:
+    """Reads and encodes the run's data set once and writes it for the ranks to map (a
+    process of its own, so that the encoding's peak memory is returned before they start).
+    Writes nothing for streamed data (Criteo), which every rank reads as it trains."""
+    _die_with_parent()
+    _quiet_libraries()
+    try:
+        data = _open_data(_with_saved_config(config))
+        if isinstance(data, _InteractionData):
+            write_shared(data, path)
+    except RecshipError as error:
+        failures.put((type(error).__name__, str(error)))
+        _exit_now(1)
+    _exit_now(0)
+
+
+def _raise_failure(failures: Any, fallback: str) -> None:
+    """Raises the first RecshipError a child process reported, else RecshipError(fallback)."""
+    if not failures.empty():
+        name, message = failures.get()
+        error_class = getattr(errors, name, RecshipError)
+        raise error_class(message) from None
+    raise RecshipError(fallback) from None
+
+
+def _prepare_data(config: TrainConfig, folder: Path, context: Any, failures: Any) -> Path | None:
+    """The run's data set encoded once for all local ranks (`trainer.shared_data`) in
+    `folder`, or None for streamed data. Says what it did on stderr (also into a log file)."""
+    path = folder / "data.shared"
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    say = functools.partial(console.print, markup=False, highlight=False)
+    say(f"data: reading and encoding {config.data} once for the {config.nproc} ranks")
+    child = context.Process(target=_spawned_preparation, args=(config, path, failures))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        _raise_failure(failures, f"preparing the training data failed (exit {child.exitcode})")
+    if not path.is_file():
+        return None
+    say(
+        f"data: {path.stat().st_size / 2**20:,.1f} MiB, mapped by every rank "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    return path
 
 
 def _exit_now(code: int) -> None:
@@ -1165,21 +1231,20 @@ def launch(config: TrainConfig) -> dict[str, Any]:
     check_output_dir(config)
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
-    try:
-        mp.start_processes(
-            _spawned_rank,
-            args=(config, config.nproc, free_port(), failures),
-            nprocs=config.nproc,
-            join=True,
-            start_method="spawn",
-        )
-    except ProcessException as failure:
-        if not failures.empty():
-            name, message = failures.get()
-            error_class = getattr(errors, name, RecshipError)
-            raise error_class(message) from None
-        last_line = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
-        raise RecshipError(f"training rank {failure.error_index} failed: {last_line}") from None
+    # (In the temporary folder, not the run's: the ranks refuse an --out they did not write.)
+    with tempfile.TemporaryDirectory(prefix="recship-train-data-") as folder:
+        shared_data = _prepare_data(config, Path(folder), context, failures)
+        try:
+            mp.start_processes(
+                _spawned_rank,
+                args=(config, config.nproc, free_port(), failures, shared_data),
+                nprocs=config.nproc,
+                join=True,
+                start_method="spawn",
+            )
+        except ProcessException as failure:
+            last_line = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
+            _raise_failure(failures, f"training rank {failure.error_index} failed: {last_line}")
     return json.loads((config.out / METRICS_FILE).read_text())
 
 
