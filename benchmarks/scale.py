@@ -160,7 +160,9 @@ def _train_case(model: str, args: dict[str, Any]) -> dict[str, Any]:
         f"{model}_examples_per_s": round(train["examples_per_s"]),
         f"{model}_loop_s": round(train["wall_s"], 1),
         f"{model}_run_wall_s": round(wall, 1),
+        # (The largest process of the run: with several ranks, the one that encoded the data.)
         f"{model}_peak_rss_gib": max(peak_rss_gib(), peak_rss_gib(children=True)),
+        f"{model}_peak_rss_gib_largest_rank": train["peak_rss_gib_largest_rank"],
         f"{model}_eval": metrics["eval"],
         f"{model}_sharding": sorted({t["sharding"] for t in metrics["sharding_plan"].values()}),
         f"{model}_checkpoint_mib": round(

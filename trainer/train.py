@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -987,8 +988,11 @@ class _Trainer:
     ) -> dict[str, Any]:
         # Mean training loss of this invocation over all ranks.
         totals = torch.tensor([state.loss_sum, float(state.loss_count)], dtype=torch.float64)
+        # The largest peak resident memory of any rank, in KiB (Linux's ru_maxrss).
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64)
         if dist.is_initialized():
             dist.all_reduce(totals)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         steps_run = state.step - start_step
         metrics: dict[str, Any] = {
             "model": self.model_config.kind,
@@ -1009,6 +1013,7 @@ class _Trainer:
                 * self.batch_size
                 * self.env.world_size
                 / max(elapsed, 1e-9),
+                "peak_rss_gib_largest_rank": round(int(peak) / 2**20, 2),
             },
             "eval": final,
             "history": self.history,
@@ -1059,6 +1064,7 @@ def _print_summary(console: Console, metrics: dict[str, Any]) -> None:
         ("mean loss (this run)", metrics["train"]["mean_loss_this_run"]),
         ("examples/s", metrics["train"]["examples_per_s"]),
         ("wall s", metrics["train"]["wall_s"]),
+        ("peak RSS GiB (largest rank)", metrics["train"]["peak_rss_gib_largest_rank"]),
     ]
     rows += [(f"eval {name}", value) for name, value in metrics["eval"].items()]
     for baseline, values in metrics.get("baselines", {}).items():
