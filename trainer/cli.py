@@ -109,8 +109,8 @@ def _common_options(function: Callable[..., Any]) -> Callable[..., Any]:
             type=int,
             default=DEFAULT_EVAL_USERS,
             show_default=True,
-            help="two-tower: held-out users the evaluation ranks against every item (a seeded "
-            "sample when there are more; 0 = all).",
+            help="Held-out users the evaluation scores (a seeded sample when there are more; "
+            "0 = all): two-tower ranks every item for them, DLRM scores their held-out pairs.",
         ),
         click.option(
             "--log-every",

@@ -226,9 +226,10 @@ class TrainConfig:
             of every epoch).
         keep_checkpoints: keep only this many newest checkpoints (0: keep all).
         eval_every: steps between evaluations during training (0: only at the end).
-        eval_users: two-tower: held-out users the evaluations rank against every item (a
-            seeded sample when there are more, the same in every evaluation of the run and
-            for its popularity baseline; 0: every held-out user).
+        eval_users: held-out users the evaluations score (a seeded sample when there are
+            more, the same in every evaluation of the run and for its popularity baseline; 0:
+            every held-out user): a two-tower ranks every item for them, a DLRM scores their
+            held-out pairs. Only their rows of the user tables are gathered to evaluate.
         log_every: seconds between progress lines when the console is not a terminal
             (redirected output: step, examples/s, loss, ETA; 0: none). A terminal gets a
             live progress bar instead.

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import signal
 import socket
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,12 @@ from recship.trainer.data.ranking_examples import (
 )
 from recship.trainer.data.sources import open_source
 from recship.trainer.evaluate import (
+    EvaluationView,
     end_to_end_metrics,
     eval_user_sample,
     evaluate,
     evaluate_ranking,
+    evaluation_view,
     popularity_baseline,
     retrieval_embeddings,
 )
@@ -318,17 +321,25 @@ class _InteractionData:
         """Log share of training interactions per item (the in-batch sampling probability)."""
         return item_log_frequencies(self.train.item_ids, self.train.num_items)
 
-    def evaluate(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
-        """Held-out metrics of an unsharded model (two-tower: on the user sample)."""
-        return evaluate(model_config, model, self.train, self.held_out, users=self.eval_sample)
+    def evaluation_view(self, model_config: ModelConfig) -> EvaluationView:
+        """What the evaluations read: the sampled held-out users (every one when there are
+        fewer than --eval-users) and the rows of the user tables they look up."""
+        return evaluation_view(model_config, self.train, self.held_out, self.eval_sample)
 
-    def end_to_end(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
-        """Recommend offline (retrieve K, rank, top 10) vs. retrieval alone, for a DLRM run
-        given a retrieval model and a held-out split; {} otherwise."""
-        if model_config.kind != "dlrm" or self.retrieval_vectors is None or not self.num_eval:
+    def evaluate(self, model: nn.Module, view: EvaluationView | None) -> dict[str, float]:
+        """Held-out metrics of the view's unsharded model on the view's users."""
+        assert view is not None
+        return evaluate(view.model_config, model, view.train, view.held_out)
+
+    def end_to_end(self, model: nn.Module, view: EvaluationView | None) -> dict[str, float]:
+        """Recommend offline (retrieve K, rank, top 10) vs. retrieval alone on the view's
+        users, for a DLRM run given a retrieval model and a held-out split; {} otherwise."""
+        assert view is not None
+        kind = view.model_config.kind
+        if kind != "dlrm" or self.retrieval_vectors is None or not self.num_eval:
             return {}
         users, items = self.retrieval_vectors
-        return end_to_end_metrics(users, items, model, self.train, self.held_out)
+        return end_to_end_metrics(users[view.users], items, model, view.train, view.held_out)
 
     def baselines(self, model_config: ModelConfig) -> dict[str, dict[str, float]]:
         """Reference scores a trained model should beat."""
@@ -381,7 +392,11 @@ class _CriteoData:
         """Training lines per epoch."""
         return self.num_train
 
-    def end_to_end(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+    def evaluation_view(self, model_config: ModelConfig) -> None:
+        """None: the evaluation reads the whole model (hashed tables of --table-size rows)."""
+        return None
+
+    def end_to_end(self, model: nn.Module, view: EvaluationView | None) -> dict[str, float]:
         """No users and items: no end-to-end evaluation."""
         return {}
 
@@ -389,7 +404,7 @@ class _CriteoData:
         """Criteo has no items (DLRM only)."""
         raise InvalidInput("a Criteo file has no items: train DLRM on it, not two-tower")
 
-    def evaluate(self, model_config: ModelConfig, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, view: EvaluationView | None) -> dict[str, float]:
         """AUC and log loss of the held-out lines (every one: the batch size divides them)."""
         if not self.num_eval:
             return {}
@@ -510,21 +525,38 @@ def _plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
     return dict(sorted(summary.items()))
 
 
-def _gather_state(dmp: DistributedModelParallel, rank: int) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model state on rank 0; {} elsewhere. Collective."""
+#: A table's weight in a model state dict: `...<table name>.weight`.
+_TABLE_WEIGHT = re.compile(r"(?:^|\.)(t_[^.]+)\.weight$")
+
+
+def _gather_state(
+    dmp: DistributedModelParallel, rank: int, rows: Mapping[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """The unsharded model state on rank 0 ({} elsewhere), each table named in `rows` cut to
+    those rows (sorted): each rank copies the kept rows its shards hold and the parts are
+    summed on rank 0, so no rank ever holds the whole table. Collective."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 
     full: dict[str, torch.Tensor] = {}
     for key, value in dmp.state_dict().items():
-        if isinstance(value, ShardedTensor):
-            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
-            value.gather(dst=0, out=out)
-            tensor = out
-        elif isinstance(value, DTensor):
-            tensor = value.full_tensor().cpu()
+        match = _TABLE_WEIGHT.search(key)
+        kept = rows.get(match.group(1)) if match else None
+        if isinstance(value, ShardedTensor) and kept is not None:
+            tensor = torch.zeros((kept.size, value.size(1)), dtype=value.dtype)
+            for shard in value.local_shards():
+                top, left = shard.metadata.shard_offsets
+                height, width = shard.metadata.shard_sizes
+                low, high = np.searchsorted(kept, [top, top + height])
+                local = torch.from_numpy(kept[low:high] - top)
+                tensor[low:high, left : left + width] = shard.tensor.detach().cpu()[local]
+            dist.reduce(tensor, dst=0, op=dist.ReduceOp.SUM)
+        elif isinstance(value, ShardedTensor):
+            tensor = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=tensor)
         else:
-            tensor = value.detach().cpu()
+            local = value.full_tensor() if isinstance(value, DTensor) else value.detach()
+            tensor = local.cpu() if kept is None else local.cpu()[torch.from_numpy(kept)]
         if rank == 0 and tensor is not None:
             full[key] = tensor
     return full
@@ -828,18 +860,21 @@ class _Trainer:
         )
 
     def _evaluate(self, end_to_end: bool = False) -> dict[str, float]:
-        """Gathers the weights to rank 0 and evaluates there; {} on other ranks. Collective.
+        """Gathers what the evaluation reads (`EvaluationView`) to rank 0 and evaluates there;
+        {} on other ranks. Collective.
 
         With `end_to_end`, the end-to-end metrics (see `_InteractionData.end_to_end`) are kept
         in `self.end_to_end` as well.
         """
-        state = _gather_state(self.dmp, self.rank)
+        view = self.data.evaluation_view(self.model_config)
+        state = _gather_state(self.dmp, self.rank, view.rows if view is not None else {})
         metrics: dict[str, float] = {}
         if self.rank == 0:
-            model = _unsharded_from_state(self.model_config, state)
-            metrics = self.data.evaluate(self.model_config, model)
+            config = view.model_config if view is not None else self.model_config
+            model = _unsharded_from_state(config, state)
+            metrics = self.data.evaluate(model, view)
             if end_to_end:
-                self.end_to_end = self.data.end_to_end(self.model_config, model)
+                self.end_to_end = self.data.end_to_end(model, view)
         _barrier()
         return metrics
 
