@@ -111,20 +111,24 @@ def sent_dense(
     for value, field in zip(values, fields, strict=True):
         if not (_finite_number(value) or (derive and isinstance(value, str))):
             raise InvalidInput(f"{field}: needs one finite number, got {untrusted(value)}")
-    column = pa.array([str(v) if derive else float(v) for v in values])
-    try:
-        derived = transform.derivation.apply(column, numeric=True)
-    except InvalidInput as error:  # text that is no number: find whose it is
-        row = _first_refused(
-            lambda i: transform.derivation.apply(column.slice(i, 1), numeric=True), len(column)
-        )
-        raise InvalidInput(f"{fields[row]}: {error}") from None
-    numbers = derived.to_numpy(zero_copy_only=False)
+    if derive:
+        column = pa.array([str(v) for v in values])
+        try:
+            derived = transform.derivation.apply(column, numeric=True)
+        except InvalidInput as error:  # text that is no number: find whose it is
+            row = _first_refused(
+                lambda i: transform.derivation.apply(column.slice(i, 1), numeric=True),
+                len(column),
+            )
+            raise InvalidInput(f"{fields[row]}: {error}") from None
+        numbers = derived.to_numpy(zero_copy_only=False)
+    else:  # numbers pass a derivation unchanged: no Arrow round trip for a request's few
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
     finite = np.isfinite(numbers)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise InvalidInput(f"{fields[row]}: needs one finite number, got {untrusted(values[row])}")
-    encoded = transform.encode_dense(pa.array(numbers), derived=True)
+    encoded = transform.dense_rule(numbers)
     finite = np.isfinite(encoded)
     if not finite.all():  # e.g. log1p of a value <= -1, or an overflow to float32
         row = int(np.flatnonzero(~finite)[0])
@@ -146,7 +150,7 @@ def default_dense(transform: FeatureTransform, field: str) -> np.float32:
     default = transform.default
     if not _finite_number(default):
         raise InvalidInput(f"{field}: its default {untrusted(default)} is no number")
-    return transform.encode_dense(pa.array([float(default)]), derived=True)[0]
+    return transform.dense_rule(np.array([float(default)]))[0]
 
 
 def _finite_number(value: Any) -> bool:
@@ -167,3 +171,71 @@ def _first_refused(encode: Callable[[int], object], count: int) -> int:
         except InvalidInput:
             return row
     return 0
+
+
+# Distinct values one feature's cache keeps before it is emptied and refilled: request values
+# repeat heavily (genders, ages, occupations, a hot set of users), and 4096 small entries are a
+# few hundred KiB even when a client sends every value once.
+CACHED_VALUES = 4096
+# Longest text a cache keeps: a value's memory is bounded with the entry count, so a client
+# sending long values (a categorical feature with an OOV bucket accepts any) cannot grow it.
+CACHED_TEXT_CHARS = 64
+
+
+class SentIdCache:
+    """`sent_ids` of one single-valued sparse feature, remembering the id of each value it has
+    accepted, so a repeated value costs one dict lookup instead of Arrow kernels and hashes.
+
+    Results are `sent_ids`' exactly: an id depends on its value alone (each rule is applied
+    element by element), only accepted values are kept, keyed by type and value (1, "1" and 1.0
+    are refused or encoded differently), and the values not found go through `sent_ids` as one
+    column in their order, so its first refusal is the one the whole column would raise (a kept
+    value passes every check). Bounded: at most `size` entries of texts up to
+    `CACHED_TEXT_CHARS` characters; a full cache is emptied.
+
+    Thread-safety: every step is one dict operation under the GIL; threads may share one.
+    """
+
+    def __init__(self, transform: FeatureTransform, size: int = CACHED_VALUES) -> None:
+        if transform.multi_valued:
+            raise ValueError(f"{transform.name}: bags of a multi-valued feature are not cached")
+        self.transform = transform
+        self.size = size
+        self._ids: dict[tuple[type, Any], int] = {}
+
+    def ids(
+        self, column: Sequence[Any], field: Callable[[int], str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], lengths int32 [n] of ones) of n raw values, as `sent_ids`.
+
+        Args:
+            column: n raw values: text, integers, numbers or lists.
+            field: the name of value i for messages, asked only for values not cached.
+
+        Raises:
+            InvalidInput: as `sent_ids`.
+        """
+        keys = [_cache_key(value) for value in column]
+        found = [self._ids.get(key) if key is not None else None for key in keys]
+        missing = [i for i, id_ in enumerate(found) if id_ is None]
+        if missing:
+            ids, _ = sent_ids(
+                self.transform, [column[i] for i in missing], [field(i) for i in missing]
+            )
+            for i, id_ in zip(missing, ids.tolist(), strict=True):
+                found[i] = id_
+                key = keys[i]
+                if key is not None and self.size > 0:
+                    if len(self._ids) >= self.size:
+                        self._ids.clear()
+                    self._ids[key] = id_
+        return np.array(found, dtype=np.int64), np.ones(len(found), dtype=np.int32)
+
+
+def _cache_key(value: Any) -> tuple[type, Any] | None:
+    """A raw value's key in a `SentIdCache`, None for one it does not keep (a list, long text)."""
+    if isinstance(value, str):
+        return (str, value) if len(value) <= CACHED_TEXT_CHARS else None
+    if isinstance(value, int | float):
+        return (type(value), value)
+    return None

@@ -8,7 +8,8 @@ below are documented in `bundle/FORMAT.md` (transforms.json, vocab/<feature>.arr
 
 Every encoder here is vectorised over a whole column (numpy and pyarrow compute, no Python loop
 per value), because the server encodes every query of every request and the trainer whole
-tables.
+tables; `fnv1a_64_text` and `Vocabulary.id_of` are their one-value forms, for a request's few
+values, where the array machinery costs more than the work.
 
 Rules, per kind:
 
@@ -62,6 +63,7 @@ _MASK64 = (1 << 64) - 1
 
 
 # -- the hash ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
 def _seeded_basis(seed: int) -> int:
     """FNV-1a 64 state after the 8 little-endian bytes of `seed`."""
     state = _FNV_OFFSET
@@ -107,6 +109,15 @@ def fnv1a_64(values: pa.Array, seed: int) -> np.ndarray:
             byte = data[starts[active] + position].astype(np.uint64)
             hashes[active] = (hashes[active] ^ byte) * prime
     return hashes
+
+
+def fnv1a_64_text(text: str, seed: int) -> int:
+    """`fnv1a_64` of one string, in plain Python: for a request's few values, where building an
+    Arrow array and a numpy pass per byte cost far more than the hash itself."""
+    state = _seeded_basis(seed)
+    for byte in text.encode("utf-8"):
+        state = ((state ^ byte) * _FNV_PRIME) & _MASK64
+    return state
 
 
 def as_text(values: pa.Array) -> pa.Array:
@@ -192,6 +203,17 @@ class Vocabulary:
         for row in candidates[~same]:  # a 64-bit hash collision: scan the equal-hash run
             found[row] = self._scan(str(text[int(row)]), int(position[row]))
         return found
+
+    def id_of(self, text: str) -> int:
+        """The id of one text, -1 if unknown: `lookup` of a one-value array, without building
+        one (a request's key costs microseconds instead of a pass of array kernels)."""
+        if len(self) == 0:
+            return -1
+        digest = fnv1a_64_text(text, VOCAB_HASH_SEED)
+        position = int(np.searchsorted(self.hashes, np.uint64(digest)))
+        if position >= len(self.hashes) or int(self.hashes[position]) != digest:
+            return -1
+        return self._scan(text, position)
 
     def _scan(self, value: str, start: int) -> int:
         target = self.hashes[start]
@@ -477,7 +499,11 @@ class FeatureTransform:
         `derived`: the values went through `derivation` already (training rows)."""
         if not derived:
             values = self.derivation.apply(values, numeric=True)
-        numbers = _numbers(values)
+        return self.dense_rule(_numbers(values))
+
+    def dense_rule(self, numbers: np.ndarray) -> np.ndarray:
+        """float32 of float64 `numbers` through the dense rule (clip, `log1p`, standardise):
+        `encode_dense` of numbers already read, for callers that hold them in numpy."""
         if self.clip_min is not None or self.clip_max is not None:
             numbers = np.clip(numbers, self.clip_min, self.clip_max)
         if self.log1p:

@@ -7,6 +7,10 @@ each feature a whole request's column at once (`recship.bundle.query_values`, th
 request rule), and lays the ids out in the entry points' feature-major jagged layout. Item ids
 cross the wire as the catalogue's raw ids and are mapped to item indices here, both ways.
 
+Request values repeat heavily (genders, ages, a hot set of users), so the codec remembers, per
+feature, the id of each value it accepted and the row of each user key (bounded caches): a
+request of values seen before costs dict lookups, not Arrow kernels, and gets the same answer.
+
 Every refusal names the query index and the field, so a client can fix its request:
 `queries[2].query.features["user_gender"]: value 'X' is not in its vocabulary`. Nothing here
 touches a model.
@@ -25,7 +29,14 @@ import pyarrow as pa
 from recship.base.errors import InvalidInput, shown, untrusted
 from recship.base.jagged import NO_IDS, EntityTable, gather_bags
 from recship.bundle.item_features import read_item_features, read_user_features
-from recship.bundle.query_values import default_dense, sent_dense, sent_ids
+from recship.bundle.query_values import (
+    CACHED_TEXT_CHARS,
+    CACHED_VALUES,
+    SentIdCache,
+    default_dense,
+    sent_dense,
+    sent_ids,
+)
 from recship.bundle.transforms import (
     FeatureTransform,
     Transforms,
@@ -106,6 +117,13 @@ def join_blocks(*parts: JaggedBlock) -> JaggedBlock:
 
 
 _REQUEST, _STORED, _DEFAULT, _EMPTY = 0, 1, 2, 3
+# Sources in the order a feature's values are encoded, so the first refusal is always the same.
+_SOURCES = (_REQUEST, _STORED, _DEFAULT, _EMPTY)
+# Most user keys missing from the key cache that are looked up one by one in plain Python
+# (`Vocabulary.id_of`, about 2.5 us each) rather than as one Arrow array (`Vocabulary.lookup`,
+# about 50 us however few, so the two cross near 20 keys); CPU time measured on the test
+# bundle's 300-user vocabulary.
+_KEYS_LOOKED_UP_ALONE = 16
 
 
 def _field(where: str, name: str) -> str:
@@ -113,8 +131,9 @@ def _field(where: str, name: str) -> str:
     return f'{where}.features["{shown(name)}"]'
 
 
-def _raw(value: recommender_pb2.Value, field: str) -> Any:
-    """The Python value of one wire value (a list for `list_value`)."""
+def _raw(value: recommender_pb2.Value, where: str, name: str) -> Any:
+    """The Python value of one wire value (a list for `list_value`); `where` and `name` name
+    it in a refusal (the field path is only built then: most values are fine)."""
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return value.string_value
@@ -127,16 +146,27 @@ def _raw(value: recommender_pb2.Value, field: str) -> Any:
         filled = [x for x in (lists.strings, lists.ints, lists.doubles) if len(x)]
         if len(filled) > 1:
             raise InvalidInput(
-                f"{field}: a list holds one kind of value (strings, ints or doubles)"
+                f"{_field(where, name)}: a list holds one kind of value (strings, ints or doubles)"
             )
         return list(filled[0]) if filled else []
-    raise InvalidInput(f"{field}: no value set")
+    raise InvalidInput(f"{_field(where, name)}: no value set")
+
+
+def _by_source(sources: list[int]) -> dict[int, list[int]]:
+    """The queries of each source present, in query order."""
+    groups: dict[int, list[int]] = {}
+    for query, source in enumerate(sources):
+        groups.setdefault(source, []).append(query)
+    return groups
 
 
 class FeatureCodec:
     """Validates request queries and encodes them for one bundle version's entry points.
 
-    Thread-safety: immutable after construction; share it between threads.
+    Thread-safety: share it between threads. What it encodes with is immutable after
+    construction; the encodings it remembers across requests (bounded caches, see
+    `bundle.query_values.SentIdCache`) change only by single dict operations under the GIL, and
+    never change a result.
 
     Args:
         manifest: the version's manifest.
@@ -200,6 +230,16 @@ class FeatureCodec:
                 f"bundle item key vocabulary does not hold the {self.num_items} items"
             )
         self.item_vocabulary = vocabulary
+        # Encodings remembered across requests (request values repeat heavily); bounded, and
+        # never a different answer than encoding afresh (`SentIdCache`).
+        self._key_cache: dict[str, int] = {}
+        self._id_caches = {
+            name: SentIdCache(self.transforms.features[name])
+            for name in self.sparse_needed
+            if not self.transforms.features[name].multi_valued
+        }
+        self._defaults: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._dense_defaults: dict[str, np.float32] = {}
 
     # -- items --------------------------------------------------------------------------------
     def item_indices(self, ids: Sequence[str], where: str, *, unknown: str = "error") -> np.ndarray:
@@ -243,20 +283,26 @@ class FeatureCodec:
             InvalidInput: naming the first bad field.
         """
         raw: list[dict[str, Any]] = []
+        accepted = self.accepted
         for position, query in enumerate(queries):
             values = {}
             for name, value in query.features.items():
-                field = _field(where[position], name)
-                if name not in self.accepted:
-                    known = ", ".join(sorted(self.accepted))
-                    raise InvalidInput(f"{field}: unknown feature (the bundle takes {known})")
-                values[name] = _raw(value, field)
+                if name not in accepted:
+                    known = ", ".join(sorted(accepted))
+                    raise InvalidInput(
+                        f"{_field(where[position], name)}: unknown feature (the bundle takes "
+                        f"{known})"
+                    )
+                values[name] = _raw(value, where[position], name)
             raw.append(values)
         rows, cold = self._user_rows(raw, where)
-        columns = {name: self._sparse(name, raw, rows, where) for name in self.sparse_needed}
+        row_list = rows.tolist()
+        columns = {
+            name: self._sparse(name, raw, rows, row_list, where) for name in self.sparse_needed
+        }
         dense = np.zeros((len(raw), len(self.dense_needed)), dtype=np.float32)
         for column, name in enumerate(self.dense_needed):
-            dense[:, column] = self._dense(name, raw, rows, where)
+            dense[:, column] = self._dense(name, raw, rows, row_list, where)
 
         def block(features: Sequence[str]) -> JaggedBlock:
             return JaggedBlock(
@@ -273,8 +319,6 @@ class FeatureCodec:
         cold = np.zeros(len(raw), dtype=bool)
         if self.user_key is None:
             return rows, cold
-        vocabulary = self.transforms.features[self.user_key].vocabulary
-        assert vocabulary is not None
         with_key = [i for i, values in enumerate(raw) if self.user_key in values]
         if not with_key:
             return rows, cold
@@ -285,33 +329,53 @@ class FeatureCodec:
                 field = _field(where[i], self.user_key)
                 raise InvalidInput(f"{field}: the user key is one text or integer value")
             keys.append(str(key))
-        found = vocabulary.lookup(pa.array(keys, pa.string()))
+        found = self._key_rows(keys)
         rows[with_key] = found
         cold[with_key] = found < 0
         return rows, cold
+
+    def _key_rows(self, keys: list[str]) -> np.ndarray:
+        """int64 rows of user keys in the user key's vocabulary (-1: unknown), through the
+        bounded key cache; the few keys it lacks are looked up one by one, many as one array."""
+        vocabulary = self.transforms.features[self.user_key or ""].vocabulary
+        assert vocabulary is not None
+        cache = self._key_cache
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            if len(missing) <= _KEYS_LOOKED_UP_ALONE:
+                looked_up = [vocabulary.id_of(keys[i]) for i in missing]
+            else:
+                looked_up = vocabulary.lookup(pa.array([keys[i] for i in missing], pa.string()))
+                looked_up = looked_up.tolist()
+            for i, row in zip(missing, looked_up, strict=True):
+                found[i] = row
+                if len(keys[i]) <= CACHED_TEXT_CHARS and CACHED_VALUES > 0:
+                    if len(cache) >= CACHED_VALUES:
+                        cache.clear()
+                    cache[keys[i]] = row
+        return np.array(found, dtype=np.int64)
 
     def _sources(
         self,
         name: str,
         raw: list[dict[str, Any]],
-        rows: np.ndarray,
+        rows: list[int],
         stored: bool,
         transform: FeatureTransform,
         where: Sequence[str],
-    ) -> np.ndarray:
-        """Per query where `name` comes from: the request, the user table, the default, or
-        nothing (an unknown user's key: an empty bag, the cold-start query)."""
-        sources = np.empty(len(raw), dtype=np.int8)
+    ) -> dict[int, list[int]]:
+        """The queries of each source `name` comes from: the request, the user table, the
+        default, or nothing (an unknown user's key: an empty bag, the cold-start query)."""
+        sources = []
         for i, values in enumerate(raw):
-            is_cold_key = name == self.user_key and rows[i] < 0 and name in values
-            if is_cold_key:
-                sources[i] = _EMPTY
-            elif name in values:
-                sources[i] = _REQUEST
+            if name in values:
+                cold_key = name == self.user_key and rows[i] < 0
+                sources.append(_EMPTY if cold_key else _REQUEST)
             elif stored and rows[i] >= 0:
-                sources[i] = _STORED
+                sources.append(_STORED)
             elif transform.default is not None:
-                sources[i] = _DEFAULT
+                sources.append(_DEFAULT)
             else:
                 hint = (
                     f" (or send {self.user_key} of a stored user)"
@@ -321,39 +385,41 @@ class FeatureCodec:
                 raise InvalidInput(
                     f"{_field(where[i], name)}: missing, required by the bundle{hint}"
                 )
-        return sources
+        return _by_source(sources)
 
     def _sparse(
-        self, name: str, raw: list[dict[str, Any]], rows: np.ndarray, where: Sequence[str]
+        self,
+        name: str,
+        raw: list[dict[str, Any]],
+        rows: np.ndarray,
+        row_list: list[int],
+        where: Sequence[str],
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, lengths int32 [n]) of one sparse feature over the request's queries."""
         transform = self.transforms.features[name]
         is_key = name == self.user_key
         stored = is_key or name in self.user_sparse
-        sources = self._sources(name, raw, rows, stored, transform, where)
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (queries, ids, lengths)
-        requested = np.flatnonzero(sources == _REQUEST)
-        if requested.size:
-            column = [raw[int(i)][name] for i in requested]
-            ids, lengths = self._encode(transform, column, [where[int(i)] for i in requested])
-            parts.append((requested, ids, lengths))
-        from_table = np.flatnonzero(sources == _STORED)
-        if from_table.size:
-            if is_key:
-                ids, lengths = rows[from_table], np.ones(from_table.size, dtype=np.int32)
+        groups = self._sources(name, raw, row_list, stored, transform, where)
+        parts: list[tuple[list[int], np.ndarray, np.ndarray]] = []  # (queries, ids, lengths)
+        for source in _SOURCES:
+            queries = groups.get(source)
+            if queries is None:
+                continue
+            if source == _REQUEST:
+                ids, lengths = self._requested_ids(transform, raw, rows, queries, where)
+            elif source == _STORED:
+                if is_key:
+                    ids, lengths = rows[queries], np.ones(len(queries), dtype=np.int32)
+                else:
+                    assert self.users is not None
+                    ids, lengths = self.users.sparse[name].gather(rows[queries])
+                lengths = lengths.astype(np.int32)
+            elif source == _DEFAULT:
+                ids, lengths = self._default_ids(transform)
+                ids, lengths = np.tile(ids, len(queries)), np.repeat(lengths, len(queries))
             else:
-                assert self.users is not None
-                ids, lengths = self.users.sparse[name].gather(rows[from_table])
-            parts.append((from_table, ids, lengths.astype(np.int32)))
-        defaulted = np.flatnonzero(sources == _DEFAULT)
-        if defaulted.size:
-            ids, lengths = self._encode(transform, [transform.default], ["(its default)"])
-            parts.append(
-                (defaulted, np.tile(ids, defaulted.size), np.repeat(lengths, defaulted.size))
-            )
-        empty = np.flatnonzero(sources == _EMPTY)
-        if empty.size:
-            parts.append((empty, NO_IDS, np.zeros(empty.size, dtype=np.int32)))
+                ids, lengths = NO_IDS, np.zeros(len(queries), dtype=np.int32)
+            parts.append((queries, ids, lengths))
         if len(parts) == 1:  # one source for every query: already in query order
             return parts[0][1].astype(np.int64, copy=False), parts[0][2]
         values = np.concatenate([ids for _, ids, _ in parts])
@@ -363,36 +429,69 @@ class FeatureCodec:
         bag_values, bag_lengths = gather_bags(values, _offsets(lengths), position)
         return bag_values, bag_lengths.astype(np.int32)
 
-    def _encode(
-        self, transform: FeatureTransform, column: list[Any], where: list[str]
+    def _requested_ids(
+        self,
+        transform: FeatureTransform,
+        raw: list[dict[str, Any]],
+        rows: np.ndarray,
+        queries: list[int],
+        where: Sequence[str],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of raw values sent for one feature, each refusal naming its query
-        (`bundle.query_values.sent_ids`: the derivation as the training rows had it, then the
-        kind's rule)."""
-        return sent_ids(transform, column, [_field(at, transform.name) for at in where])
+        """Ids of the values `queries` send for one sparse feature, each refusal naming its
+        query (`bundle.query_values.sent_ids`, through the feature's cache when it has one).
+
+        A known user key sent as is encodes to its row (`_user_rows` looked it up in this very
+        vocabulary, and checked its type), so it is not looked up twice."""
+        name = transform.name
+        if name == self.user_key and not transform.derivation.active:
+            return rows[queries], np.ones(len(queries), dtype=np.int32)
+        column = [raw[i][name] for i in queries]
+        cache = self._id_caches.get(name)
+        if cache is not None:
+            return cache.ids(column, lambda j: _field(where[queries[j]], name))
+        return sent_ids(transform, column, [_field(where[i], name) for i in queries])
+
+    def _default_ids(self, transform: FeatureTransform) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths) of one query taking the feature's default, encoded once; a default
+        that does not encode is refused on every request that needs it."""
+        known = self._defaults.get(transform.name)
+        if known is None:
+            field = _field("(its default)", transform.name)
+            known = sent_ids(transform, [transform.default], [field])
+            self._defaults[transform.name] = known
+        return known
 
     def _dense(
-        self, name: str, raw: list[dict[str, Any]], rows: np.ndarray, where: Sequence[str]
+        self,
+        name: str,
+        raw: list[dict[str, Any]],
+        rows: np.ndarray,
+        row_list: list[int],
+        where: Sequence[str],
     ) -> np.ndarray:
         """float32 [n] of one dense query-side feature."""
         transform = self.transforms.features[name]
         stored = name in self.user_dense
-        sources = self._sources(name, raw, rows, stored, transform, where)
+        groups = self._sources(name, raw, row_list, stored, transform, where)
         out = np.empty(len(raw), dtype=np.float32)
-        requested = np.flatnonzero(sources == _REQUEST)
-        if requested.size:
+        requested = groups.get(_REQUEST)
+        if requested is not None:
             out[requested] = sent_dense(
                 transform,
-                [raw[int(i)][name] for i in requested],
-                [_field(where[int(i)], name) for i in requested],
+                [raw[i][name] for i in requested],
+                [_field(where[i], name) for i in requested],
             )
-        from_table = np.flatnonzero(sources == _STORED)
-        if from_table.size:
+        from_table = groups.get(_STORED)
+        if from_table is not None:
             assert self.users is not None
             out[from_table] = self.users.dense[rows[from_table], self.user_dense.index(name)]
-        defaulted = np.flatnonzero(sources == _DEFAULT)
-        if defaulted.size:
-            out[defaulted] = default_dense(transform, f"{shown(name)} (its default)")
+        defaulted = groups.get(_DEFAULT)
+        if defaulted is not None:
+            known = self._dense_defaults.get(name)
+            if known is None:
+                known = default_dense(transform, f"{shown(name)} (its default)")
+                self._dense_defaults[name] = known
+            out[defaulted] = known
         return out
 
     def item_block(self, item_ids: np.ndarray) -> tuple[JaggedBlock, np.ndarray]:

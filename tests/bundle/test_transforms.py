@@ -30,6 +30,7 @@ from recship.bundle.transforms import (
     Vocabulary,
     check_transforms,
     fnv1a_64,
+    fnv1a_64_text,
     read_transforms,
     unknown_rows,
     write_transforms,
@@ -103,6 +104,13 @@ def test_fnv1a_64_agrees_with_the_reference_on_any_text(
     assert fnv1a_64(array, seed).tolist() == [
         reference_hash(seed, t) for t in texts[min(start, len(texts)) :]
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(), max_size=10), seed=st.integers(-(2**63), 2**64 - 1))
+def test_the_one_value_hash_is_the_column_hash(texts: list[str], seed: int) -> None:
+    expected = fnv1a_64(pa.array(texts, pa.string()), seed).tolist()
+    assert [fnv1a_64_text(text, seed) for text in texts] == expected
 
 
 # -- vocabularies --------------------------------------------------------------------------------
@@ -194,6 +202,10 @@ def test_equal_hashes_are_scanned_and_the_value_compared() -> None:
     vocabulary = _forged(["q", "p", "r"], [h, h, h], [2, 1, 0])
     assert vocabulary.lookup(pa.array(["q"])).tolist() == [0]
 
+    texts = ["q", "p", "r", "x"]  # the one-value lookup scans the run alike
+    assert [vocabulary.id_of(t) for t in texts] == vocabulary.lookup(pa.array(texts)).tolist()
+    assert vocabulary.id_of("q") == 0
+
 
 def test_a_matching_hash_with_another_value_is_not_a_match() -> None:
     # "zzz"'s hash is in the index but names the value "p": a hash match alone never gives an id.
@@ -202,6 +214,19 @@ def test_a_matching_hash_with_another_value_is_not_a_match() -> None:
     assert vocabulary.lookup(pa.array(["zzz", "p"])).tolist() == [1, -1]
     vocabulary = _forged(["p"], [h], [0])
     assert vocabulary.lookup(pa.array(["zzz"])).tolist() == [-1]
+    assert vocabulary.id_of("zzz") == -1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stored=st.lists(st.text(max_size=6), max_size=30, unique=True),
+    asked=st.lists(st.text(max_size=6), max_size=30),
+)
+def test_the_one_value_lookup_is_the_column_lookup(stored: list[str], asked: list[str]) -> None:
+    vocabulary = Vocabulary(pa.array(stored, pa.string()))
+    texts = asked + stored[:10]
+    expected = vocabulary.lookup(pa.array(texts, pa.string())).tolist()
+    assert [vocabulary.id_of(text) for text in texts] == expected
 
 
 # -- each kind's rule (FORMAT.md's table) ---------------------------------------------------------
@@ -342,6 +367,8 @@ def test_dense_clips_then_log1p_then_standardises_in_float32(options: dict[str, 
     encoded = transform.encode_dense(pa.array(DENSE_VALUES))
     assert encoded.dtype == np.float32
     assert encoded.tolist() == [_reference_dense(v, **options) for v in DENSE_VALUES]
+    numbers = np.array(DENSE_VALUES, dtype=np.float64)  # the rule alone, on numbers read
+    assert transform.dense_rule(numbers).tobytes() == encoded.tobytes()
 
 
 def test_dense_missing_values_are_nan_for_the_caller_to_fill() -> None:
