@@ -92,11 +92,12 @@ def evaluation_view(
             tables.append(table)
             continue
         values, lengths = train.users.sparse[table.feature].gather(users)
-        kept = np.unique(values)
+        # No users (no held-out data) still keeps one row: a table cannot be empty.
+        kept = np.unique(values) if values.size else np.zeros(1, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         sparse[table.feature] = JaggedColumn(np.searchsorted(kept, values), offsets)
         rows[table.name] = kept
-        tables.append(replace(table, num_embeddings=max(1, kept.size)))
+        tables.append(replace(table, num_embeddings=kept.size))
     compact = EntityTable(num_rows=users.size, sparse=sparse, dense=train.users.dense[users])
 
     def restrict(data: InteractionDataset) -> InteractionDataset:

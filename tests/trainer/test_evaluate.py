@@ -184,3 +184,42 @@ def test_a_smaller_sample_is_seeded_and_ranks_only_its_users() -> None:
     assert metrics == pytest.approx(reference, abs=1e-12)
     with pytest.raises(ValueError, match=">= 0"):
         eval_user_sample(held_out, -1, seed=0)
+
+
+def _view_state(model: torch.nn.Module, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The whole model's state with each user table cut to the rows a view keeps."""
+    state = {}
+    for key, value in model.state_dict().items():
+        table = key.split(".")[-2] if ".embedding_bags." in key else None
+        state[key] = value[torch.from_numpy(rows[table])] if table in rows else value
+    return state
+
+
+def test_evaluation_view_gives_the_whole_models_metrics_on_its_users() -> None:
+    from recship.trainer.evaluate import eval_user_sample, evaluate, evaluation_view
+    from recship.trainer.models import build_model
+
+    data = generate(num_users=300, num_items=80, interactions_per_user=6, seed=3)
+    train, held_out = data.split(0.3, seed=0)
+    config, model = _untrained_two_tower(data)
+    users = eval_user_sample(held_out, 50, seed=0)
+    view = evaluation_view(config, train, held_out, users)
+    assert 0 < view.rows["t_user_id"].size < data.num_users  # only the sampled users' rows
+    small = build_model(view.model_config)
+    small.load_state_dict(_view_state(model, view.rows))
+    whole = evaluate(config, model, train, held_out, users=users)
+    assert evaluate(view.model_config, small, view.train, view.held_out) == pytest.approx(whole)
+
+
+def test_evaluation_view_of_no_users_keeps_one_row_per_user_table() -> None:
+    from recship.trainer.evaluate import evaluate, evaluation_view
+    from recship.trainer.models import build_model
+
+    data = generate(num_users=30, num_items=40, interactions_per_user=4, seed=4)
+    config, model = _untrained_two_tower(data)
+    empty = data.split(0.0, seed=0)[1]
+    view = evaluation_view(config, data, empty)
+    assert view.users.size == 0 and all(rows.tolist() == [0] for rows in view.rows.values())
+    small = build_model(view.model_config)
+    small.load_state_dict(_view_state(model, view.rows))
+    assert evaluate(view.model_config, small, view.train, view.held_out) == {}
