@@ -399,13 +399,14 @@ class _Packager:
     def _quality_gate(self) -> QualityResult:
         """Per-stage and end-to-end quality on the sampled validation users."""
         assert self.evaluation is not None and self.packaged_queries is not None
-        users, targets = self.eval_users, self.evaluation.targets
+        users = self.eval_users
+        targets = self.evaluation.targets(users)
         train = self.retrieval.train
         fp32_queries = _batched(
             self.query_fp32, lambda block: _query_inputs(train, block, self.query_features), users
         )
         index_search = functools.partial(search, self.built.index, threads=None)
-        seen = positives_by_user(train.user_ids, train.item_ids)
+        seen = positives_by_user(train.user_ids, train.item_ids, users)
         recall_fp32 = ranked_recall(
             fp32_queries, exact_search(self.item_embeddings), users, targets, seen
         )

@@ -22,32 +22,40 @@ from recship.trainer.evaluate import positives_by_user
 
 @dataclass(frozen=True)
 class EvalSplit:
-    """Validation users, their relevant items and where they came from.
+    """Validation (user, item) pairs and where they came from.
+
+    Kept as two arrays: per-user targets are built only for the users a gate measures (a
+    dict of 10M held-out users' arrays alone took gigabytes and minutes).
 
     Attributes:
-        targets: user id -> sorted relevant (held-out) item ids, every array non-empty.
+        user_ids: int64 [P] the users of the relevant (held-out) pairs.
+        item_ids: int64 [P] their items.
         source: "held-out split of <training output>" or "--eval-data <path>".
         dropped: eval-data rows not measured (unknown key, or a training interaction).
     """
 
-    targets: dict[int, np.ndarray]
+    user_ids: np.ndarray
+    item_ids: np.ndarray
     source: str
     dropped: int = 0
 
     def sample(self, max_users: int, rng: np.random.Generator) -> np.ndarray:
         """Sorted user ids to measure: every validation user, or `max_users` drawn from them."""
-        users = np.array(sorted(self.targets), dtype=np.int64)
+        users = np.unique(self.user_ids)
         if users.size <= max_users:
             return users
         return np.sort(rng.choice(users, size=max_users, replace=False))
+
+    def targets(self, users: np.ndarray) -> dict[int, np.ndarray]:
+        """Validation user of `users` -> its sorted relevant item ids (each non-empty)."""
+        return positives_by_user(self.user_ids, self.item_ids, users)
 
 
 def held_out_split(held_out: InteractionDataset, where: Path) -> EvalSplit | None:
     """The checkpoint's held-out interactions as validation targets; None when it has none."""
     if len(held_out) == 0:
         return None
-    targets = positives_by_user(held_out.user_ids, held_out.item_ids)
-    return EvalSplit(targets, f"held-out split of {where}")
+    return EvalSplit(held_out.user_ids, held_out.item_ids, f"held-out split of {where}")
 
 
 def read_eval_data(path: Path, train: InteractionDataset) -> EvalSplit:
@@ -88,5 +96,4 @@ def read_eval_data(path: Path, train: InteractionDataset) -> EvalSplit:
             f"--eval-data {path}: none of its {len(table)} rows is a known user and item "
             "outside the training interactions"
         )
-    targets = positives_by_user(users[kept], items[kept])
-    return EvalSplit(targets, f"--eval-data {path}", dropped=int((~kept).sum()))
+    return EvalSplit(users[kept], items[kept], f"--eval-data {path}", dropped=int((~kept).sum()))

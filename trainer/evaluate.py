@@ -157,8 +157,16 @@ def eval_user_sample(held_out: InteractionDataset, count: int, seed: int) -> np.
     return np.sort(rng.choice(users, size=count, replace=False))
 
 
-def positives_by_user(user_ids: np.ndarray, item_ids: np.ndarray) -> dict[int, np.ndarray]:
-    """Maps each user id to the sorted unique items it interacted with."""
+def positives_by_user(
+    user_ids: np.ndarray, item_ids: np.ndarray, users: np.ndarray | None = None
+) -> dict[int, np.ndarray]:
+    """Maps each user id (of `users` only, when given) to the sorted unique items it
+    interacted with."""
+    if users is not None:
+        wanted = np.zeros(max(int(user_ids.max(initial=-1)), int(users.max(initial=-1))) + 1, bool)
+        wanted[users] = True
+        mine = wanted[user_ids]
+        user_ids, item_ids = user_ids[mine], item_ids[mine]
     order = np.lexsort((item_ids, user_ids))
     users, items = user_ids[order], item_ids[order]
     bounds = np.flatnonzero(np.diff(users)) + 1
@@ -200,19 +208,11 @@ def retrieval_metrics(
     rows_of: np.ndarray | None = None  # user id -> row of user_embeddings, when not the id
     if users is not None:
         users = np.asarray(users, dtype=np.int64)
-        wanted = np.zeros(max(train.num_users, held_out.num_users), dtype=bool)
-        wanted[users] = True
-        held_out_user_ids = held_out.user_ids[wanted[held_out.user_ids]]
-        held_out_item_ids = held_out.item_ids[wanted[held_out.user_ids]]
-        seen_mask = wanted[train.user_ids]
-        targets = positives_by_user(held_out_user_ids, held_out_item_ids)
-        seen = positives_by_user(train.user_ids[seen_mask], train.item_ids[seen_mask])
         if user_embeddings.shape[0] == users.size:
-            rows_of = np.full(wanted.size, -1, dtype=np.int64)
+            rows_of = np.full(max(train.num_users, held_out.num_users), -1, dtype=np.int64)
             rows_of[users] = np.arange(users.size)
-    else:
-        targets = positives_by_user(held_out.user_ids, held_out.item_ids)
-        seen = positives_by_user(train.user_ids, train.item_ids)
+    targets = positives_by_user(held_out.user_ids, held_out.item_ids, users)
+    seen = positives_by_user(train.user_ids, train.item_ids, users)
     users = np.array(sorted(targets), dtype=np.int64)
     num_items = item_embeddings.shape[0]
     user_batch = max(1, min(user_batch, SCORES_PER_BLOCK // max(num_items, 1)))

@@ -161,7 +161,12 @@ def test_data_that_fit_otherwise_than_at_training_are_refused(unsplit_runs, tmp_
 
 def test_a_sample_of_everyone_is_every_validation_user_and_smaller_ones_are_seeded() -> None:
     targets = {user: np.array([user % 7]) for user in range(0, 60, 3)}
-    split = EvalSplit(targets, "held-out split of runs/tt")
+    users = np.repeat(np.array(sorted(targets)), 2)  # two pairs per user, one item
+    split = EvalSplit(users, users % 7, "held-out split of runs/tt")
+    assert {u: t.tolist() for u, t in split.targets(np.arange(60)).items()} == {
+        u: t.tolist() for u, t in targets.items()
+    }
+    assert sorted(split.targets(np.array([3, 4, 57]))) == [3, 57]
     everyone = split.sample(len(targets), np.random.default_rng(0))
     assert everyone.tolist() == sorted(targets)  # the sampled gate is then the full gate
     assert split.sample(10**6, np.random.default_rng(1)).tolist() == sorted(targets)
