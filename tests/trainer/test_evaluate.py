@@ -223,3 +223,19 @@ def test_evaluation_view_of_no_users_keeps_one_row_per_user_table() -> None:
     small = build_model(view.model_config)
     small.load_state_dict(_view_state(model, view.rows))
     assert evaluate(view.model_config, small, view.train, view.held_out) == {}
+
+
+def test_popularity_lists_equal_exact_ranking_by_count_for_the_asked_users() -> None:
+    from recship.trainer.data.ranking_examples import mine_candidates
+    from recship.trainer.evaluate import popularity_lists
+
+    data = generate(num_users=120, num_items=25, interactions_per_user=9, seed=6)
+    train, _ = data.split(0.2, seed=0)
+    counts = np.bincount(train.item_ids, minlength=train.num_items).astype(np.float64)
+    # Exact ranking of every item by count for every user, own items excluded, ties (common
+    # with 25 items) to the lower id, -1 where fewer unseen items than asked remain.
+    exact = mine_candidates(np.ones((train.num_users, 1)), counts[:, None], train, 20)
+    users = np.array([0, 7, 8, 50, 119])
+    assert (popularity_lists(train, users, 20) == exact[users]).all()
+    assert (popularity_lists(train, users, 20) == -1).any()  # the padding is exercised
+    assert popularity_lists(train, np.zeros(0, dtype=np.int64), 5).shape == (0, 5)
