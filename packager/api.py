@@ -216,7 +216,9 @@ class _Packager:
     def load(self) -> None:
         options = self.options
         self.retrieval = load_checkpoint(options.retrieval, "two-tower", options.retrieval_step)
-        self.ranking = load_checkpoint(options.ranking, "dlrm", options.ranking_step)
+        self.ranking = load_checkpoint(
+            options.ranking, "dlrm", options.ranking_step, same_data=self.retrieval
+        )
         check_pair(self.retrieval, self.ranking)
         tower = self.retrieval.model.query_tower  # type: ignore[union-attr]
         self.query_features = list(tower.feature_names)

@@ -84,8 +84,14 @@ def reopen_split(
     return source.split(float(split["eval_fraction"]), int(split["seed"]))
 
 
-def load_checkpoint(path: Path, kind: str, step: int | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: Path, kind: str, step: int | None = None, same_data: LoadedCheckpoint | None = None
+) -> LoadedCheckpoint:
     """Reloads one `recship train` output folder of the expected model kind.
+
+    `same_data`: a checkpoint already reloaded; when both model_config.json record the same
+    data source, options and split, its split is shared rather than reopened (a second copy
+    of a 10M-user data set is gigabytes and minutes).
 
     Raises:
         NotFound: no model_config.json or no complete checkpoint.
@@ -97,7 +103,10 @@ def load_checkpoint(path: Path, kind: str, step: int | None = None) -> LoadedChe
         raise InvalidInput(f"{path} holds a {config.kind} model, expected {kind}")
     found_step, folder = resolve_checkpoint(path, step)
     _, model = load_unsharded(path, found_step)
-    train, held_out = reopen_split(payload, path)
+    if same_data is not None and same_data.payload.get("data") == payload.get("data"):
+        train, held_out = same_data.train, same_data.held_out
+    else:
+        train, held_out = reopen_split(payload, path)
     _check_fitted_transforms(path, train.transforms)
     return LoadedCheckpoint(
         path, config, model, found_step, folder, payload, config_sha256(path), train, held_out

@@ -244,3 +244,29 @@ def test_verify_and_inspect(runs, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "items.faiss: sha256" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_ranker_shares_the_retrievals_data_split_when_both_record_the_same(
+    runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from recship.packager import checkpoint
+
+    reopened: list[Path] = []
+    reopen = checkpoint.reopen_split
+
+    def counted(payload, where):
+        reopened.append(where)
+        return reopen(payload, where)
+
+    monkeypatch.setattr(checkpoint, "reopen_split", counted)
+    retrieval = load_checkpoint(runs[0], "two-tower")
+    ranking = load_checkpoint(runs[1], "dlrm", same_data=retrieval)
+    assert reopened == [runs[0]]  # one copy of the data for both models
+    assert ranking.train is retrieval.train and ranking.held_out is retrieval.held_out
+    data = retrieval.payload["data"]
+    other = {**data, "split": {**data["split"], "seed": data["split"]["seed"] + 1}}
+    elsewhere = dataclasses.replace(retrieval, payload={**retrieval.payload, "data": other})
+    assert load_checkpoint(runs[1], "dlrm", same_data=elsewhere).train is not retrieval.train
+    assert reopened == [runs[0], runs[1]]
