@@ -20,6 +20,7 @@ from recship.runtime.cli_options import (
     client_tls,
     tls_client_options,
 )
+from recship.runtime.limits import ServiceLimits
 
 if TYPE_CHECKING:
     from recship.runtime.policy import VersionPolicy
@@ -66,6 +67,34 @@ def _split(value: str | None) -> tuple[str, ...]:
                    "CPU); raise it on GPUs, where larger batches pay.")  # fmt: skip
 @click.option("--max-queue-rows", type=int, default=DEFAULT_MAX_QUEUE_ROWS, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
+@click.option(
+    "--max-queries",
+    type=click.IntRange(min=1),
+    default=ServiceLimits.max_queries,
+    show_default=True,
+    help="Most queries in one request.",
+)
+@click.option(
+    "--max-candidates",
+    type=click.IntRange(min=1),
+    default=ServiceLimits.max_candidates,
+    show_default=True,
+    help="Most candidate item ids of one Rank query.",
+)
+@click.option(
+    "--max-exclusions",
+    type=click.IntRange(min=1),
+    default=ServiceLimits.max_exclusions,
+    show_default=True,
+    help="Most item ids one Retrieve or Recommend query may exclude.",
+)
+@click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1),
+    default=ServiceLimits.max_request_bytes,
+    show_default=True,
+    help="Largest serialized request; larger ones are INVALID_ARGUMENT.",
+)
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparisons).")
 @click.option("--replicas", type=int, default=None, help="CPU replicas (default 1).")
 @click.option("--threads", type=int, default=1, show_default=True,
@@ -111,6 +140,10 @@ def serve_command(
     max_batch_size: int,
     max_delay_ms: float,
     max_queue_rows: int,
+    max_queries: int,
+    max_candidates: int,
+    max_exclusions: int,
+    max_request_bytes: int,
     no_batching: bool,
     replicas: int | None,
     threads: int,
@@ -158,6 +191,12 @@ def serve_command(
         max_batch_size=max_batch_size,
         max_delay_ms=max_delay_ms,
         max_queue_rows=max_queue_rows,
+        limits=ServiceLimits(
+            max_queries=max_queries,
+            max_candidates=max_candidates,
+            max_exclusions=max_exclusions,
+            max_request_bytes=max_request_bytes,
+        ),
         batching=not no_batching,
         replicas=replicas,
         threads=threads,

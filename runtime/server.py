@@ -63,6 +63,7 @@ from recship.runtime.batcher import (
     DEFAULT_MAX_QUEUE_ROWS,
 )
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
+from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -83,7 +84,7 @@ from recship.runtime.servable import (
     ServableLoader,
     configure_threads,
 )
-from recship.runtime.service import RecommenderService, ServiceLimits
+from recship.runtime.service import RecommenderService
 
 logger = logging.getLogger(__name__)
 

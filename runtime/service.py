@@ -30,15 +30,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
 from recship.base.errors import InvalidInput
-from recship.bundle.manifest import DEFAULT_MAX_TOP_K
 from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
+from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
 from recship.runtime.servable import Servable
 
@@ -58,27 +57,6 @@ class _Steps:
         if self._rows >= YIELD_ROWS:
             self._rows = 0
             await asyncio.sleep(0)
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-request bounds; beyond them a request is INVALID_ARGUMENT naming the field.
-
-    Attributes:
-        max_top_k: largest `top_k` / `retrieve_k`.
-        max_queries: most queries in one request.
-        max_candidates: most candidate ids of one Rank query.
-        max_exclusions: most item ids one Retrieve or Recommend query may exclude.
-        max_request_bytes: largest serialized request. The transport limit is set above it
-            (see `recship.runtime.server`), so a request between the two is answered
-            INVALID_ARGUMENT by this check rather than RESOURCE_EXHAUSTED by gRPC.
-    """
-
-    max_top_k: int = DEFAULT_MAX_TOP_K
-    max_queries: int = 1024
-    max_candidates: int = 4096
-    max_exclusions: int = 1024
-    max_request_bytes: int = 4 * 1024 * 1024
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from recship.base.errors import Unavailable
+from recship.base.errors import InvalidInput, Unavailable
 from recship.runtime.client import Query, RecshipClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,10 +27,20 @@ def queued_rows(metrics_port: int) -> float:
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     bundle_repo, serve_process, make_user
 ) -> None:
-    # Batches wait up to 1 s to fill, so the requests are still in flight at SIGTERM.
-    serve = serve_process(bundle_repo, "--max-delay-ms", "1000", "--grace-s", "20")
+    # Batches wait up to 1 s to fill, so the requests are still in flight at SIGTERM. The
+    # request bounds are set by flags, and a request past one is refused naming it.
+    serve = serve_process(
+        bundle_repo, "--max-delay-ms", "1000", "--grace-s", "20",
+        "--max-queries", "8", "--max-exclusions", "2",
+    )  # fmt: skip
     with RecshipClient(serve.target, timeout=30) as client:
         client.wait_until_serving(120)
+        with pytest.raises(
+            InvalidInput, match=r"exclude_item_ids \(count\): 3 is out of bounds \[0, 2\]"
+        ):
+            client.recommend("movies", [Query(make_user(0, 0.0))], 10, 3, exclude=[["1"] * 3])
+        with pytest.raises(InvalidInput, match="9 queries, at most 8"):
+            client.recommend("movies", [Query(make_user(u, 0.0)) for u in range(9)], 10, 3)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             calls = [
                 pool.submit(client.recommend, "movies", [Query(make_user(u, 0.0))], 10, 3)

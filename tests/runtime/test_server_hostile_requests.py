@@ -96,7 +96,7 @@ def test_undecodable_bodies_are_invalid_argument_on_every_method(
 def test_a_body_over_the_request_limit_is_refused_unparsed(
     bundle_repo: Any, server_factory: Any, make_user: Any
 ) -> None:
-    from recship.runtime.service import ServiceLimits
+    from recship.runtime.limits import ServiceLimits
 
     server = server_factory(bundle_repo, limits=ServiceLimits(max_request_bytes=2000))
     server.wait_ready()
