@@ -182,6 +182,29 @@ CACHED_VALUES = 4096
 CACHED_TEXT_CHARS = 64
 
 
+def remembered(
+    memo: dict[Any, int],
+    size: int,
+    keys: Sequence[Any],
+    compute: Callable[[list[int]], Sequence[int]],
+) -> list[int]:
+    """The value of each key, from `memo` or computed: `compute(positions)` gives the values
+    of the keys missing from it, in their order, and they are kept in `memo`. A None key is
+    never kept; a memo of `size` entries is emptied before the next one goes in, so it stays
+    bounded whatever values clients send (the one rule of the codec's caches)."""
+    found = [memo.get(key) if key is not None else None for key in keys]
+    missing = [i for i, value in enumerate(found) if value is None]
+    if missing:
+        for i, value in zip(missing, compute(missing), strict=True):
+            found[i] = value
+            key = keys[i]
+            if key is not None and size > 0:
+                if len(memo) >= size:
+                    memo.clear()
+                memo[key] = value
+    return found  # type: ignore[return-value]
+
+
 class SentIdCache:
     """`sent_ids` of one single-valued sparse feature, remembering the id of each value it has
     accepted, so a repeated value costs one dict lookup instead of Arrow kernels and hashes.
@@ -215,24 +238,17 @@ class SentIdCache:
         Raises:
             InvalidInput: as `sent_ids`.
         """
-        keys = [_cache_key(value) for value in column]
-        found = [self._ids.get(key) if key is not None else None for key in keys]
-        missing = [i for i, id_ in enumerate(found) if id_ is None]
-        if missing:
-            ids, _ = sent_ids(
-                self.transform, [column[i] for i in missing], [field(i) for i in missing]
-            )
-            for i, id_ in zip(missing, ids.tolist(), strict=True):
-                found[i] = id_
-                key = keys[i]
-                if key is not None and self.size > 0:
-                    if len(self._ids) >= self.size:
-                        self._ids.clear()
-                    self._ids[key] = id_
+
+        def encode(missing: list[int]) -> list[int]:
+            values, fields = [column[i] for i in missing], [field(i) for i in missing]
+            return sent_ids(self.transform, values, fields)[0].tolist()
+
+        keys = [cache_key(value) for value in column]
+        found = remembered(self._ids, self.size, keys, encode)
         return np.array(found, dtype=np.int64), np.ones(len(found), dtype=np.int32)
 
 
-def _cache_key(value: Any) -> tuple[type, Any] | None:
+def cache_key(value: Any) -> tuple[type, Any] | None:
     """A raw value's key in a `SentIdCache`, None for one it does not keep (a list, long text)."""
     if isinstance(value, str):
         return (str, value) if len(value) <= CACHED_TEXT_CHARS else None

@@ -30,10 +30,11 @@ from recship.base.errors import InvalidInput, shown, untrusted
 from recship.base.jagged import NO_IDS, EntityTable, gather_bags
 from recship.bundle.item_features import read_item_features, read_user_features
 from recship.bundle.query_values import (
-    CACHED_TEXT_CHARS,
     CACHED_VALUES,
     SentIdCache,
+    cache_key,
     default_dense,
+    remembered,
     sent_dense,
     sent_ids,
 )
@@ -232,7 +233,7 @@ class FeatureCodec:
         self.item_vocabulary = vocabulary
         # Encodings remembered across requests (request values repeat heavily); bounded, and
         # never a different answer than encoding afresh (`SentIdCache`).
-        self._key_cache: dict[str, int] = {}
+        self._key_cache: dict[tuple[type, str], int] = {}
         self._id_caches = {
             name: SentIdCache(self.transforms.features[name])
             for name in self.sparse_needed
@@ -339,21 +340,14 @@ class FeatureCodec:
         bounded key cache; the few keys it lacks are looked up one by one, many as one array."""
         vocabulary = self.transforms.features[self.user_key or ""].vocabulary
         assert vocabulary is not None
-        cache = self._key_cache
-        found = [cache.get(key) for key in keys]
-        missing = [i for i, row in enumerate(found) if row is None]
-        if missing:
+
+        def look_up(missing: list[int]) -> list[int]:
             if len(missing) <= _KEYS_LOOKED_UP_ALONE:
-                looked_up = [vocabulary.id_of(keys[i]) for i in missing]
-            else:
-                looked_up = vocabulary.lookup(pa.array([keys[i] for i in missing], pa.string()))
-                looked_up = looked_up.tolist()
-            for i, row in zip(missing, looked_up, strict=True):
-                found[i] = row
-                if len(keys[i]) <= CACHED_TEXT_CHARS and CACHED_VALUES > 0:
-                    if len(cache) >= CACHED_VALUES:
-                        cache.clear()
-                    cache[keys[i]] = row
+                return [vocabulary.id_of(keys[i]) for i in missing]
+            return vocabulary.lookup(pa.array([keys[i] for i in missing], pa.string())).tolist()
+
+        memo_keys = [cache_key(key) for key in keys]
+        found = remembered(self._key_cache, CACHED_VALUES, memo_keys, look_up)
         return np.array(found, dtype=np.int64)
 
     def _sources(
