@@ -227,6 +227,8 @@ def _load_process(
 
 
 def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, duration_s, root):
+    from recship.runtime.bench import merged_results
+
     shares = [len(p) for p in np.array_split(np.arange(concurrency), min(processes, concurrency))]
     cpu: dict[str, float] = {}
     timer = threading.Timer(warmup_s, lambda: cpu.update(before=tree_cpu_s(root)))
@@ -238,12 +240,7 @@ def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, dur
     ]
     timer_stop = threading.Timer(warmup_s + duration_s, lambda: cpu.update(after=tree_cpu_s(root)))
     timer_stop.start()
-    latencies: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    for future in futures:
-        got, failed = future.result()
-        latencies.extend(got)
-        errors.update(failed)
+    latencies, errors = merged_results(futures)
     timer.join()
     timer_stop.join()
     array = np.asarray(latencies)

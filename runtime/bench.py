@@ -204,6 +204,19 @@ def closed_loop(
     return [x for caller in latencies for x in caller], dict(errors)
 
 
+def merged_results(
+    futures: list[concurrent.futures.Future[tuple[list[float], dict[str, int]]]],
+) -> tuple[list[float], collections.Counter[str]]:
+    """The latencies and error counts of load processes (`closed_loop`'s results), merged."""
+    latencies: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    for future in futures:
+        got, failed = future.result()
+        latencies.extend(got)
+        errors.update(failed)
+    return latencies, errors
+
+
 def _worker(
     target: str,
     rpc: str,
@@ -307,12 +320,7 @@ def run_load(config: BenchConfig, target: str, metrics: str | None, label: str) 
             for share in shares
             if share
         ]
-        latencies: list[float] = []
-        errors: collections.Counter[str] = collections.Counter()
-        for future in futures:
-            worker_latencies, worker_errors = future.result()
-            latencies.extend(worker_latencies)
-            errors.update(worker_errors)
+        latencies, errors = merged_results(futures)
         timer.join()
     after = _scrape(metrics)
     result = LoadResult(label, config.duration_s, np.asarray(latencies), dict(errors))
