@@ -9,7 +9,7 @@ sit once in the page cache whatever N is.
 The file is a pickle (protocol 5) whose arrays are stored out of band, each aligned to
 `ALIGNMENT` bytes after the pickle itself, and handed back to `pickle.loads` as views of the
 mapping: numpy arrays come back without a copy, read-only. Only the launcher of a run writes
-it, into the run's output folder, and only that run's ranks read it (a pickle is trusted
+it, into a temporary folder of its own, and only that run's ranks read it (a pickle is trusted
 input: never point `read_shared` at a file from elsewhere).
 
 Layout: `MAGIC`, an 8-byte little-endian header length, a JSON header
