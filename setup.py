@@ -89,6 +89,7 @@ setup(
     package_data={
         "recship.protos": ["recship/v1/*.proto"],
         "recship.trainer": ["data/specs/*.toml"],
+        "recship.runtime": ["native/*.cc"],
     },
     include_package_data=False,
     cmdclass={"build_py": BuildPyWithProtos},

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 FILE_MODE = 0o644
+#: Overrides the cache root (`default_cache_dir`).
+CACHE_ENV = "RECSHIP_CACHE"
 
 # How a file of untrusted provenance is opened: never through a symbolic link (O_NOFOLLOW), and
 # without blocking on a FIFO or device (O_NONBLOCK); `open_regular` then refuses anything that
@@ -120,3 +122,19 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ValueError(f"more than the {max_bytes} bytes allowed")
     return data
+
+
+def default_cache_dir() -> Path:
+    """The cache root: $RECSHIP_CACHE, else `.cache/recship` in the repository (or the cwd).
+
+    The repository is the source checkout recship runs from (an editable install); an installed
+    copy uses the current directory instead. Fetched data sets and native builds live there.
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
+    checkout = Path(__file__).resolve().parents[1]
+    pyproject = checkout / "pyproject.toml"
+    if pyproject.is_file() and 'name = "recship"' in pyproject.read_text(encoding="utf-8"):
+        return checkout / ".cache" / "recship"
+    return Path.cwd() / ".cache" / "recship"

@@ -231,14 +231,20 @@ def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, dur
 
     shares = [len(p) for p in np.array_split(np.arange(concurrency), min(processes, concurrency))]
     cpu: dict[str, float] = {}
-    timer = threading.Timer(warmup_s, lambda: cpu.update(before=tree_cpu_s(root)))
+    load_pids = list(pool._processes)  # the load processes: their CPU is reported apart
+
+    def sample(when: str) -> None:
+        cpu[when] = tree_cpu_s(root)
+        cpu[f"load {when}"] = sum(tree_cpu_s(pid) for pid in load_pids)
+
+    timer = threading.Timer(warmup_s, sample, ("before",))
     timer.start()
     futures = [
         pool.submit(_load_process, kind, target, payloads, share, warmup_s, duration_s)
         for share in shares
         if share
     ]
-    timer_stop = threading.Timer(warmup_s + duration_s, lambda: cpu.update(after=tree_cpu_s(root)))
+    timer_stop = threading.Timer(warmup_s + duration_s, sample, ("after",))
     timer_stop.start()
     latencies, errors = merged_results(futures)
     timer.join()
@@ -250,18 +256,20 @@ def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, dur
         "p50": float(np.percentile(array, 50) * 1000) if answered else float("nan"),
         "p99": float(np.percentile(array, 99) * 1000) if answered else float("nan"),
         "cpu_ms": 1000 * (cpu["after"] - cpu["before"]) / answered if answered else float("nan"),
+        "load_cpu_ms": (
+            1000 * (cpu["load after"] - cpu["load before"]) / answered if answered else float("nan")
+        ),
         "errors": dict(errors),
     }
 
 
 # -- servers ------------------------------------------------------------------------------------
 class RecshipServer:
-    def __init__(self, repo: Path, bundle: str, workers: int, threads: int) -> None:
+    def __init__(self, repo: Path, bundle: str, workers: int, threads: int, front_end: str) -> None:
         from recship.runtime.bench import ServeProcess
 
-        self.serve = ServeProcess(
-            repo, bundle, ("--workers", str(workers), "--threads", str(threads)), batching=True
-        )
+        flags = ("--workers", str(workers), "--threads", str(threads), "--front-end", front_end)
+        self.serve = ServeProcess(repo, bundle, flags, batching=True)
         self.serve.wait_serving()
         self.pid = self.serve.process.pid
         self.target = self.serve.target
@@ -397,6 +405,8 @@ def main() -> None:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--recship-workers", default="1,2")
+    parser.add_argument("--recship-front-ends", default="native,grpcio",
+                        help="recship serve --front-end values to measure")  # fmt: skip
     parser.add_argument("--ts-workers", default="1,2")
     parser.add_argument("--ts-batch-size", type=int, default=32)
     parser.add_argument("--ts-max-delay-ms", type=int, default=5)
@@ -433,10 +443,12 @@ def main() -> None:
     opened: list = []
     workdir = Path(tempfile.mkdtemp(prefix="ts-compare-"))
     try:
-        for workers in [int(w) for w in args.recship_workers.split(",")]:
-            server = RecshipServer(repo, args.bundle, workers, args.threads)
-            opened.append(server)
-            servers[f"recship serve, {workers} worker(s)"] = ("grpc", server.target, server.pid)
+        for front_end in args.recship_front_ends.split(","):
+            for workers in [int(w) for w in args.recship_workers.split(",")]:
+                server = RecshipServer(repo, args.bundle, workers, args.threads, front_end)
+                opened.append(server)
+                label = f"recship serve {front_end}, {workers} worker(s)"
+                servers[label] = ("grpc", server.target, server.pid)
         ts = TorchServe(workdir, env)
         opened.append(ts)
         config = {
@@ -468,6 +480,7 @@ def main() -> None:
                         results[(label, level)].append(measured)
                         print(f"round {round_ + 1} c={level} {label}: {measured['qps']:.0f} QPS "
                               f"p99 {measured['p99']:.1f} ms cpu {measured['cpu_ms']:.2f} ms/req "
+                              f"load generator {measured['load_cpu_ms']:.2f} ms/req "
                               f"errors {measured['errors'] or 0}", flush=True)  # fmt: skip
         report(results, levels, list(servers), args)
         shutil.rmtree(workdir, ignore_errors=True)  # kept (with TorchServe's log) on failure
@@ -524,17 +537,22 @@ def report(results, levels, labels, args) -> None:
         f"\n{args.rounds} round(s) interleaved, {args.duration:g} s per run, medians; TorchServe "
         f"batch_size {args.ts_batch_size}, max_batch_delay {args.ts_max_delay_ms} ms"
     )
-    print("| concurrency | server | QPS | p50 ms | p99 ms | server CPU ms/request | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| concurrency | server | QPS | p50 ms | p99 ms | server CPU ms/request "
+        "| load generator CPU ms/request | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for level in levels:
         for label in labels:
             runs = results[(label, level)]
             errors = sum(sum(r["errors"].values()) for r in runs)
             median = {
-                m: float(np.median([r[m] for r in runs])) for m in ("qps", "p50", "p99", "cpu_ms")
+                m: float(np.median([r[m] for r in runs]))
+                for m in ("qps", "p50", "p99", "cpu_ms", "load_cpu_ms")
             }
             print(f"| {level} | {label} | {median['qps']:,.0f} | {median['p50']:.1f} | "
-                  f"{median['p99']:.1f} | {median['cpu_ms']:.2f} | {errors} |")  # fmt: skip
+                  f"{median['p99']:.1f} | {median['cpu_ms']:.2f} | {median['load_cpu_ms']:.2f} | "
+                  f"{errors} |")  # fmt: skip
     print("\nratios recship / best TorchServe (by QPS at that concurrency):")
     print("| concurrency | recship | QPS ratio | p99 ratio | CPU ms/req ratio |")
     print("|---|---|---|---|---|")

@@ -30,6 +30,11 @@ cores need more processes. The design follows the grpc project's multiprocessing
   own metrics; the version metrics come from the supervisor only.
 - Workers map the index from the bundle file (`read_index(mmap=True)`) and the Arrow tables
   are memory-mapped already, so those pages are shared by the workers through the page cache.
+- `--front-end native`: the workers listen on Unix sockets in a private folder instead, and
+  the supervisor starts `recship-frontend` (`recship.runtime.front_end`) on the inference port
+  once they serve; it balances whole batches of calls over them (the least busy first), so
+  clients need no more than one channel. It is restarted if it dies (its callers see
+  UNAVAILABLE); SIGTERM drains it first, while the workers still answer its calls, then them.
 
 The memory budget (`--memory-budget-bytes`) is not supported with workers yet.
 """
@@ -41,12 +46,15 @@ import contextlib
 import itertools
 import json
 import logging
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -60,21 +68,32 @@ from recship.base import errors
 from recship.base.errors import InvalidInput, RecshipError, Unavailable
 from recship.bundle.store import BundleStore, ValidatedVersion
 from recship.protos.v1 import manifest_pb2
+from recship.runtime.front_end import FrontEndProcess, front_end_binary
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.servable import ServableLoader
 from recship.runtime.server import (
+    MAX_SEND_BYTES,
     RECOMMENDER_SERVICE,
     ServerConfig,
     bind_admin,
     load_initial,
     poll_repository,
+    receive_limit,
+    tcp_address,
 )
 from recship.runtime.versions import BundleInfo
-from recship.runtime.worker import encode_config
+from recship.runtime.worker import backend_socket, encode_config
 
 logger = logging.getLogger(__name__)
 
+# The native front end's batches: most calls per batch (a batch of 64 Recommend calls of 100
+# candidates is 6,400 ranking rows), batches running per worker at once (1 measured better
+# than 2 at concurrency 64 on 2 cores: the calls that arrive meanwhile make the next batch
+# larger instead of a second small one), and most calls waiting before RESOURCE_EXHAUSTED.
+FRONT_END_BATCH_CALLS = 64
+FRONT_END_INFLIGHT = 1
+FRONT_END_QUEUE_CALLS = 4096
 # A worker has this long to start (import torch, ...) and say hello.
 START_TIMEOUT_S = 120.0
 # Restart delays of a worker that keeps dying: doubled per quick death, up to the last.
@@ -594,6 +613,12 @@ class Supervisor:
     """
 
     def __init__(self, config: ServerConfig) -> None:
+        self.front_end: FrontEndProcess | None = None
+        self._backend_dir: Path | None = None
+        if config.front_end == "native":
+            binary = front_end_binary()  # before anything starts: a missing compiler is one line
+            self._backend_dir = Path(tempfile.mkdtemp(prefix="recship-backends-"))  # mode 0700
+            config = replace(config, backend_dir=self._backend_dir)
         self._reservation = reserve_port(config.host, config.port)
         self.port = int(self._reservation.getsockname()[1])
         self.config = replace(config, port=self.port)
@@ -602,6 +627,8 @@ class Supervisor:
         self.metrics = ServerMetrics()
         self.health = health_aio.HealthServicer()
         self.fleet = Fleet(self.config, config.workers, self.metrics, log_level, self._changed)
+        if self._backend_dir is not None:
+            self.front_end = FrontEndProcess(binary, self._front_end_arguments())
         loop = asyncio.get_running_loop()
         self.manager = VersionManager(
             BundleStore(
@@ -627,6 +654,12 @@ class Supervisor:
         self._polling: asyncio.Task[None] | None = None
         self.settled = asyncio.Event()
         self.load_error: RecshipError | None = None
+        self._watching_front_end: asyncio.Task[None] | None = None
+        self._front_end_restarts = Counter(
+            "recship_front_end_restarts",
+            "Native front end processes restarted after they died.",
+            registry=self.metrics.registry,
+        )
 
     async def start(self) -> None:
         """Starts the admin API, the metrics endpoint and the workers, then loads (background).
@@ -657,22 +690,74 @@ class Supervisor:
             self.admin_address,
         )
 
+    def _front_end_arguments(self) -> list[str]:
+        config = self.config
+        assert config.backend_dir is not None
+        arguments = [
+            "--listen", tcp_address(config.host, self.port),
+            "--max-receive-bytes", str(receive_limit(config.limits)),
+            "--max-send-bytes", str(MAX_SEND_BYTES),
+            "--max-batch-calls", str(FRONT_END_BATCH_CALLS),
+            "--max-queue-calls", str(FRONT_END_QUEUE_CALLS),
+            "--max-inflight", str(FRONT_END_INFLIGHT),
+            "--grace-s", str(config.grace_s),
+        ]  # fmt: skip
+        for worker in self.fleet.workers:
+            arguments += ["--backend", f"unix:{backend_socket(config.backend_dir, worker.index)}"]
+        if config.tls is not None:
+            arguments += ["--tls-cert", str(config.tls.cert), "--tls-key", str(config.tls.key)]
+            if config.tls.client_ca is not None:
+                arguments += ["--tls-client-ca", str(config.tls.client_ca)]
+        return arguments
+
     async def _load(self) -> None:
         self.load_error = await load_initial(self.manager, self.config.labels)
         if self.load_error is None:
             await self.fleet.serve()
+            if self.front_end is not None:
+                try:
+                    await self.front_end.start()
+                except Unavailable as error:
+                    self.load_error = error
+                else:
+                    self._watching_front_end = asyncio.get_running_loop().create_task(
+                        self._watch_front_end(), name="recship-front-end"
+                    )
+                    self._changed()
         self.settled.set()
         if self.load_error is None and self.config.poll_interval_s > 0:
             self._polling = asyncio.get_running_loop().create_task(
                 poll_repository(self.manager, self.config.poll_interval_s), name="recship-poll"
             )
 
+    async def _watch_front_end(self) -> None:
+        """Restarts the native front end whenever it dies, until the supervisor stops."""
+        assert self.front_end is not None and self.front_end.process is not None
+        while True:
+            code = await self.front_end.process.wait()
+            self._changed()
+            logger.error(
+                "recship-frontend (pid %d) exited with %s; restarting",
+                self.front_end.process.pid,
+                f"signal {-code}" if code < 0 else f"code {code}",
+                extra={"exit_code": code},
+            )
+            self._front_end_restarts.inc()
+            await asyncio.sleep(RESTART_DELAY_S)
+            try:
+                await self.front_end.start()
+            except Unavailable as error:
+                logger.error("recship-frontend did not come back: %s", error)
+                await asyncio.sleep(MAX_RESTART_DELAY_S)
+            self._changed()
+
     def _changed(self) -> None:
         """After any change of the supervisor's versions or of a worker: view and health."""
         self.fleet.publish(self.manager.status())
+        front_end_up = self.front_end is None or self.front_end.alive
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if self.manager.ready and self.fleet.ready
+            if self.manager.ready and self.fleet.ready and front_end_up
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
@@ -688,7 +773,14 @@ class Supervisor:
         """Health NOT_SERVING, every worker drained and stopped, then the supervisor's parts."""
         started = time.perf_counter()
         await self.health.enter_graceful_shutdown()
+        if self._watching_front_end is not None:
+            self._watching_front_end.cancel()
+        if self.front_end is not None:
+            # First: its calls in flight still reach the workers.
+            await self.front_end.stop(self.config.grace_s)
         await self.fleet.stop(self.config.grace_s)
+        if self._backend_dir is not None:
+            shutil.rmtree(self._backend_dir, ignore_errors=True)
         for task in (self._polling, self._loading):
             if task is not None and not task.done():
                 task.cancel()

@@ -91,6 +91,30 @@ def status_code(error: RecshipError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def clip_status(message: str) -> str:
+    """`message` as a status message: printable and at most `MAX_STATUS_MESSAGE_CHARS`."""
+    if len(message) > MAX_STATUS_MESSAGE_CHARS or not message.isprintable():
+        return clip(message, MAX_STATUS_MESSAGE_CHARS)
+    return message
+
+
+def error_answer(error: Exception, method: str, peer: str) -> tuple[grpc.StatusCode, str]:
+    """The (code, message) a call failing with `error` is answered; logs bugs.
+
+    A `RecshipError` is answered with its code and message; any other exception is a bug:
+    logged with the method, the peer and the traceback, and answered INTERNAL.
+    """
+    if isinstance(error, RecshipError):
+        code, message = status_code(error), str(error) or type(error).__name__
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("%s failed for %s: %s", method, peer, message, exc_info=error)
+        return code, clip_status(message)
+    logger.error(
+        "unhandled %s in %s for %s: %s", type(error).__name__, method, peer, error, exc_info=error
+    )
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
 class UndecodableRequest:
     """What `decode_request` returns for a body that cannot be a request: the error to answer."""
 
@@ -193,35 +217,18 @@ class _Call:
         if isinstance(error, grpc.aio.AbortError):
             self.report(_final_code(self.context))
             raise error
-        if isinstance(error, RecshipError):
-            code, message = status_code(error), str(error) or type(error).__name__
-            if code is grpc.StatusCode.INTERNAL:
-                logger.error(
-                    "%s failed for %s: %s",
-                    self.method,
-                    self.context.peer(),
-                    message,
-                    exc_info=error,
-                )
-        elif _set_code(self.context) not in (None, grpc.StatusCode.OK):
+        if not isinstance(error, RecshipError) and _set_code(self.context) not in (
+            None,
+            grpc.StatusCode.OK,
+        ):
             # A servicer that set its code and then raised, as generated stubs do for
             # unimplemented methods (UNIMPLEMENTED): its own answer, not a bug.
             code = _set_code(self.context)
-            message = self.context.details() or code.name  # type: ignore[assignment]
+            message = clip_status(self.context.details() or code.name)  # type: ignore[union-attr]
         else:
-            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-            logger.error(
-                "unhandled %s in %s for %s: %s",
-                type(error).__name__,
-                self.method,
-                self.context.peer(),
-                error,
-                exc_info=error,
-            )
+            code, message = error_answer(error, self.method, self.context.peer())
         self.report(code)
         try:
-            if len(message) > MAX_STATUS_MESSAGE_CHARS or not message.isprintable():
-                message = clip(message, MAX_STATUS_MESSAGE_CHARS)
             await self.context.abort(code, message)
         except grpc.aio.AbortError:
             raise

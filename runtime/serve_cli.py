@@ -20,6 +20,7 @@ from recship.runtime.cli_options import (
     client_tls,
     tls_client_options,
 )
+from recship.runtime.front_end import FRONT_ENDS
 from recship.runtime.limits import ServiceLimits
 
 if TYPE_CHECKING:
@@ -119,6 +120,12 @@ def _split(value: str | None) -> tuple[str, ...]:
               help="Serving processes on the one port (SO_REUSEPORT); a supervisor decides "
                    "their versions and serves the admin API and the summed metrics. Clients "
                    "balance by opening several channels.")  # fmt: skip
+@click.option("--front-end", "front_end", type=click.Choice(FRONT_ENDS), default=FRONT_ENDS[0],
+              show_default=True,
+              help="Who answers the inference port: each worker's grpc.aio server, or native: "
+                   "recship-frontend (C++ gRPC, built on first use; needs g++ and gRPC C++), "
+                   "which sends the workers whole batches of calls. Reflection is not served "
+                   "on its port.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -155,6 +162,7 @@ def serve_command(
     labels: tuple[str, ...],
     memory_budget_bytes: int | None,
     workers: int,
+    front_end: str,
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -208,6 +216,7 @@ def serve_command(
         labels=tuple(parse_label(text) for text in labels),
         memory_budget_bytes=memory_budget_bytes,
         workers=workers,
+        front_end=front_end,
     )
     asyncio.run(serve(config))
 

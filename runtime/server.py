@@ -53,8 +53,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from recship.base.errors import InvalidInput, RecshipError
 from recship.bundle.store import BundleStore
-from recship.protos.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recship.protos.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    batch_plane_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
 from recship.runtime.admin import BundleAdminService
+from recship.runtime.batch_plane import BatchPlaneService
 from recship.runtime.batcher import (
     DEFAULT_MAX_BATCH_COST,
     DEFAULT_MAX_BATCH_ROWS,
@@ -62,6 +69,7 @@ from recship.runtime.batcher import (
     DEFAULT_MAX_QUEUE_COST,
     DEFAULT_MAX_QUEUE_ROWS,
 )
+from recship.runtime.front_end import FRONT_ENDS
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
@@ -148,6 +156,12 @@ class ServerConfig:
         workers: serving processes sharing the inference port (`SO_REUSEPORT`); above 1 a
             supervisor decides the versions and the workers serve them
             (`recship.runtime.fleet`).
+        front_end: who answers the inference port: "grpcio" (each serving process's own
+            grpc.aio server) or "native" (`recship-frontend`, C++, in front of the workers,
+            which it sends whole batches of calls; `recship.runtime.front_end`). "native"
+            runs the supervisor and its workers even with one worker.
+        backend_dir: where the workers' Unix sockets are with the native front end (set by
+            the supervisor, not a flag).
     """
 
     repo: Path
@@ -181,14 +195,20 @@ class ServerConfig:
     public_key: Path | None = None
     require_signature: bool = False
     workers: int = 1
+    front_end: str = "grpcio"
+    backend_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise InvalidInput(f"--workers must be >= 1, got {self.workers}")
-        if self.workers > 1 and self.memory_budget_bytes is not None:
+        if self.front_end not in FRONT_ENDS:
             raise InvalidInput(
-                "--memory-budget-bytes cannot be combined with --workers > 1 yet: each worker "
-                "would need its own share of the budget"
+                f"--front-end must be one of {', '.join(FRONT_ENDS)}, got {self.front_end!r}"
+            )
+        if self.supervised and self.memory_budget_bytes is not None:
+            raise InvalidInput(
+                "--memory-budget-bytes cannot be combined with --workers > 1 or --front-end "
+                "native yet: each worker would need its own share of the budget"
             )
         if self.poll_interval_s < 0:
             raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
@@ -200,6 +220,11 @@ class ServerConfig:
             check_admin_exposure(self.admin_host, self.admin_socket, self.admin_token, self.tls)
         if self.require_signature and self.public_key is None:
             raise InvalidInput("--require-signature needs --public-key to check signatures with")
+
+    @property
+    def supervised(self) -> bool:
+        """Whether a supervisor runs worker processes (`recship.runtime.fleet`)."""
+        return self.workers > 1 or self.front_end == "native"
 
     @property
     def admin_enabled(self) -> bool:
@@ -436,6 +461,12 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
     return server, port
 
 
+def receive_limit(limits: ServiceLimits) -> int:
+    """The inference listener's transport bound on a request: above `max_request_bytes`, so
+    that a request over it is answered INVALID_ARGUMENT by recship, not by the transport."""
+    return 2 * limits.max_request_bytes + 1024 * 1024
+
+
 def inference_server(
     config: ServerConfig,
     manager: VersionManager,
@@ -451,7 +482,6 @@ def inference_server(
             can listen on one port and the kernel spreads connections over them.
     """
     limits = config.limits
-    receive_limit = 2 * limits.max_request_bytes + 1024 * 1024
     grpc_server = grpc.aio.server(
         interceptors=[
             ErrorMappingInterceptor(
@@ -459,14 +489,17 @@ def inference_server(
             )
         ],
         options=[
-            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_receive_message_length", receive_limit(limits)),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderService(manager, limits), grpc_server
-    )
+    service = RecommenderService(manager, limits)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(service, grpc_server)
+    if config.front_end == "native":
+        batch_plane_pb2_grpc.add_BatchPlaneServicer_to_server(
+            BatchPlaneService(service, limits, metrics.observe_request), grpc_server
+        )
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     inference_files = (recommender_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
@@ -643,7 +676,7 @@ async def serve(config: ServerConfig, *, announce: bool = True) -> None:
     Raises:
         RecshipError: the initial load failed (unknown bundle, missing repository).
     """
-    if config.workers > 1:
+    if config.supervised:
         from recship.runtime.fleet import serve_fleet
 
         await serve_fleet(config, announce=announce)

@@ -28,15 +28,19 @@ takes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from recship.base.errors import InvalidInput
+from recship.base.errors import InvalidInput, RecshipError
 from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
+from recship.runtime.features import JaggedBlock
 from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
 from recship.runtime.servable import Servable
@@ -214,51 +218,259 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> recommender_pb2.RecommendResponse:
-        self._check_request(request, len(request.queries))
-        bundle, version, label = _model(request.model)
-        deadline = _deadline(context)
-        client, cancelled = _caller(context)
-        async with self.manager.acquire(bundle, version, label) as servable:
-            retrieve_k = request.retrieve_k or servable.default_retrieve_k
-            field = "retrieve_k" if request.retrieve_k else "retrieve_k (the bundle's default)"
-            _check_bound(field, retrieve_k, 1, self.limits.max_top_k)
-            _check_bound("top_n", request.top_n, 1, retrieve_k)
-            # (Its ranking rows are known after retrieval: they are admitted then.)
-            servable.admit_retrieve(len(request.queries), deadline, client=client)
-            codec = servable.codec
-            paths = [f"queries[{i}].query" for i in range(len(request.queries))]
-            tower_block, ranker_block, dense, cold = codec.encode_queries(
-                [q.query for q in request.queries], paths
-            )
-            steps = _Steps()
-            excluded = await self._exclusions(codec, request.queries, "queries", steps)
-            scores, ids = await servable.retrieve(
-                tower_block, retrieve_k, deadline, excluded, client=client, cancelled=cancelled,
-                admitted=True,
-            )  # fmt: skip
-            keep = ids >= 0
-            candidates = [row_ids[mask] for row_ids, mask in zip(ids, keep, strict=True)]
-            retrieval = [row[mask] for row, mask in zip(scores, keep, strict=True)]
+        (answer,) = await self.recommend_batch([request], [context])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def recommend_batch(
+        self,
+        requests: Sequence[recommender_pb2.RecommendRequest],
+        contexts: Sequence[CallContext],
+    ) -> list[recommender_pb2.RecommendResponse | RecshipError]:
+        """Serves many Recommend calls together: each its own answer or its own error.
+
+        Calls of one model spec share one lease, one retrieval per `retrieve_k` and one
+        ranking, so a batch of calls costs the model work of one request (the native front
+        end's batches, `recship.runtime.batch_plane`; a lone gRPC call is a batch of one).
+        A call that fails validation or admission fails alone; one that fails in the shared
+        model work fails with the calls it ran with.
+        """
+        answers: list[recommender_pb2.RecommendResponse | RecshipError | None]
+        answers = [None] * len(requests)
+        groups: dict[tuple[str, int | None, str | None], list[int]] = {}
+        for i, request in enumerate(requests):
+            try:
+                self._check_request(request, len(request.queries))
+                groups.setdefault(_model(request.model), []).append(i)
+            except RecshipError as error:
+                answers[i] = error
+
+        async def serve_group(spec: tuple[str, int | None, str | None], members: list[int]):
+            try:
+                async with self.manager.acquire(*spec) as servable:
+                    group = await self._recommend_group(
+                        servable, [requests[i] for i in members], [contexts[i] for i in members]
+                    )
+            except RecshipError as error:
+                group = [error] * len(members)
+            for i, answer in zip(members, group, strict=True):
+                answers[i] = answer
+
+        await asyncio.gather(*(serve_group(spec, members) for spec, members in groups.items()))
+        return answers  # type: ignore[return-value]
+
+    async def _recommend_group(
+        self,
+        servable: Servable,
+        requests: Sequence[recommender_pb2.RecommendRequest],
+        contexts: Sequence[CallContext],
+    ) -> list[recommender_pb2.RecommendResponse | RecshipError]:
+        """Recommend calls of one leased version (`recommend_batch`)."""
+        answers: list[recommender_pb2.RecommendResponse | RecshipError | None]
+        answers = [None] * len(requests)
+        codec = servable.codec
+        admitted: list[tuple[int, int, float | None]] = []  # (call, retrieve_k, deadline)
+        for j, (request, context) in enumerate(zip(requests, contexts, strict=True)):
+            try:
+                retrieve_k = request.retrieve_k or servable.default_retrieve_k
+                field = "retrieve_k" if request.retrieve_k else "retrieve_k (the bundle's default)"
+                _check_bound(field, retrieve_k, 1, self.limits.max_top_k)
+                _check_bound("top_n", request.top_n, 1, retrieve_k)
+                deadline = _deadline(context)
+                client, _ = _caller(context)
+                # (Its ranking rows are known after retrieval: they are admitted then.)
+                servable.admit_retrieve(len(request.queries), deadline, client=client)
+            except RecshipError as error:
+                answers[j] = error
+                continue
+            admitted.append((j, retrieve_k, deadline))
+        if not admitted:
+            return answers  # type: ignore[return-value]
+        steps = _Steps()
+        encoded, outcomes = _encode_calls(codec, [requests[j] for j, _, _ in admitted])
+        prepared = []
+        for (j, retrieve_k, deadline), outcome in zip(admitted, outcomes, strict=True):
+            if isinstance(outcome, RecshipError):
+                answers[j] = outcome
+                continue
+            try:
+                excluded = await self._exclusions(codec, requests[j].queries, "queries", steps)
+            except RecshipError as error:
+                answers[j] = error
+                continue
+            prepared.append(_PreparedQueries(j, retrieve_k, outcome, excluded, deadline))
+        if not prepared:
+            return answers  # type: ignore[return-value]
+        assert encoded is not None
+        tower, ranker, dense, cold = encoded
+        client, cancelled = _shared_caller([contexts[p.call] for p in prepared])
+        try:
+            # One retrieval per retrieve_k (FAISS's answer for k is not a prefix of a larger k's).
+            by_k: dict[int, list[_PreparedQueries]] = {}
+            for part in prepared:
+                by_k.setdefault(part.retrieve_k, []).append(part)
+            for k, parts in by_k.items():
+                rows = _rows_of(parts, tower.rows)
+                scores, ids = await servable.retrieve(
+                    tower if rows is None else tower.take(rows), k, _latest(parts),
+                    [e for p in parts for e in p.excluded], client=client, cancelled=cancelled,
+                    admitted=True,
+                )  # fmt: skip
+                start = 0
+                for part in parts:
+                    block = slice(start, start + part.rows.stop - part.rows.start)
+                    keep = ids[block] >= 0
+                    part.candidates = [r[m] for r, m in zip(ids[block], keep, strict=True)]
+                    part.retrieval = [r[m] for r, m in zip(scores[block], keep, strict=True)]
+                    start = block.stop
+            candidates = [c for p in prepared for c in p.candidates]
             row_query, starts = _rows([c.size for c in candidates])
             if row_query.size:
+                rows = _rows_of(prepared, ranker.rows)
                 logits = await servable.rank(
-                    ranker_block, dense, row_query, np.concatenate(candidates), deadline,
-                    client=client, cancelled=cancelled,
+                    ranker if rows is None else ranker.take(rows),
+                    dense if rows is None else dense[rows], row_query, np.concatenate(candidates),
+                    _latest(prepared), client=client, cancelled=cancelled,
                 )  # fmt: skip
             else:
                 logits = np.zeros(0, dtype=np.float32)
-            response = recommender_pb2.RecommendResponse(served_by=_served_by(servable))
+        except RecshipError as error:
+            for part in prepared:
+                answers[part.call] = error
+            return answers  # type: ignore[return-value]
         probabilities = _sigmoid(logits)
-        for i, (items, retrieved) in enumerate(zip(candidates, retrieval, strict=True)):
-            ranked = probabilities[starts[i] : starts[i + 1]]
-            best = np.argsort(-ranked, kind="stable")[: request.top_n]
-            result = response.results.add(cold_start=bool(cold[i]))
-            for item_id, rank_score, retrieval_score in zip(
-                codec.item_ids(items[best]), ranked[best].tolist(), retrieved[best].tolist(),
-                strict=True,
-            ):  # fmt: skip
-                result.items.add(
-                    item_id=item_id, rank_score=rank_score, retrieval_score=retrieval_score
-                )
-            await steps.advance(best.size)
-        return response
+        # Each query's best top_n, then every chosen item named in one vocabulary lookup.
+        chosen, chosen_rank, chosen_retrieval, counts = [], [], [], []
+        query = 0
+        for part in prepared:
+            top_n = requests[part.call].top_n
+            for items, retrieved in zip(part.candidates, part.retrieval, strict=True):
+                ranked = probabilities[starts[query] : starts[query + 1]]
+                query += 1
+                best = np.argsort(-ranked, kind="stable")[:top_n]
+                chosen.append(items[best])
+                chosen_rank.append(ranked[best])
+                chosen_retrieval.append(retrieved[best])
+                counts.append(best.size)
+        names = codec.item_ids(np.concatenate(chosen)) if chosen else []
+        rank_scores = np.concatenate(chosen_rank).tolist() if chosen else []
+        retrieval_scores = np.concatenate(chosen_retrieval).tolist() if chosen else []
+        served_by = _served_by(servable)
+        position = query = 0
+        for part in prepared:
+            response = recommender_pb2.RecommendResponse(served_by=served_by)
+            for is_cold in cold[part.rows].tolist():
+                result = response.results.add(cold_start=is_cold)
+                end = position + counts[query]
+                query += 1
+                for item_id, rank_score, retrieval_score in zip(
+                    names[position:end], rank_scores[position:end],
+                    retrieval_scores[position:end], strict=True,
+                ):  # fmt: skip
+                    result.items.add(
+                        item_id=item_id, rank_score=rank_score, retrieval_score=retrieval_score
+                    )
+                await steps.advance(end - position)
+                position = end
+            answers[part.call] = response
+        return answers  # type: ignore[return-value]
+
+
+_Encoded = tuple[JaggedBlock, JaggedBlock, np.ndarray, np.ndarray]
+
+
+def _encode_calls(
+    codec, requests: Sequence[recommender_pb2.RecommendRequest]
+) -> tuple[_Encoded | None, list[slice | RecshipError]]:
+    """The calls' queries encoded together (`FeatureCodec.encode_queries`), and each call's
+    rows in them, or its error (None: no call's queries are valid).
+
+    All queries are encoded at once (the codec's work grows with the queries, not the calls);
+    only when that fails is each call encoded alone, to tell whose query was bad.
+    """
+    try:
+        encoded = codec.encode_queries(*_queries_and_paths(requests))
+    except InvalidInput as error:
+        if len(requests) == 1:
+            return None, [error]
+        alone = []
+        for request in requests:
+            try:
+                alone.append(codec.encode_queries(*_queries_and_paths([request])))
+            except RecshipError as failure:
+                alone.append(failure)
+        good = [part for part in alone if not isinstance(part, RecshipError)]
+        encoded = (
+            JaggedBlock.concat([part[0] for part in good]),
+            JaggedBlock.concat([part[1] for part in good]),
+            np.concatenate([part[2] for part in good]),
+            np.concatenate([part[3] for part in good]),
+        ) if good else None  # fmt: skip
+        outcomes: list[slice | RecshipError] = []
+        start = 0
+        for part in alone:
+            if isinstance(part, RecshipError):
+                outcomes.append(part)
+            else:
+                outcomes.append(slice(start, start + part[3].size))
+                start += part[3].size
+        return encoded, outcomes
+    spans = np.cumsum([0] + [len(request.queries) for request in requests]).tolist()
+    return encoded, [slice(a, b) for a, b in itertools.pairwise(spans)]
+
+
+def _queries_and_paths(
+    requests: Sequence[recommender_pb2.RecommendRequest],
+) -> tuple[list[recommender_pb2.Query], list[str]]:
+    """The calls' queries, in order, and each one's field path in its own call."""
+    queries = [query.query for request in requests for query in request.queries]
+    paths = [f"queries[{i}].query" for request in requests for i in range(len(request.queries))]
+    return queries, paths
+
+
+def _rows_of(parts: Sequence[_PreparedQueries], total: int) -> np.ndarray | None:
+    """The encoded rows of `parts` (in order), or None when they are all `total` rows."""
+    if sum(p.rows.stop - p.rows.start for p in parts) == total:
+        return None
+    return np.concatenate([np.arange(p.rows.start, p.rows.stop) for p in parts])
+
+
+class CallContext(Protocol):
+    """What the servicer reads of a call: a `grpc.aio.ServicerContext`, or a batched call's
+    stand-in (`recship.runtime.batch_plane`)."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def peer(self) -> str: ...
+
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class _PreparedQueries:
+    """One Recommend call's validated, encoded queries, then its retrieved candidates."""
+
+    call: int
+    retrieve_k: int
+    rows: slice  # its queries' rows in the group's encoded blocks
+    excluded: list[np.ndarray]
+    deadline: float | None
+    candidates: list[np.ndarray] = field(default_factory=list)
+    retrieval: list[np.ndarray] = field(default_factory=list)
+
+
+def _latest(parts: Sequence[_PreparedQueries]) -> float | None:
+    """The deadline of shared model work: the latest of its calls' (None if one has none)."""
+    deadlines = [p.deadline for p in parts]
+    return None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+
+
+def _shared_caller(contexts: Sequence[CallContext]) -> tuple[str, Callable[[], bool]]:
+    """(fairness key, cancellation signal) of calls served together: their connection when
+    they share one, else the shared key ""; cancelled once every one of them is."""
+    peers = {context.peer() or "" for context in contexts}
+    client = peers.pop() if len(peers) == 1 else ""
+    if len(contexts) == 1:
+        return client, contexts[0].cancelled
+    return client, lambda: all(context.cancelled() for context in contexts)

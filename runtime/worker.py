@@ -10,6 +10,8 @@ reserved for them: anything else printed goes to stderr, with the logs):
 - `unload {bundle, version}`: drain and unload it;
 - `view {bundles: {name: {default, labels}}}`: take over the supervisor's defaults and labels;
 - `serve`: bind the inference port (`SO_REUSEPORT`, shared by every worker) and take calls;
+  behind the native front end (`ServerConfig.backend_dir` set), its own Unix socket there
+  instead (`backend_socket`), on which `recship-frontend` sends it batches of calls;
 - `metrics`: reply the worker's Prometheus text, which the supervisor sums over the workers.
 
 Commands that change what is served run one at a time, in the order they arrived (a view that
@@ -31,6 +33,7 @@ import pickle
 import signal
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -56,6 +59,11 @@ logger = logging.getLogger("recship.runtime.worker")
 
 # Commands that change what is served; they run one at a time, in arrival order.
 STATE_COMMANDS = frozenset({"load", "unload", "view", "serve"})
+
+
+def backend_socket(backend_dir: Path, index: int) -> Path:
+    """Worker `index`'s Unix socket, on which the native front end reaches it."""
+    return backend_dir / f"worker-{index}.sock"
 
 
 def encode_config(config: ServerConfig, index: int, log_level: str) -> bytes:
@@ -170,9 +178,15 @@ class Worker:
                 labels = {label: int(v) for label, v in view["labels"].items()}
                 self.manager.set_view(name, view["default"], labels)
         elif op == "serve" and not self._serving:
-            credentials = None if self.config.tls is None else self.config.tls.credentials()
-            address = tcp_address(self.config.host, self.config.port)
-            bind(self.grpc_server, address, credentials)
+            if self.config.backend_dir is not None:  # behind the native front end
+                socket_path = backend_socket(self.config.backend_dir, self.index)
+                socket_path.unlink(missing_ok=True)  # a dead predecessor's
+                address = f"unix:{socket_path}"
+                bind(self.grpc_server, address, None)
+            else:
+                credentials = None if self.config.tls is None else self.config.tls.credentials()
+                address = tcp_address(self.config.host, self.config.port)
+                bind(self.grpc_server, address, credentials)
             await self.grpc_server.start()
             self._serving = True
             self._health_changed()

@@ -1,9 +1,11 @@
 """`recship serve --workers 2` as real processes: one port, one version decision, restarts,
-graceful SIGTERM and summed metrics.
+graceful SIGTERM and summed metrics; each with both front ends (the workers' own grpc.aio
+servers on one port, and the native `recship-frontend` in front of them).
 
-Which worker holds a connection is read from /proc (the server-side socket of each
-established connection, found among each worker's file descriptors), so "both workers" below
-is checked, not assumed from the kernel's spreading.
+With grpc.aio, which worker holds a connection is read from /proc (the server-side socket of
+each established connection, found among each worker's file descriptors), so "both workers"
+below is checked, not assumed from the kernel's spreading. Behind the native front end the
+workers hold no client connection; that both answered is read from their CPU time instead.
 """
 
 from __future__ import annotations
@@ -23,10 +25,26 @@ import pytest
 from recship.base.errors import RecshipError, Unavailable
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import AdminClient, Query, RecshipClient
+from recship.runtime.front_end import missing_build_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHANNELS = 8
+_MISSING = missing_build_tools()
+FRONT_ENDS = pytest.mark.parametrize(
+    "front_end",
+    [
+        "grpcio",
+        pytest.param(
+            "native",
+            marks=pytest.mark.skipif(
+                bool(_MISSING),
+                reason=f"the native front end's build needs {', '.join(_MISSING)} "
+                "(Debian: g++ pkg-config libgrpc++-dev protobuf-compiler-grpc)",
+            ),
+        ),
+    ],
+)
 
 
 @pytest.fixture
@@ -53,8 +71,52 @@ def total(samples: dict[str, float], prefix: str) -> float:
 
 
 def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (not its native front end)."""
     text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-    return sorted(int(pid) for pid in text.split())
+    return sorted(
+        int(pid)
+        for pid in text.split()
+        if b"recship.runtime.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+
+
+def front_end_pid(supervisor: int) -> int:
+    """The supervisor's `recship-frontend` process."""
+    text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+    (pid,) = (
+        int(pid)
+        for pid in text.split()
+        if b"recship-frontend" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    return pid
+
+
+def cpu_ticks(pids: list[int]) -> dict[int, int]:
+    """User + system CPU ticks of each process."""
+    ticks = {}
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+class Answering:
+    """Whether both workers answered calls in a block: connections held (grpc.aio front end)
+    or CPU time spent (native front end, whose own connections reach both)."""
+
+    def __init__(self, serve, front_end: str) -> None:  # type: ignore[no-untyped-def]
+        self.serve = serve
+        self.front_end = front_end
+        self.pids = worker_pids(serve.process.pid)
+        self.before = cpu_ticks(self.pids) if front_end == "native" else {}
+
+    def both(self) -> dict[int, int]:
+        """Per worker: connections held now, or CPU ticks spent since the start (both > 0)."""
+        if self.front_end == "native":
+            after = cpu_ticks(self.pids)
+            # An idle worker spends a tick now and then; answering ~100 calls costs more.
+            return {pid: max(0, after[pid] - self.before[pid] - 2) for pid in self.pids}
+        return connections_by_worker(self.pids, self.serve.port)
 
 
 def connections_by_worker(pids: list[int], port: int) -> dict[int, int]:
@@ -82,8 +144,11 @@ def _readlink(path: str) -> str:
         return ""
 
 
-def spread_client(serve, make_user) -> RecshipClient:  # type: ignore[no-untyped-def]
-    """A client whose channels reach every worker (a new set if the kernel put all on one)."""
+def spread_client(serve, make_user, front_end: str = "grpcio") -> RecshipClient:  # type: ignore[no-untyped-def]
+    """A client whose channels reach every worker (a new set if the kernel put all on one);
+    behind the native front end, which balances batches itself, any client."""
+    if front_end == "native":
+        return RecshipClient(serve.target, timeout=30, channels=2)
     for _ in range(5):
         client = RecshipClient(serve.target, timeout=30, channels=CHANNELS)
         for u in range(CHANNELS):  # one call per channel, in turn: every connection opens
@@ -95,8 +160,8 @@ def spread_client(serve, make_user) -> RecshipClient:  # type: ignore[no-untyped
     raise AssertionError(f"the connections never reached both workers: {held}")
 
 
-def start_workers(serve_process, repo: Path, *flags: str):  # type: ignore[no-untyped-def]
-    serve = serve_process(repo, "--workers", "2", *flags)
+def start_workers(serve_process, repo: Path, front_end: str, *flags: str):  # type: ignore[no-untyped-def]
+    serve = serve_process(repo, "--workers", "2", "--front-end", front_end, *flags)
     with AdminClient(serve.admin, timeout=30) as admin:
         admin.wait_until_serving(180)
     return serve
@@ -110,18 +175,28 @@ def recommend_all(client: RecshipClient, make_user) -> list[list[tuple[str, floa
     return answers
 
 
+@FRONT_ENDS
 def test_two_workers_answer_as_one_and_their_metrics_are_summed(
-    repo, serve_process, make_user
+    repo, serve_process, make_user, front_end
 ) -> None:
     single = serve_process(repo, "--poll-interval-s", "0")
-    fleet = start_workers(serve_process, repo, "--poll-interval-s", "0")
+    fleet = start_workers(serve_process, repo, front_end, "--poll-interval-s", "0")
     with RecshipClient(single.target, timeout=30) as client:
         client.wait_until_serving(180)
         expected = recommend_all(client, make_user)
-    with spread_client(fleet, make_user) as client:
+    answering = Answering(fleet, front_end)
+    with spread_client(fleet, make_user, front_end) as client:
+        warm = 0 if front_end == "native" else CHANNELS
+        if front_end == "native":  # concurrent calls, so that batches go to both workers
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: recommend_all(client, make_user), range(8)))
+            assert answers == [expected] * 8
+            warm = 8 * 24
         assert recommend_all(client, make_user) == expected
-        sent = CHANNELS + 24
+        sent = warm + 24
         samples = scrape(fleet.metrics_port)
+        held = answering.both()
+    assert all(held.values()), held
     ok = samples['recship_requests_total{code="OK",method="recship.v1.Recommender/Recommend"}']
     assert ok == sent  # both workers hold connections that took calls: the sum is both
     assert samples["recship_workers_serving"] == 2
@@ -170,11 +245,16 @@ class Traffic:
             self.outcomes.append((time.monotonic(), *outcome))
 
 
+@FRONT_ENDS
 def test_a_version_published_while_two_workers_serve_switches_both(
-    repo, serve_process, make_user, publish_copy
+    repo, serve_process, make_user, publish_copy, front_end
 ) -> None:
-    serve = start_workers(serve_process, repo, "--poll-interval-s", "0.5")
-    with spread_client(serve, make_user) as client, Traffic(client, make_user) as traffic:
+    serve = start_workers(serve_process, repo, front_end, "--poll-interval-s", "0.5")
+    with (
+        spread_client(serve, make_user, front_end) as client,
+        Traffic(client, make_user) as traffic,
+    ):
+        answering = Answering(serve, front_end)
         time.sleep(1.0)
         publish_copy(repo)
         deadline = time.monotonic() + 120
@@ -191,7 +271,7 @@ def test_a_version_published_while_two_workers_serve_switches_both(
                 time.sleep(0.05)
             switched = time.monotonic()
         time.sleep(2.0)
-        held = connections_by_worker(worker_pids(serve.process.pid), serve.port)
+        held = answering.both()
     assert time.monotonic() - deadline < 0, "the switch did not complete"
     codes = {code for _, code, _ in traffic.outcomes}
     assert codes == {"OK"}, codes
@@ -202,12 +282,16 @@ def test_a_version_published_while_two_workers_serve_switches_both(
     assert serve.terminate() == 0
 
 
+@FRONT_ENDS
 def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
-    repo, serve_process, make_user
+    repo, serve_process, make_user, front_end
 ) -> None:
-    serve = start_workers(serve_process, repo, "--poll-interval-s", "0")
+    serve = start_workers(serve_process, repo, front_end, "--poll-interval-s", "0")
     pids = worker_pids(serve.process.pid)
-    with spread_client(serve, make_user) as client, Traffic(client, make_user) as traffic:
+    with (
+        spread_client(serve, make_user, front_end) as client,
+        Traffic(client, make_user) as traffic,
+    ):
         time.sleep(1.0)
         os.kill(pids[0], signal.SIGKILL)
         killed = time.monotonic()
@@ -232,13 +316,19 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
     assert serve.terminate() == 0
 
 
+@FRONT_ENDS
 def test_sigterm_lets_requests_in_flight_on_both_workers_finish(
-    repo, serve_process, make_user
+    repo, serve_process, make_user, front_end
 ) -> None:
     # Batches wait up to 1 s to fill, so the requests are still queued at SIGTERM.
-    serve = start_workers(serve_process, repo, "--max-delay-ms", "1000", "--grace-s", "20")
-    with spread_client(serve, make_user) as client:
+    serve = start_workers(
+        serve_process, repo, front_end, "--max-delay-ms", "1000", "--grace-s", "20"
+    )
+    with spread_client(serve, make_user, front_end) as client:
         pids = worker_pids(serve.process.pid)
+        answering = Answering(serve, front_end)
+        if front_end == "native":
+            pids.append(front_end_pid(serve.process.pid))
         with concurrent.futures.ThreadPoolExecutor(2 * CHANNELS) as pool:
             calls = [
                 pool.submit(client.recommend, "movies", [Query(make_user(u, 0.0))], 10, 3)
@@ -249,7 +339,9 @@ def test_sigterm_lets_requests_in_flight_on_both_workers_finish(
                 if total(scrape(serve.metrics_port), "recship_queue_rows{") >= 2 * CHANNELS:
                     break
                 time.sleep(0.01)
-            held = connections_by_worker(pids, serve.port)
+            # (Behind the native front end the calls wait in its queue or in the workers':
+            # which worker holds which is not visible from outside; all must finish.)
+            held = answering.both() if front_end == "grpcio" else {}
             serve.process.send_signal(signal.SIGTERM)
             results = [call.result(timeout=60) for call in calls]
     assert all(held.values()), held  # every channel carried two of the queued calls

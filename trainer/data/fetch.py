@@ -24,29 +24,13 @@ import zipfile
 from pathlib import Path
 
 from recship.base.errors import InvalidInput, Unavailable
+from recship.base.files import default_cache_dir
 
 MOVIELENS_100K = "ml-100k"
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 _WHEEL_FOLDER = "recbole/dataset_example/ml-100k/"
 #: Files that make a cache folder complete (the wheel also has .kg and .link files we keep).
 MOVIELENS_100K_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
-CACHE_ENV = "RECSHIP_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """The cache root: $RECSHIP_CACHE, else `.cache/recship` in the repository (or the cwd).
-
-    The repository is the source checkout recship runs from (an editable install); an installed
-    copy uses the current directory instead.
-    """
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override)
-    checkout = Path(__file__).resolve().parents[2]
-    pyproject = checkout / "pyproject.toml"
-    if pyproject.is_file() and 'name = "recship"' in pyproject.read_text(encoding="utf-8"):
-        return checkout / ".cache" / "recship"
-    return Path.cwd() / ".cache" / "recship"
 
 
 def movielens_100k_dir(cache_dir: Path | None = None) -> Path:

@@ -1,0 +1,168 @@
+"""The native front end (`recship serve --front-end native`): its build and its process.
+
+`recship-frontend` (`native/frontend.cc`, C++ gRPC) listens on the inference port and sends
+the serving processes whole batches of calls (`recship.runtime.batch_plane`), so that no
+per-call gRPC work runs under a Python interpreter lock. Why: on a 2-core host the grpc.aio
+server spends about half its CPU per Recommend call in gRPC's Python machinery and event
+loop (benchmarks/README, "recship vs TorchServe"), which a batch-level hop removes.
+
+The binary is built on first use from the sources shipped in the package, with the host's
+compiler and gRPC C++ (Debian: `apt-get install g++ pkg-config libgrpc++-dev
+protobuf-compiler-grpc`), into `<cache root>/native/<hash of sources and gRPC version>/`
+(`recship.base.files.default_cache_dir`), written under a temporary name and renamed into
+place, so concurrent builds and interrupted ones never leave a broken binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from recship.base.errors import FailedPrecondition, Unavailable
+from recship.base.files import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+#: Who answers the inference port (`ServerConfig.front_end`); the first is the default.
+FRONT_ENDS = ("grpcio", "native")
+SOURCE = Path(__file__).with_name("native") / "frontend.cc"
+BATCH_PLANE_PROTO = "recship/v1/batch_plane.proto"
+BINARY_NAME = "recship-frontend"
+#: What the build needs, as Debian packages: for the message that names them.
+BUILD_PACKAGES = "g++ pkg-config libgrpc++-dev protobuf-compiler-grpc"
+#: How long the front end may take to listen once started.
+START_TIMEOUT_S = 30.0
+
+
+def _proto_file() -> Path:
+    """batch_plane.proto, package data of `recship.protos` (the checkout's protos/ folder)."""
+    import recship.protos
+
+    return Path(recship.protos.__file__).parent / BATCH_PLANE_PROTO
+
+
+def missing_build_tools() -> list[str]:
+    """The tools or libraries the build needs that this host lacks (empty: it can build)."""
+    missing = [tool for tool in ("g++", "protoc", "grpc_cpp_plugin", "pkg-config")
+               if shutil.which(tool) is None]  # fmt: skip
+    if "pkg-config" not in missing:
+        probe = subprocess.run(
+            ["pkg-config", "--exists", "grpc++", "protobuf"], capture_output=True, check=False
+        )
+        if probe.returncode != 0:
+            missing.append("grpc++ (pkg-config)")
+    return missing
+
+
+def _pkg_config(*args: str) -> list[str]:
+    result = subprocess.run(
+        ["pkg-config", *args, "grpc++", "protobuf"], capture_output=True, text=True, check=True
+    )
+    return result.stdout.split()
+
+
+def front_end_binary(cache_dir: Path | None = None) -> Path:
+    """The built `recship-frontend`, building it first when this source has no build yet.
+
+    Raises:
+        FailedPrecondition: the host lacks a tool or library of the build, or it failed
+            (the compiler's last lines are in the message).
+    """
+    missing = missing_build_tools()
+    if missing:
+        raise FailedPrecondition(
+            f"--front-end native needs {', '.join(missing)} to build recship-frontend "
+            f"(Debian: apt-get install {BUILD_PACKAGES}); or serve with --front-end grpcio"
+        )
+    proto = _proto_file()
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), proto.read_bytes(), " ".join(_pkg_config("--modversion"))):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    folder = (cache_dir or default_cache_dir()) / "native" / digest.hexdigest()[:16]
+    binary = folder / BINARY_NAME
+    if binary.is_file():
+        return binary
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as work:
+        work_dir = Path(work)
+        plugin = shutil.which("grpc_cpp_plugin")
+        steps = [
+            ["protoc", f"-I{proto.parents[2]}", f"--cpp_out={work_dir}", f"--grpc_out={work_dir}",
+             f"--plugin=protoc-gen-grpc={plugin}", str(proto)],
+            ["g++", "-O2", "-std=c++17", f"-I{work_dir}", str(SOURCE),
+             str(work_dir / "recship/v1/batch_plane.pb.cc"),
+             str(work_dir / "recship/v1/batch_plane.grpc.pb.cc"),
+             *_pkg_config("--cflags", "--libs"), "-lpthread", "-o", str(work_dir / BINARY_NAME)],
+        ]  # fmt: skip
+        for step in steps:
+            logger.info("building the native front end: %s", step[0])
+            result = subprocess.run(step, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+                raise FailedPrecondition(f"building recship-frontend failed ({step[0]}):\n{tail}")
+        os.replace(work_dir / BINARY_NAME, binary)
+    return binary
+
+
+class FrontEndProcess:
+    """One running `recship-frontend`: started, watched and stopped by the supervisor.
+
+    Threading: event loop only.
+    """
+
+    def __init__(self, binary: Path, arguments: Sequence[str]) -> None:
+        self.binary = binary
+        self.arguments = list(arguments)
+        self.process: asyncio.subprocess.Process | None = None
+        self.port: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process runs."""
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> int:
+        """Starts it and waits until it listens; returns its port.
+
+        Raises:
+            Unavailable: it exited or did not listen within `START_TIMEOUT_S`.
+        """
+        self.process = await asyncio.create_subprocess_exec(
+            str(self.binary), *self.arguments, stdout=asyncio.subprocess.PIPE,
+            process_group=0,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        words = line.decode(errors="replace").split()
+        if len(words) != 4 or words[:3] != [BINARY_NAME, "listening", "on"]:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            code = await self.process.wait()
+            raise Unavailable(f"{BINARY_NAME} did not start (exit code {code}; see its stderr)")
+        self.port = int(words[3])
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM: it stops taking calls and lets those in flight finish; killed if it takes
+        longer than `grace_s` plus a margin."""
+        if not self.alive or self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), grace_s + 5.0)
+        except TimeoutError:
+            logger.error("%s did not stop in time; killed", BINARY_NAME)
+            self.process.kill()
+            await self.process.wait()
