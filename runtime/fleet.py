@@ -696,6 +696,7 @@ class Supervisor:
         arguments = [
             "--listen", tcp_address(config.host, self.port),
             "--max-receive-bytes", str(receive_limit(config.limits)),
+            "--max-batch-bytes", str(receive_limit(config.limits)),
             "--max-send-bytes", str(MAX_SEND_BYTES),
             "--max-batch-calls", str(FRONT_END_BATCH_CALLS),
             "--max-queue-calls", str(FRONT_END_QUEUE_CALLS),

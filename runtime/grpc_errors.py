@@ -370,15 +370,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(
-        self, observe: RequestObserver | None = None, *, max_request_bytes: int | None = None
+        self,
+        observe: RequestObserver | None = None,
+        *,
+        max_request_bytes: int | None = None,
+        unbounded: frozenset[str] = frozenset(),
     ) -> None:
         """Args:
         observe: called once per finished call with (method, code, seconds).
         max_request_bytes: request bodies larger than this are INVALID_ARGUMENT without being
             parsed; None leaves the bound to the transport.
+        unbounded: methods exempt from `max_request_bytes` (the native front end's batches,
+            whose calls are bounded one by one).
         """
         self._observe = observe
         self._max_request_bytes = max_request_bytes
+        self._unbounded = unbounded
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -412,6 +419,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         deserializer = handler.request_deserializer
         if deserializer is not None:
             replaced["request_deserializer"] = safe_deserializer(
-                deserializer, _request_type(deserializer, method), self._max_request_bytes
+                deserializer,
+                _request_type(deserializer, method),
+                None if method in self._unbounded else self._max_request_bytes,
             )
         return handler._replace(**replaced)

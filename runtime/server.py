@@ -99,6 +99,7 @@ logger = logging.getLogger(__name__)
 RECOMMENDER_SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["BundleAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+BATCH_PLANE_RUN = "recship.v1.BatchPlane/Run"
 # Responses can carry many items; requests are bounded by ServiceLimits.max_request_bytes.
 MAX_SEND_BYTES = 64 * 1024 * 1024
 # Admin requests are small; a larger one is refused by the transport.
@@ -463,7 +464,8 @@ def build_server(config: ServerConfig) -> tuple[RecshipServer, int]:
 
 def receive_limit(limits: ServiceLimits) -> int:
     """The inference listener's transport bound on a request: above `max_request_bytes`, so
-    that a request over it is answered INVALID_ARGUMENT by recship, not by the transport."""
+    that a request over it is answered INVALID_ARGUMENT by recship, not by the transport.
+    The native front end also fills its batches up to it (`--max-batch-bytes`)."""
     return 2 * limits.max_request_bytes + 1024 * 1024
 
 
@@ -482,21 +484,25 @@ def inference_server(
             can listen on one port and the kernel spreads connections over them.
     """
     limits = config.limits
+    native = config.front_end == "native"
     grpc_server = grpc.aio.server(
         interceptors=[
             ErrorMappingInterceptor(
-                metrics.observe_request, max_request_bytes=limits.max_request_bytes
+                metrics.observe_request,
+                max_request_bytes=limits.max_request_bytes,
+                unbounded=frozenset({BATCH_PLANE_RUN}) if native else frozenset(),
             )
         ],
         options=[
-            ("grpc.max_receive_message_length", receive_limit(limits)),
+            # Behind the native front end a batch holds up to `receive_limit` of calls.
+            ("grpc.max_receive_message_length", (2 if native else 1) * receive_limit(limits)),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     service = RecommenderService(manager, limits)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(service, grpc_server)
-    if config.front_end == "native":
+    if native:
         batch_plane_pb2_grpc.add_BatchPlaneServicer_to_server(
             BatchPlaneService(service, limits, metrics.observe_request), grpc_server
         )

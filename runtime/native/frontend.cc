@@ -60,6 +60,7 @@ struct Options {
   std::string listen;
   std::vector<std::string> backends;
   size_t max_batch_calls = 64;
+  size_t max_batch_bytes = 8 * 1024 * 1024;
   int max_inflight = 1;
   size_t max_queue_calls = 4096;
   int max_receive_bytes = 9 * 1024 * 1024;
@@ -71,7 +72,8 @@ struct Options {
 [[noreturn]] void Usage(const std::string& problem) {
   std::cerr << "recship-frontend: " << problem << "\n"
             << "usage: recship-frontend --listen HOST:PORT --backend unix:PATH [--backend ...]\n"
-            << "  [--max-batch-calls N] [--max-inflight N] [--max-queue-calls N]\n"
+            << "  [--max-batch-calls N] [--max-batch-bytes N] [--max-inflight N]\n"
+            << "  [--max-queue-calls N]\n"
             << "  [--max-receive-bytes N] [--max-send-bytes N] [--grace-s S]\n"
             << "  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n";
   std::exit(2);
@@ -98,6 +100,8 @@ Options ParseOptions(int argc, char** argv) {
       options.backends.push_back(value);
     } else if (flag == "--max-batch-calls") {
       options.max_batch_calls = Number(flag, value, 1);
+    } else if (flag == "--max-batch-bytes") {
+      options.max_batch_bytes = Number(flag, value, 1);
     } else if (flag == "--max-inflight") {
       options.max_inflight = static_cast<int>(Number(flag, value, 1));
     } else if (flag == "--max-queue-calls") {
@@ -322,8 +326,12 @@ class FrontEnd : public grpc::CallbackGenericService {
         Clock::time_point latest = now;
         bool unbounded = false;
         std::deque<CallReactor*>& queue = queues_[method];
+        size_t bytes = 0;
         while (!queue.empty() && flight->calls.size() < options_.max_batch_calls) {
           CallReactor* call = queue.front();
+          // A batch holds at most --max-batch-bytes of requests, but always one call.
+          bytes += call->request_bytes.size();
+          if (!flight->calls.empty() && bytes > options_.max_batch_bytes) break;
           queue.pop_front();
           --queued_;
           Clock::time_point deadline = call->context()->deadline();
@@ -379,15 +387,19 @@ class FrontEnd : public grpc::CallbackGenericService {
         }
       }
     } else {
+      // The process is gone or restarting: UNAVAILABLE (retry); anything else is a bug here.
       grpc::Status answer(grpc::StatusCode::UNAVAILABLE,
                           "the serving process did not answer (" + status.error_message() +
                               "); retry");
-      if (status.ok()) {
-        std::cerr << "recship-frontend: " << flight->backend->address << " answered "
-                  << outcomes.size() << " outcomes for " << flight->calls.size() << " calls\n";
-        answer = grpc::Status(grpc::StatusCode::INTERNAL, "internal error");
-      } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+      grpc::StatusCode code = status.error_code();
+      if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
         answer = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded");
+      } else if (status.ok() || (code != grpc::StatusCode::UNAVAILABLE &&
+                                 code != grpc::StatusCode::CANCELLED)) {
+        std::cerr << "recship-frontend: " << flight->backend->address << " answered a batch of "
+                  << flight->calls.size() << " calls with " << outcomes.size()
+                  << " outcomes, status " << code << ": " << status.error_message() << "\n";
+        answer = grpc::Status(grpc::StatusCode::INTERNAL, "internal error");
       }
       for (CallReactor* call : flight->calls) call->Answer(answer);
     }

@@ -1,0 +1,198 @@
+"""`recship serve --front-end native` as real processes: the C++ front end on the inference
+port answers every call as the grpc.aio server does (items, scores, codes and messages),
+aggregates health, speaks TLS, and is restarted when it dies, its callers seeing only OK or
+UNAVAILABLE. (Workers, version switches and SIGTERM behind it: test_serve_workers.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recship.base.errors import FailedPrecondition, RecshipError, Unavailable
+from recship.protos.v1 import recommender_pb2
+from recship.runtime import front_end
+from recship.runtime.client import AdminClient, Query, RecshipClient, model_spec, query_proto
+from recship.runtime.security import ClientTLS
+
+_MISSING = front_end.missing_build_tools()
+needs_build = pytest.mark.skipif(
+    bool(_MISSING),
+    reason=f"the native front end's build needs {', '.join(_MISSING)} "
+    f"(Debian: apt-get install {front_end.BUILD_PACKAGES})",
+)
+SERVICE = "/recship.v1.Recommender/"
+
+
+def test_a_host_without_the_build_tools_is_told_what_to_install(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(front_end.shutil, "which", lambda tool: None)
+    with pytest.raises(FailedPrecondition) as caught:
+        front_end.front_end_binary(tmp_path)
+    message = str(caught.value)
+    assert "g++" in message and "libgrpc++-dev" in message and "--front-end grpcio" in message
+    assert not any(tmp_path.iterdir())  # nothing half built
+
+
+def _call(channel: grpc.Channel, method: str, body: bytes) -> tuple[Any, ...]:
+    try:
+        answer = channel.unary_unary(SERVICE + method)(body, timeout=30)
+    except grpc.RpcError as error:
+        return error.code(), error.details()
+    response = getattr(recommender_pb2, f"{method}Response").FromString(answer)
+    if method == "Recommend":
+        return tuple(
+            tuple((i.item_id, round(i.rank_score, 5)) for i in r.items) for r in response.results
+        )
+    return tuple(tuple((i.item_id, round(i.score, 5)) for i in r.items) for r in response.results)
+
+
+def _bodies(make_user) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
+    def recommend(users: list[dict[str, Any]], **fields: Any) -> bytes:
+        fields.setdefault("model", model_spec("movies"))
+        queries = [recommender_pb2.RecommendQuery(query=query_proto(Query(u))) for u in users]
+        return recommender_pb2.RecommendRequest(queries=queries, **fields).SerializeToString()
+
+    retrieve = recommender_pb2.RetrieveRequest(
+        model=model_spec("movies"),
+        queries=[recommender_pb2.RetrieveQuery(query=query_proto(Query(make_user(3))))],
+        top_k=5,
+    ).SerializeToString()
+    return [
+        ("Recommend", recommend([make_user(1), make_user(2, 0.8)], retrieve_k=20, top_n=5)),
+        ("Recommend", recommend([make_user(4)], top_n=3)),
+        ("Recommend", recommend([{**make_user(5), "bogus": 1}], top_n=3)),
+        ("Recommend", recommend([make_user(6)], model=model_spec("nope"), top_n=3)),
+        ("Recommend", b"\x0a\xff\xff not a request"),
+        ("Recommend", b"\x0a" + b"\x00" * (5 << 20)),  # over max_request_bytes (4 MiB)
+        ("Retrieve", retrieve),
+    ]
+
+
+@needs_build
+def test_native_answers_every_call_as_grpcio_does(
+    bundle_repo: Path, serve_process, make_user
+) -> None:
+    single = serve_process(bundle_repo, "--poll-interval-s", "0")
+    native = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
+    with RecshipClient(single.target, timeout=30) as client:
+        client.wait_until_serving(180)
+    with AdminClient(native.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    bodies = _bodies(make_user)
+    with (
+        grpc.insecure_channel(single.target) as plain,
+        grpc.insecure_channel(native.target, [("grpc.max_send_message_length", 8 << 20)]) as fast,
+    ):
+        expected = [_call(plain, method, body) for method, body in bodies]
+        assert [_call(fast, method, body) for method, body in bodies] == expected
+        codes = [answer[0] for answer in expected if isinstance(answer[0], grpc.StatusCode)]
+        assert (
+            codes
+            == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND]
+            + [grpc.StatusCode.INVALID_ARGUMENT] * 2
+        )
+        health = health_pb2_grpc.HealthStub(fast)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as reflection:
+            fast.unary_unary("/grpc.reflection.v1alpha.ServerReflection/Info")(b"", timeout=10)
+        assert reflection.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert native.terminate() == 0
+
+
+def _scrape(metrics_port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    }
+
+
+def _front_end_pid(supervisor: int) -> int:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    (pid,) = (p for p in children if b"recship-frontend" in Path(f"/proc/{p}/cmdline").read_bytes())
+    return int(pid)
+
+
+@needs_build
+def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
+    bundle_repo: Path, serve_process, make_user
+) -> None:
+    serve = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    outcomes: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def loop(caller: int) -> None:
+        with RecshipClient(serve.target, timeout=10) as client:
+            user = caller
+            while not stop.is_set():
+                user += 1
+                try:
+                    client.recommend("movies", [Query(make_user(user % 40 + 1))], 10, 3)
+                    outcomes.append((time.monotonic(), "OK"))
+                except Unavailable:
+                    outcomes.append((time.monotonic(), "UNAVAILABLE"))
+                    time.sleep(0.05)
+                except RecshipError as error:
+                    outcomes.append((time.monotonic(), str(error).split(":", 1)[0]))
+
+    callers = [threading.Thread(target=loop, args=(c,)) for c in range(4)]
+    for thread in callers:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        old = _front_end_pid(serve.process.pid)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if _scrape(serve.metrics_port).get("recship_front_end_restarts_total") == 1:
+                with AdminClient(serve.admin, timeout=30) as admin:
+                    if admin.health() == "SERVING":
+                        break
+            time.sleep(0.2)
+        back = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in callers:
+            thread.join(30)
+    assert back < deadline, "the front end was not restarted"
+    assert _front_end_pid(serve.process.pid) != old
+    assert {code for _, code in outcomes} <= {"OK", "UNAVAILABLE"}
+    assert any(code == "OK" for at, code in outcomes if at > back)
+    assert serve.terminate() == 0
+
+
+@needs_build
+def test_the_native_front_end_speaks_mutual_tls(
+    bundle_repo: Path, serve_process, make_user, tls_files
+) -> None:
+    serve = serve_process(
+        bundle_repo, "--poll-interval-s", "0", "--front-end", "native",
+        "--tls-cert", str(tls_files.server_cert), "--tls-key", str(tls_files.server_key),
+        "--tls-client-ca", str(tls_files.ca),
+    )  # fmt: skip
+    trusted = ClientTLS(ca=tls_files.ca, cert=tls_files.client_cert, key=tls_files.client_key)
+    with RecshipClient(serve.target, timeout=30, tls=trusted) as client:
+        client.wait_until_serving(180)
+        answer = client.recommend("movies", [Query(make_user(1))], 10, 3)
+        assert len(answer.results[0]) == 3
+    with (
+        RecshipClient(serve.target, timeout=10, tls=ClientTLS(ca=tls_files.ca)) as anonymous,
+        pytest.raises(Unavailable),
+    ):
+        anonymous.recommend("movies", [Query(make_user(1))], 10, 3)
+    assert serve.terminate() == 0
