@@ -17,8 +17,10 @@ Java front end + its Python workers) over the measured window, divided by answer
 answers are checked equal between the two before measuring.
 
 All servers run side by side for the whole run (one TorchServe with one registered model per
-worker count); idle ones cost next to nothing, but on a small host the load generator and
-the servers share the cores (no CPU pinning here).
+worker count); idle ones cost next to nothing. On 4 or more cores the servers get half of
+them and the load generator the other half (`--no-pin` to share them); below that they share
+every core, which the output says. `--recship-workers 1,2,4` is the workers sweep and
+`--recship-front-ends` picks `recship serve --front-end` values (native, grpcio).
 
 Nothing is fetched at run time: TorchServe (and torch-model-archiver) must be installed, e.g.
 ``pip install --target /tmp/tspkgs torchserve==0.12.0 torch-model-archiver==0.12.0`` and then
@@ -419,6 +421,9 @@ def main() -> None:
     parser.add_argument("--retrieve-k", type=int, default=100)
     parser.add_argument("--top-n", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="never pin (by default, on 4+ cores the servers get half of them "
+                             "and the load generator the other half)")  # fmt: skip
     args = parser.parse_args()
     env = check_torchserve(args.ts_pythonpath)
     repo = args.repo.resolve()
@@ -439,6 +444,15 @@ def main() -> None:
     ]
     http_payloads = [json.dumps({"user_id": user}).encode() for user in drawn]
 
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    pinned = args.pin and len(cpus) >= 4
+    if pinned:  # what this process starts inherits its CPU set: the servers first
+        print(f"pinning: servers on CPUs {cpus[half:]}, load generator on CPUs {cpus[:half]}")
+        os.sched_setaffinity(0, cpus[half:])
+    else:
+        print(f"no CPU pinning: {len(cpus)} cores (pinning gives the servers and the load "
+              "generator half each from 4 cores); they share every core")  # fmt: skip
     servers: dict[str, tuple[str, str, int]] = {}  # label -> (kind, target, pid root)
     opened: list = []
     workdir = Path(tempfile.mkdtemp(prefix="ts-compare-"))
@@ -467,6 +481,8 @@ def main() -> None:
                 "http", f"127.0.0.1:{ts.inference}/predictions/{name}", ts.pid,
             )  # fmt: skip
         check_answers(servers, grpc_payloads[:8], http_payloads[:8])
+        if pinned:  # the load processes start from here
+            os.sched_setaffinity(0, cpus[:half])
         context = multiprocessing.get_context("spawn")
         results: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
         with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=context) as pool:

@@ -83,6 +83,7 @@ def test_the_plan_fits_the_budget_and_serves_on_loopback(config) -> None:
     assert [step.name for step in served] == [
         *(f"bench-delay-{d}ms" for d in gpu_check.MAX_DELAYS_MS),
         *(f"workers-{n}" for n in (1, 2, 4, 8)),
+        "native-workers-8",  # the native front end before the widest sweep's workers
     ]
     for step in served:
         parsed = gpu_check.parse_recship(step.server[1:]).params
@@ -117,7 +118,7 @@ def test_a_bad_value_and_an_unknown_command_are_problems(config) -> None:
 
 
 def test_a_server_off_loopback_or_on_a_fixed_port_is_a_problem(config) -> None:
-    bench = _named(gpu_check.build_plan(config), "bench-delay-1ms")
+    bench = _named(gpu_check.build_plan(config), "bench-delay-2ms")
     exposed = dataclasses.replace(
         bench, server=(*bench.server, "--host", "0.0.0.0", "--admin-port", "8501"), inputs=()
     )
