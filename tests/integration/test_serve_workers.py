@@ -25,7 +25,7 @@ import pytest
 from recship.base.errors import RecshipError, Unavailable
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import AdminClient, Query, RecshipClient
-from recship.runtime.front_end import missing_build_tools
+from recship.runtime.front_end import BUILD_PACKAGES, missing_build_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ FRONT_ENDS = pytest.mark.parametrize(
             marks=pytest.mark.skipif(
                 bool(_MISSING),
                 reason=f"the native front end's build needs {', '.join(_MISSING)} "
-                "(Debian: g++ pkg-config libgrpc++-dev protobuf-compiler-grpc)",
+                f"(Debian: apt-get install {BUILD_PACKAGES})",
             ),
         ),
     ],
