@@ -19,6 +19,11 @@ for the price of a few comparisons instead of decoding the request first; the ex
 (rows x ids per feature) is counted from the decoded request when it is queued. Each call
 queues under its connection (`context.peer()`) as fairness key, with its cancellation signal.
 
+Recommend calls can also be served many at once (`recommend_batch`, for the native front
+end's batches): each is validated and admitted alone, and the valid ones of one version share
+one retrieval per `retrieve_k` and one ranking, queued under their connection when they share
+one (else the shared key "") and cancelled once all of them are.
+
 Per-row work on the event loop (looking up candidate and excluded ids, building answers)
 hands the loop back every `YIELD_ROWS` rows, so a request of a million rows does not hold
 other calls (their admission, their answers) for the hundreds of milliseconds its decoding
@@ -40,7 +45,7 @@ from google.protobuf.message import Message
 
 from recship.base.errors import InvalidInput, RecshipError
 from recship.protos.v1 import recommender_pb2, recommender_pb2_grpc
-from recship.runtime.features import JaggedBlock
+from recship.runtime.features import FeatureCodec, JaggedBlock
 from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
 from recship.runtime.servable import Servable
@@ -381,7 +386,7 @@ _Encoded = tuple[JaggedBlock, JaggedBlock, np.ndarray, np.ndarray]
 
 
 def _encode_calls(
-    codec, requests: Sequence[recommender_pb2.RecommendRequest]
+    codec: FeatureCodec, requests: Sequence[recommender_pb2.RecommendRequest]
 ) -> tuple[_Encoded | None, list[slice | RecshipError]]:
     """The calls' queries encoded together (`FeatureCodec.encode_queries`), and each call's
     rows in them, or its error (None: no call's queries are valid).
