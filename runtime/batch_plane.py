@@ -57,7 +57,8 @@ class BatchedCall:
         return self._peer
 
     def cancelled(self) -> bool:
-        # The front end does not forward cancellations; a late answer is dropped there.
+        # The front end drops calls cancelled while queued, but does not forward later ones;
+        # a late answer is dropped there.
         return False
 
 

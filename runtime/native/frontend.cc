@@ -11,7 +11,7 @@
 // - Health (`grpc.health.v1.Health/Check`) asks every backend and answers SERVING only when
 //   all do (NOT_SERVING while one is down or draining); other methods are UNIMPLEMENTED here.
 // - A call whose deadline passes in the queue is answered DEADLINE_EXCEEDED without being
-//   sent; a full queue (--max-queue-calls) answers RESOURCE_EXHAUSTED at once; a backend
+//   sent, and one its client cancels there is dropped (calls already sent run); a full queue (--max-queue-calls) answers RESOURCE_EXHAUSTED at once; a backend
 //   that fails or dies answers its batch's calls UNAVAILABLE (never a hang), and the next
 //   batches go to the others (its channel reconnects when it is back).
 // - SIGTERM or SIGINT: no new calls, the calls in flight finish within --grace-s, exit 0.
@@ -166,6 +166,8 @@ class CallReactor : public grpc::ServerGenericBidiReactor {
 
   void OnReadDone(bool ok) override;
   void OnDone() override { delete this; }
+  // The client left or the deadline passed: a call still queued is dropped, not sent.
+  void OnCancel() override { cancelled = true; }
 
   // Answers the call: `response` when `status` is OK.
   void Answer(const grpc::Status& status, const std::string& response = std::string()) {
@@ -180,6 +182,7 @@ class CallReactor : public grpc::ServerGenericBidiReactor {
   grpc::GenericCallbackServerContext* context() const { return context_; }
   std::string request_bytes;
   uint64_t sequence = 0;  // arrival order across the queues
+  std::atomic<bool> cancelled{false};
 
  private:
   FrontEnd* front_end_;
@@ -335,7 +338,7 @@ class FrontEnd : public grpc::CallbackGenericService {
           queue.pop_front();
           --queued_;
           Clock::time_point deadline = call->context()->deadline();
-          if (deadline <= now) {
+          if (deadline <= now || call->cancelled) {
             expired.push_back(call);
             continue;
           }
@@ -360,8 +363,10 @@ class FrontEnd : public grpc::CallbackGenericService {
       }
     }
     for (CallReactor* call : expired) {
-      call->Answer(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                "the deadline passed while the call was queued"));
+      call->Answer(call->cancelled && call->context()->deadline() > Clock::now()
+                       ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued")
+                       : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                      "the deadline passed while the call was queued"));
     }
     for (Flight* flight : ready) {
       flight->backend->stub->async()->Run(

@@ -196,3 +196,33 @@ def test_the_native_front_end_speaks_mutual_tls(
     ):
         anonymous.recommend("movies", [Query(make_user(1))], 10, 3)
     assert serve.terminate() == 0
+
+
+@needs_build
+def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
+    bundle_repo: Path, serve_process, make_user
+) -> None:
+    # The worker holds its first batch up to 1 s per stage (to fill it): the next call waits
+    # in the front end meanwhile.
+    serve = serve_process(
+        bundle_repo, "--poll-interval-s", "0", "--front-end", "native", "--max-delay-ms", "1000"
+    )
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    (_, body), *_ = _bodies(make_user)
+    method = "recship.v1.Recommender/Recommend"
+    with grpc.insecure_channel(serve.target) as channel:
+        call = channel.unary_unary(SERVICE + "Recommend")
+        first = call.future(body, timeout=30)
+        time.sleep(0.3)
+        queued = call.future(body, timeout=30)
+        time.sleep(0.2)
+        assert queued.cancel()
+        assert first.result(timeout=30)
+        # A batch sent after it would wait 1 s for retrieval and 1 s for ranking: look later.
+        time.sleep(3.0)
+        served = {k: v for k, v in _scrape(serve.metrics_port).items() if method in k}
+        assert served.get(f'recship_requests_total{{code="OK",method="{method}"}}') == 1
+        assert not any("CANCELLED" in k for k in served), served  # never reached a worker
+        assert call(body, timeout=30)  # and the front end goes on
+    assert serve.terminate() == 0
