@@ -68,7 +68,7 @@ from recship.base import errors
 from recship.base.errors import InvalidInput, RecshipError, Unavailable
 from recship.bundle.store import BundleStore, ValidatedVersion
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.front_end import FrontEndProcess, front_end_binary
+from recship.runtime.front_end import FrontEndMetrics, FrontEndProcess, front_end_binary
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.servable import ServableLoader
@@ -628,7 +628,9 @@ class Supervisor:
         self.health = health_aio.HealthServicer()
         self.fleet = Fleet(self.config, config.workers, self.metrics, log_level, self._changed)
         if self._backend_dir is not None:
-            self.front_end = FrontEndProcess(binary, self._front_end_arguments())
+            self.front_end = FrontEndProcess(
+                binary, self._front_end_arguments(), FrontEndMetrics(self.metrics.registry)
+            )
         loop = asyncio.get_running_loop()
         self.manager = VersionManager(
             BundleStore(

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from recship.base.errors import FailedPrecondition, Unavailable
 from recship.base.files import default_cache_dir
 
@@ -113,17 +115,83 @@ def front_end_binary(cache_dir: Path | None = None) -> Path:
     return binary
 
 
+class FrontEndMetrics:
+    """The front end's counters (its "stats" lines, totals since it started) as Prometheus
+    metrics of the supervisor's registry; a restarted front end's totals continue them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.queued = Gauge(
+            "recship_front_end_queued_calls",
+            "Calls waiting in the native front end's queues.",
+            registry=registry,
+        )
+        self.batches = Counter(
+            "recship_front_end_batches",
+            "Batches the native front end sent to the workers.",
+            registry=registry,
+        )
+        self.batched_calls = Counter(
+            "recship_front_end_batched_calls",
+            "Calls sent in those batches (divided by the batches: calls per batch).",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "recship_front_end_refused_calls",
+            "Calls the native front end answered without a worker, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.failed_batches = Counter(
+            "recship_front_end_failed_batches",
+            "Batches a worker did not answer (their calls were answered UNAVAILABLE).",
+            registry=registry,
+        )
+        self._last: dict[str, int] = {}
+
+    def started(self) -> None:
+        """A new front end process: its totals start from 0."""
+        self._last = {}
+
+    def update(self, line: str) -> None:
+        """Takes one "stats key=value ..." line; anything else is ignored."""
+        words = line.split()
+        if not words or words[0] != "stats":
+            return
+        try:
+            totals = {key: int(value) for key, value in (w.split("=", 1) for w in words[1:])}
+        except ValueError:
+            return
+        self.queued.set(totals.get("queued", 0))
+        counters = {
+            "batches": self.batches,
+            "batched_calls": self.batched_calls,
+            "failed_batches": self.failed_batches,
+            "queue_full": self.refused.labels("queue_full"),
+            "expired": self.refused.labels("deadline"),
+            "cancelled": self.refused.labels("cancelled"),
+        }
+        for key, counter in counters.items():
+            total = totals.get(key, 0)
+            last = self._last.get(key, 0)
+            counter.inc(max(0, total - last))
+            self._last[key] = total
+
+
 class FrontEndProcess:
     """One running `recship-frontend`: started, watched and stopped by the supervisor.
 
     Threading: event loop only.
     """
 
-    def __init__(self, binary: Path, arguments: Sequence[str]) -> None:
+    def __init__(
+        self, binary: Path, arguments: Sequence[str], metrics: FrontEndMetrics | None = None
+    ) -> None:
         self.binary = binary
         self.arguments = list(arguments)
+        self.metrics = metrics
         self.process: asyncio.subprocess.Process | None = None
         self.port: int | None = None
+        self._reading: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -152,7 +220,18 @@ class FrontEndProcess:
             code = await self.process.wait()
             raise Unavailable(f"{BINARY_NAME} did not start (exit code {code}; see its stderr)")
         self.port = int(words[3])
+        if self.metrics is not None:
+            self.metrics.started()
+        # Read on (a full pipe would stall its stats and signal thread) into the metrics.
+        self._reading = asyncio.get_running_loop().create_task(
+            self._read(self.process.stdout), name="recship-front-end-stats"
+        )
         return self.port
+
+    async def _read(self, stdout: asyncio.StreamReader) -> None:
+        while line := await stdout.readline():
+            if self.metrics is not None:
+                self.metrics.update(line.decode(errors="replace"))
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM: it stops taking calls and lets those in flight finish; killed if it takes

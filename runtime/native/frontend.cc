@@ -11,13 +11,17 @@
 // - Health (`grpc.health.v1.Health/Check`) asks every backend and answers SERVING only when
 //   all do (NOT_SERVING while one is down or draining); other methods are UNIMPLEMENTED here.
 // - A call whose deadline passes in the queue is answered DEADLINE_EXCEEDED without being
-//   sent, and one its client cancels there is dropped (calls already sent run); a full queue (--max-queue-calls) answers RESOURCE_EXHAUSTED at once; a backend
-//   that fails or dies answers its batch's calls UNAVAILABLE (never a hang), and the next
-//   batches go to the others (its channel reconnects when it is back).
+//   sent, and one its client cancels there is dropped (calls already sent run); a full queue
+//   (--max-queue-calls) answers RESOURCE_EXHAUSTED at once; a backend that fails or dies
+//   answers its batch's calls UNAVAILABLE (never a hang), and the next batches go to the
+//   others (its channel reconnects when it is back).
 // - SIGTERM or SIGINT: no new calls, the calls in flight finish within --grace-s, exit 0.
-// - Once listening it prints one line, "recship-frontend listening on PORT", to stdout.
+// - Once listening it prints one line, "recship-frontend listening on PORT", to stdout, then
+//   every --stats-interval-s one line "stats key=value ..." of its counters (`Stats`), which
+//   the supervisor turns into metrics.
 //
-// Threads: gRPC's callback threads run everything; one mutex guards the queues and counts.
+// Threads: gRPC's callback threads run everything; one mutex guards the queues and counts;
+// the main thread waits for a stop signal and prints the stats.
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -66,7 +70,18 @@ struct Options {
   int max_receive_bytes = 9 * 1024 * 1024;
   int max_send_bytes = 64 * 1024 * 1024;
   double grace_s = 10.0;
+  double stats_interval_s = 1.0;
   std::string tls_cert, tls_key, tls_client_ca;
+};
+
+// What the front end counts, printed as one "stats" line (totals since it started).
+struct Stats {
+  uint64_t batches = 0;          // batches sent
+  uint64_t batched_calls = 0;    // calls sent in them
+  uint64_t queue_full = 0;       // calls refused RESOURCE_EXHAUSTED
+  uint64_t expired = 0;          // calls whose deadline passed in the queue
+  uint64_t cancelled = 0;        // calls cancelled in the queue
+  uint64_t failed_batches = 0;   // batches a backend did not answer (calls UNAVAILABLE)
 };
 
 [[noreturn]] void Usage(const std::string& problem) {
@@ -75,6 +90,7 @@ struct Options {
             << "  [--max-batch-calls N] [--max-batch-bytes N] [--max-inflight N]\n"
             << "  [--max-queue-calls N]\n"
             << "  [--max-receive-bytes N] [--max-send-bytes N] [--grace-s S]\n"
+            << "  [--stats-interval-s S]\n"
             << "  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n";
   std::exit(2);
 }
@@ -112,6 +128,9 @@ Options ParseOptions(int argc, char** argv) {
       options.max_send_bytes = static_cast<int>(Number(flag, value, 1));
     } else if (flag == "--grace-s") {
       options.grace_s = std::atof(value.c_str());
+    } else if (flag == "--stats-interval-s") {
+      options.stats_interval_s = std::atof(value.c_str());
+      if (options.stats_interval_s <= 0) Usage("--stats-interval-s must be > 0");
     } else if (flag == "--tls-cert") {
       options.tls_cert = value;
     } else if (flag == "--tls-key") {
@@ -251,6 +270,17 @@ class FrontEnd : public grpc::CallbackGenericService {
                               "method " + method + " is not served by the native front end"));
   }
 
+  // The "stats" line: the counters and the calls queued now.
+  std::string StatsLine() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::ostringstream line;
+    line << "stats queued=" << queued_ << " batches=" << stats_.batches
+         << " batched_calls=" << stats_.batched_calls << " queue_full=" << stats_.queue_full
+         << " expired=" << stats_.expired << " cancelled=" << stats_.cancelled
+         << " failed_batches=" << stats_.failed_batches;
+    return line.str();
+  }
+
   void StopAccepting() {
     std::lock_guard<std::mutex> lock(mutex_);
     draining_ = true;
@@ -261,7 +291,7 @@ class FrontEnd : public grpc::CallbackGenericService {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (queued_ >= options_.max_queue_calls) {
-        // Answered below, outside the lock.
+        ++stats_.queue_full;  // answered below, outside the lock
       } else {
         call->sequence = ++arrivals_;
         queues_[method].push_back(call);
@@ -339,6 +369,7 @@ class FrontEnd : public grpc::CallbackGenericService {
           --queued_;
           Clock::time_point deadline = call->context()->deadline();
           if (deadline <= now || call->cancelled) {
+            ++(deadline <= now ? stats_.expired : stats_.cancelled);
             expired.push_back(call);
             continue;
           }
@@ -359,6 +390,8 @@ class FrontEnd : public grpc::CallbackGenericService {
         }
         if (!unbounded) flight->context.set_deadline(latest + std::chrono::seconds(1));
         ++backend->inflight;
+        ++stats_.batches;
+        stats_.batched_calls += flight->calls.size();
         ready.push_back(flight);
       }
     }
@@ -376,12 +409,14 @@ class FrontEnd : public grpc::CallbackGenericService {
   }
 
   void Landed(Flight* flight, const grpc::Status& status) {
+    const auto& outcomes = flight->response.outcomes();
+    bool answered = status.ok() && static_cast<size_t>(outcomes.size()) == flight->calls.size();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       --flight->backend->inflight;
+      if (!answered) ++stats_.failed_batches;
     }
-    const auto& outcomes = flight->response.outcomes();
-    if (status.ok() && static_cast<size_t>(outcomes.size()) == flight->calls.size()) {
+    if (answered) {
       for (size_t i = 0; i < flight->calls.size(); ++i) {
         const recship::v1::Outcome& outcome = outcomes[static_cast<int>(i)];
         if (outcome.code() == 0) {
@@ -471,6 +506,7 @@ class FrontEnd : public grpc::CallbackGenericService {
   uint64_t arrivals_ = 0;
   size_t queued_ = 0;
   bool draining_ = false;
+  Stats stats_;
 };
 
 void CallReactor::OnReadDone(bool ok) {
@@ -520,7 +556,12 @@ int main(int argc, char** argv) {
   std::cout << "recship-frontend listening on " << port << std::endl;
 
   int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
+  timespec interval;
+  interval.tv_sec = static_cast<time_t>(options.stats_interval_s);
+  interval.tv_nsec = static_cast<long>((options.stats_interval_s - interval.tv_sec) * 1e9);
+  while ((signal_number = sigtimedwait(&stop_signals, nullptr, &interval)) < 0) {
+    std::cout << front_end.StatsLine() << std::endl;
+  }
   std::cerr << "recship-frontend: signal " << signal_number << ", draining (grace "
             << options.grace_s << " s)\n";
   front_end.StopAccepting();

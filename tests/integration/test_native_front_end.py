@@ -41,6 +41,39 @@ def test_a_host_without_the_build_tools_is_told_what_to_install(monkeypatch, tmp
     assert not any(tmp_path.iterdir())  # nothing half built
 
 
+def test_the_stats_lines_become_counters_that_survive_a_restart() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    metrics = front_end.FrontEndMetrics(registry)
+    for line in (
+        "stats queued=3 batches=10 batched_calls=200 queue_full=1 expired=2 cancelled=0 "
+        "failed_batches=0",
+        "not a stats line",
+        "stats queued=x",  # garbled: ignored
+        "stats queued=0 batches=12 batched_calls=230 queue_full=1 expired=2 cancelled=1 "
+        "failed_batches=1",
+        None,  # restarted: its totals start again from 0
+        "stats queued=5 batches=2 batched_calls=40 queue_full=0 expired=0 cancelled=0 "
+        "failed_batches=0",
+    ):
+        if line is None:
+            metrics.started()
+        else:
+            metrics.update(line)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("recship_front_end_batches_total") == 14
+    assert value("recship_front_end_batched_calls_total") == 270
+    assert value("recship_front_end_failed_batches_total") == 1
+    assert value("recship_front_end_refused_calls_total", reason="queue_full") == 1
+    assert value("recship_front_end_refused_calls_total", reason="deadline") == 2
+    assert value("recship_front_end_refused_calls_total", reason="cancelled") == 1
+    assert value("recship_front_end_queued_calls") == 5
+
+
 def _call(channel: grpc.Channel, method: str, body: bytes) -> tuple[Any, ...]:
     try:
         answer = channel.unary_unary(SERVICE + method)(body, timeout=30)
@@ -221,8 +254,15 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
         assert first.result(timeout=30)
         # A batch sent after it would wait 1 s for retrieval and 1 s for ranking: look later.
         time.sleep(3.0)
-        served = {k: v for k, v in _scrape(serve.metrics_port).items() if method in k}
+        samples = _scrape(serve.metrics_port)
+        served = {k: v for k, v in samples.items() if method in k}
         assert served.get(f'recship_requests_total{{code="OK",method="{method}"}}') == 1
         assert not any("CANCELLED" in k for k in served), served  # never reached a worker
+        # The front end's own counters (its stats lines, once a second), on the supervisor's
+        # endpoint.
+        assert samples['recship_front_end_refused_calls_total{reason="cancelled"}'] == 1
+        assert samples["recship_front_end_batches_total"] == 1
+        assert samples["recship_front_end_batched_calls_total"] == 1
+        assert samples["recship_front_end_queued_calls"] == 0
         assert call(body, timeout=30)  # and the front end goes on
     assert serve.terminate() == 0
