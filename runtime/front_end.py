@@ -204,9 +204,10 @@ class FrontEndProcess:
         Raises:
             Unavailable: it exited or did not listen within `START_TIMEOUT_S`.
         """
+        # Its stdin stays open as long as this process lives: at its end it drains and exits.
         self.process = await asyncio.create_subprocess_exec(
-            str(self.binary), *self.arguments, stdout=asyncio.subprocess.PIPE,
-            process_group=0,
+            str(self.binary), *self.arguments, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, process_group=0,
         )  # fmt: skip
         assert self.process.stdout is not None
         try:

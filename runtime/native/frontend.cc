@@ -16,6 +16,7 @@
 //   answers its batch's calls UNAVAILABLE (never a hang), and the next batches go to the
 //   others (its channel reconnects when it is back).
 // - SIGTERM or SIGINT: no new calls, the calls in flight finish within --grace-s, exit 0.
+//   End of its stdin (the supervisor is gone, however it died) does the same.
 // - Once listening it prints one line, "recship-frontend listening on PORT", to stdout, then
 //   every --stats-interval-s one line "stats key=value ..." of its counters (`Stats`), which
 //   the supervisor turns into metrics.
@@ -28,6 +29,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -41,6 +43,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "recship/v1/batch_plane.grpc.pb.h"
@@ -540,6 +543,17 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  // A stats line to a supervisor that is gone must not kill us mid-drain.
+  signal(SIGPIPE, SIG_IGN);
+  // The supervisor holds our stdin open: when it closes, however the supervisor died, stop
+  // as on SIGTERM (the signal goes to the process, where only sigwait below takes it).
+  std::thread([] {
+    char byte;
+    while (read(0, &byte, 1) > 0) {
+    }
+    kill(getpid(), SIGTERM);
+  }).detach();
 
   FrontEnd front_end(options);
   grpc::ServerBuilder builder;

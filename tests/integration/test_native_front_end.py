@@ -266,3 +266,26 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
         assert samples["recship_front_end_queued_calls"] == 0
         assert call(body, timeout=30)  # and the front end goes on
     assert serve.terminate() == 0
+
+
+@needs_build
+def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
+    bundle_repo: Path, serve_process
+) -> None:
+    serve = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    supervisor = serve.process.pid
+    children = [
+        int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    ]
+    assert _front_end_pid(supervisor) in children and len(children) == 2  # it and one worker
+    serve.process.kill()  # no SIGTERM, no drain: only the pipes it held close
+    serve.process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+        time.sleep(0.1)
+    # (They are not our children: once gone, their /proc entries are reaped by init.)
+    alive = [p for p in children if Path(f"/proc/{p}").exists() and b"Z" not in
+             Path(f"/proc/{p}/stat").read_bytes().split(b")")[-1][:3]]  # fmt: skip
+    assert not alive, f"still running after their supervisor died: {alive}"
