@@ -267,10 +267,13 @@ def run_load(pool, processes, kind, target, payloads, concurrency, warmup_s, dur
 
 # -- servers ------------------------------------------------------------------------------------
 class RecshipServer:
-    def __init__(self, repo: Path, bundle: str, workers: int, threads: int, front_end: str) -> None:
+    def __init__(
+        self, repo: Path, bundle: str, workers: int, threads: int, front_end: str, extra: str
+    ) -> None:
         from recship.runtime.bench import ServeProcess
 
-        flags = ("--workers", str(workers), "--threads", str(threads), "--front-end", front_end)
+        flags = ("--workers", str(workers), "--threads", str(threads), "--front-end", front_end,
+                 *extra.split())  # fmt: skip
         self.serve = ServeProcess(repo, bundle, flags, batching=True)
         self.serve.wait_serving()
         self.pid = self.serve.process.pid
@@ -409,6 +412,9 @@ def main() -> None:
     parser.add_argument("--recship-workers", default="1,2")
     parser.add_argument("--recship-front-ends", default="native,grpcio",
                         help="recship serve --front-end values to measure")  # fmt: skip
+    parser.add_argument("--recship-serve-args", action="append", default=None,
+                        help="extra `recship serve` flags, e.g. '--max-delay-ms 2'; repeat to "
+                             "measure each (default: none)")  # fmt: skip
     parser.add_argument("--ts-workers", default="1,2")
     parser.add_argument("--ts-batch-size", type=int, default=32)
     parser.add_argument("--ts-max-delay-ms", type=int, default=5)
@@ -457,12 +463,16 @@ def main() -> None:
     opened: list = []
     workdir = Path(tempfile.mkdtemp(prefix="ts-compare-"))
     try:
-        for front_end in args.recship_front_ends.split(","):
-            for workers in [int(w) for w in args.recship_workers.split(",")]:
-                server = RecshipServer(repo, args.bundle, workers, args.threads, front_end)
-                opened.append(server)
-                label = f"recship serve {front_end}, {workers} worker(s)"
-                servers[label] = ("grpc", server.target, server.pid)
+        for extra in args.recship_serve_args or [""]:
+            for front_end in args.recship_front_ends.split(","):
+                for workers in [int(w) for w in args.recship_workers.split(",")]:
+                    server = RecshipServer(
+                        repo, args.bundle, workers, args.threads, front_end, extra
+                    )
+                    opened.append(server)
+                    label = f"recship serve {front_end}, {workers} worker(s)"
+                    label += f" {extra}" if extra else ""
+                    servers[label] = ("grpc", server.target, server.pid)
         ts = TorchServe(workdir, env)
         opened.append(ts)
         config = {

@@ -64,8 +64,9 @@ def _split(value: str | None) -> tuple[str, ...]:
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
 @click.option("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_S * 1000.0, show_default=True,
               help="Longest wait for a batch to fill. 0 runs a batch as soon as the replica is "
-                   "free, and batches still form from what queues while it is busy (best on "
-                   "CPU); raise it on GPUs, where larger batches pay.")  # fmt: skip
+                   "free, and batches still form from what queues while it is busy; raise it "
+                   "where larger batches pay (GPUs; the native front end under high "
+                   "concurrency, where it is the front end's wait).")  # fmt: skip
 @click.option("--max-queue-rows", type=int, default=DEFAULT_MAX_QUEUE_ROWS, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
 @click.option(

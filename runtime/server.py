@@ -131,7 +131,8 @@ class ServerConfig:
             the others are FAILED with the reason.
         max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
         max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
-            `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free.
+            `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free. Behind the native
+            front end the wait is the front end's (its batches of calls), not the workers'.
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
         max_batch_cost: most cost per batch (the ids its rows look up), which is also the
             longest slice one request may hold a replica for; costlier requests are cut.

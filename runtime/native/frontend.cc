@@ -7,6 +7,8 @@
 // answered with its own outcome. Under load the batches grow by themselves (the calls that
 // arrive while the backends are busy); a lone call is sent at once. The front end never
 // parses a request: validation, version choice and errors stay the serving processes' own.
+// With --max-delay-ms a batch that is not full waits for more calls until its oldest call has
+// waited that long (as TorchServe's max_batch_delay); 0 sends it as soon as a worker is free.
 //
 // - Health (`grpc.health.v1.Health/Check`) asks every backend and answers SERVING only when
 //   all do (NOT_SERVING while one is down or draining); other methods are UNIMPLEMENTED here.
@@ -34,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -51,6 +54,7 @@
 namespace {
 
 using Clock = std::chrono::system_clock;
+using Steady = std::chrono::steady_clock;
 
 // The Recommender methods answered by batches, in the order of their queues.
 const char* const kBatchedMethods[] = {
@@ -70,6 +74,7 @@ struct Options {
   size_t max_batch_bytes = 8 * 1024 * 1024;
   int max_inflight = 1;
   size_t max_queue_calls = 4096;
+  double max_delay_s = 0.0;  // how long a queued call may wait for its batch to fill
   int max_receive_bytes = 9 * 1024 * 1024;
   int max_send_bytes = 64 * 1024 * 1024;
   double grace_s = 10.0;
@@ -91,7 +96,7 @@ struct Stats {
   std::cerr << "recship-frontend: " << problem << "\n"
             << "usage: recship-frontend --listen HOST:PORT --backend unix:PATH [--backend ...]\n"
             << "  [--max-batch-calls N] [--max-batch-bytes N] [--max-inflight N]\n"
-            << "  [--max-queue-calls N]\n"
+            << "  [--max-queue-calls N] [--max-delay-ms MS]\n"
             << "  [--max-receive-bytes N] [--max-send-bytes N] [--grace-s S]\n"
             << "  [--stats-interval-s S]\n"
             << "  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n";
@@ -123,6 +128,9 @@ Options ParseOptions(int argc, char** argv) {
       options.max_batch_bytes = Number(flag, value, 1);
     } else if (flag == "--max-inflight") {
       options.max_inflight = static_cast<int>(Number(flag, value, 1));
+    } else if (flag == "--max-delay-ms") {
+      options.max_delay_s = std::atof(value.c_str()) / 1000.0;
+      if (options.max_delay_s < 0) Usage("--max-delay-ms must be >= 0");
     } else if (flag == "--max-queue-calls") {
       options.max_queue_calls = Number(flag, value, 1);
     } else if (flag == "--max-receive-bytes") {
@@ -204,6 +212,7 @@ class CallReactor : public grpc::ServerGenericBidiReactor {
   grpc::GenericCallbackServerContext* context() const { return context_; }
   std::string request_bytes;
   uint64_t sequence = 0;  // arrival order across the queues
+  std::chrono::steady_clock::time_point arrived;
   std::atomic<bool> cancelled{false};
 
  private:
@@ -285,8 +294,36 @@ class FrontEnd : public grpc::CallbackGenericService {
   }
 
   void StopAccepting() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      draining_ = true;
+    }
+    Pump();  // what waits for its batch to fill goes now
+  }
+
+  // Ends FlushLoop.
+  void StopFlushing() {
     std::lock_guard<std::mutex> lock(mutex_);
-    draining_ = true;
+    flusher_stop_ = true;
+    flush_cv_.notify_one();
+  }
+
+  // Sends the batches whose fill wait (--max-delay-ms) ends; runs on its own thread.
+  void FlushLoop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!flusher_stop_) {
+      if (flush_at_ == Steady::time_point::max()) {
+        flush_cv_.wait(lock);
+      } else {
+        flush_cv_.wait_until(lock, flush_at_);
+      }
+      if (Steady::now() >= flush_at_) {
+        flush_at_ = Steady::time_point::max();
+        lock.unlock();
+        Pump();
+        lock.lock();
+      }
+    }
   }
 
  private:
@@ -297,6 +334,7 @@ class FrontEnd : public grpc::CallbackGenericService {
         ++stats_.queue_full;  // answered below, outside the lock
       } else {
         call->sequence = ++arrivals_;
+        call->arrived = std::chrono::steady_clock::now();
         queues_[method].push_back(call);
         ++queued_;
         call = nullptr;
@@ -355,6 +393,20 @@ class FrontEnd : public grpc::CallbackGenericService {
         Backend* backend = PickBackend();
         if (backend == nullptr) break;
         int method = OldestQueue();
+        // A batch not yet full waits for more calls until its oldest call's fill wait ends.
+        std::deque<CallReactor*>& waiting = queues_[method];
+        Steady::time_point fill_until =
+            waiting.front()->arrived +
+            std::chrono::duration_cast<Steady::duration>(
+                std::chrono::duration<double>(options_.max_delay_s));
+        if (!draining_ && waiting.size() < options_.max_batch_calls &&
+            Steady::now() < fill_until) {
+          if (fill_until < flush_at_) {
+            flush_at_ = fill_until;
+            flush_cv_.notify_one();
+          }
+          break;
+        }
         auto* flight = new Flight();
         flight->backend = backend;
         flight->request.set_method(kBatchedMethods[method]);
@@ -510,6 +562,9 @@ class FrontEnd : public grpc::CallbackGenericService {
   size_t queued_ = 0;
   bool draining_ = false;
   Stats stats_;
+  std::condition_variable flush_cv_;
+  Steady::time_point flush_at_ = Steady::time_point::max();
+  bool flusher_stop_ = false;
 };
 
 void CallReactor::OnReadDone(bool ok) {
@@ -563,6 +618,7 @@ int main(int argc, char** argv) {
   builder.SetMaxSendMessageSize(options.max_send_bytes);
   builder.RegisterCallbackGenericService(&front_end);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  std::thread flusher([&front_end] { front_end.FlushLoop(); });
   if (server == nullptr || port == 0) {
     std::cerr << "recship-frontend: cannot listen on " << options.listen << "\n";
     return 1;
@@ -582,5 +638,7 @@ int main(int argc, char** argv) {
   server->Shutdown(Clock::now() + std::chrono::milliseconds(
                                       static_cast<long>(options.grace_s * 1000)));
   server->Wait();
+  front_end.StopFlushing();
+  flusher.join();
   return 0;
 }

@@ -235,8 +235,8 @@ def test_the_native_front_end_speaks_mutual_tls(
 def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
-    # The worker holds its first batch up to 1 s per stage (to fill it): the next call waits
-    # in the front end meanwhile.
+    # A batch waits up to 1 s for more calls (--max-delay-ms, the front end's fill wait): the
+    # second call joins the first's batch, and is cancelled before the batch is sent.
     serve = serve_process(
         bundle_repo, "--poll-interval-s", "0", "--front-end", "native", "--max-delay-ms", "1000"
     )
@@ -252,8 +252,7 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
         time.sleep(0.2)
         assert queued.cancel()
         assert first.result(timeout=30)
-        # A batch sent after it would wait 1 s for retrieval and 1 s for ranking: look later.
-        time.sleep(3.0)
+        time.sleep(3.0)  # a call sent later would have been answered by now
         samples = _scrape(serve.metrics_port)
         served = {k: v for k, v in samples.items() if method in k}
         assert served.get(f'recship_requests_total{{code="OK",method="{method}"}}') == 1
@@ -289,3 +288,30 @@ def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
     alive = [p for p in children if Path(f"/proc/{p}").exists() and b"Z" not in
              Path(f"/proc/{p}/stat").read_bytes().split(b")")[-1][:3]]  # fmt: skip
     assert not alive, f"still running after their supervisor died: {alive}"
+
+
+@needs_build
+def test_max_delay_makes_the_front_end_wait_for_a_fuller_batch(
+    bundle_repo: Path, serve_process, make_user
+) -> None:
+    serve = serve_process(
+        bundle_repo, "--poll-interval-s", "0", "--front-end", "native", "--max-delay-ms", "400"
+    )
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    (_, body), *_ = _bodies(make_user)
+    with grpc.insecure_channel(serve.target) as channel:
+        call = channel.unary_unary(SERVICE + "Recommend")
+        started = time.monotonic()
+        lone = call(body, timeout=30)
+        waited = time.monotonic() - started
+        calls = [call.future(body, timeout=30) for _ in range(8)]
+        answers = [c.result(timeout=30) for c in calls]
+    assert lone and all(answers) and len(set(answers)) == 1
+    assert waited >= 0.4  # a lone call waits out the fill wait
+    time.sleep(1.5)  # the stats line is written once a second
+    samples = _scrape(serve.metrics_port)
+    # The lone call's batch, then one batch of all 8 (they came within the 400 ms).
+    assert samples["recship_front_end_batches_total"] == 2
+    assert samples["recship_front_end_batched_calls_total"] == 9
+    assert serve.terminate() == 0
