@@ -96,10 +96,11 @@ FRONT_END_INFLIGHT = 1
 FRONT_END_QUEUE_CALLS = 4096
 # A worker has this long to start (import torch, ...) and say hello.
 START_TIMEOUT_S = 120.0
-# Restart delays of a worker that keeps dying: doubled per quick death, up to the last.
+# Restart delays of a process (a worker, the native front end) that keeps dying: doubled per
+# quick death, up to the last (`RestartBackoff`).
 RESTART_DELAY_S = 0.5
 MAX_RESTART_DELAY_S = 30.0
-# A worker that ran this long before dying is restarted after the first delay again.
+# A process that ran this long before dying is restarted after the first delay again.
 STABLE_AFTER_S = 60.0
 # A scrape waits this long for the workers' metrics; a worker too slow is left out of it.
 SCRAPE_TIMEOUT_S = 5.0
@@ -134,6 +135,20 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.close()
         raise InvalidInput(f"cannot listen on {host}:{port}: {error.strerror}") from None
     return sock
+
+
+class RestartBackoff:
+    """How long to wait before restarting a process that died: `RESTART_DELAY_S` after one
+    that had run `STABLE_AFTER_S`, else twice the last wait, up to `MAX_RESTART_DELAY_S`."""
+
+    def __init__(self) -> None:
+        self._delay = RESTART_DELAY_S
+
+    def next(self, lived_s: float) -> float:
+        """The wait before restarting a process that died after `lived_s` seconds."""
+        delay = RESTART_DELAY_S if lived_s > STABLE_AFTER_S else self._delay
+        self._delay = min(delay * 2, MAX_RESTART_DELAY_S)
+        return delay
 
 
 class WorkerProcess:
@@ -467,7 +482,7 @@ class Fleet:
 
     async def _watch(self, worker: WorkerProcess) -> None:
         """Restarts `worker` whenever it dies, until the fleet stops."""
-        delay = RESTART_DELAY_S
+        backoff = RestartBackoff()
         while True:
             assert worker.process is not None
             code = await worker.process.wait()
@@ -476,7 +491,7 @@ class Fleet:
             if self._stopping:
                 return
             lived = time.monotonic() - worker.started_at
-            delay = RESTART_DELAY_S if lived > STABLE_AFTER_S else delay
+            delay = backoff.next(lived)
             logger.error(
                 "worker %d (pid %d) exited with %s after %.1f s; restarting in %.1f s",
                 worker.index,
@@ -488,7 +503,6 @@ class Fleet:
             )
             self._restarts.inc()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RESTART_DELAY_S)
             try:
                 await worker.start(self.config, self._log_level)
                 await self._resync(worker)
@@ -735,24 +749,30 @@ class Supervisor:
             )
 
     async def _watch_front_end(self) -> None:
-        """Restarts the native front end whenever it dies, until the supervisor stops."""
-        assert self.front_end is not None and self.front_end.process is not None
+        """Restarts the native front end whenever it dies, until the supervisor stops (with
+        the workers' `RestartBackoff`; a failed start is one more death)."""
+        front_end = self.front_end
+        assert front_end is not None and front_end.process is not None
+        backoff = RestartBackoff()
         while True:
-            code = await self.front_end.process.wait()
+            code = await front_end.process.wait()
             self._changed()
+            lived = time.monotonic() - front_end.started_at
+            delay = backoff.next(lived)
             logger.error(
-                "recship-frontend (pid %d) exited with %s; restarting",
-                self.front_end.process.pid,
+                "recship-frontend (pid %d) exited with %s after %.1f s; restarting in %.1f s",
+                front_end.process.pid,
                 f"signal {-code}" if code < 0 else f"code {code}",
+                lived,
+                delay,
                 extra={"exit_code": code},
             )
             self._front_end_restarts.inc()
-            await asyncio.sleep(RESTART_DELAY_S)
+            await asyncio.sleep(delay)
             try:
-                await self.front_end.start()
+                await front_end.start()
             except Unavailable as error:
                 logger.error("recship-frontend did not come back: %s", error)
-                await asyncio.sleep(MAX_RESTART_DELAY_S)
             self._changed()
 
     def _changed(self) -> None:

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -191,6 +192,7 @@ class FrontEndProcess:
         self.metrics = metrics
         self.process: asyncio.subprocess.Process | None = None
         self.port: int | None = None
+        self.started_at = 0.0
         self._reading: asyncio.Task[None] | None = None
 
     @property
@@ -204,6 +206,7 @@ class FrontEndProcess:
         Raises:
             Unavailable: it exited or did not listen within `START_TIMEOUT_S`.
         """
+        self.started_at = time.monotonic()
         # Its stdin stays open as long as this process lives: at its end it drains and exits.
         self.process = await asyncio.create_subprocess_exec(
             str(self.binary), *self.arguments, stdin=asyncio.subprocess.PIPE,
