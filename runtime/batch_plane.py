@@ -33,11 +33,11 @@ from recship.runtime.grpc_errors import (
 from recship.runtime.limits import ServiceLimits
 from recship.runtime.service import RecommenderService
 
-_SERVICE = "/recship.v1.Recommender/"
+_RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"]
+_SERVICE = f"/{_RECOMMENDER.full_name}/"
+# Method name -> its request message class.
 _REQUESTS = {
-    "Retrieve": recommender_pb2.RetrieveRequest,
-    "Rank": recommender_pb2.RankRequest,
-    "Recommend": recommender_pb2.RecommendRequest,
+    method.name: getattr(recommender_pb2, method.input_type.name) for method in _RECOMMENDER.methods
 }
 
 

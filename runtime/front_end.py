@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from recship.base.errors import FailedPrecondition, Unavailable
 from recship.base.files import default_cache_dir
+from recship.protos import PROTO_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ BINARY_NAME = "recship-frontend"
 BUILD_PACKAGES = "g++ pkg-config libgrpc++-dev protobuf-compiler-grpc"
 #: How long the front end may take to listen once started.
 START_TIMEOUT_S = 30.0
-
-
-def _proto_file() -> Path:
-    """batch_plane.proto, package data of `recship.protos` (the checkout's protos/ folder)."""
-    import recship.protos
-
-    return Path(recship.protos.__file__).parent / BATCH_PLANE_PROTO
 
 
 def missing_build_tools() -> list[str]:
@@ -86,7 +80,7 @@ def front_end_binary(cache_dir: Path | None = None) -> Path:
             f"--front-end native needs {', '.join(missing)} to build recship-frontend "
             f"(Debian: apt-get install {BUILD_PACKAGES}); or serve with --front-end grpcio"
         )
-    proto = _proto_file()
+    proto = PROTO_ROOT / BATCH_PLANE_PROTO
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), proto.read_bytes(), " ".join(_pkg_config("--modversion"))):
         digest.update(part if isinstance(part, bytes) else part.encode())
@@ -99,7 +93,7 @@ def front_end_binary(cache_dir: Path | None = None) -> Path:
         work_dir = Path(work)
         plugin = shutil.which("grpc_cpp_plugin")
         steps = [
-            ["protoc", f"-I{proto.parents[2]}", f"--cpp_out={work_dir}", f"--grpc_out={work_dir}",
+            ["protoc", f"-I{PROTO_ROOT}", f"--cpp_out={work_dir}", f"--grpc_out={work_dir}",
              f"--plugin=protoc-gen-grpc={plugin}", str(proto)],
             ["g++", "-O2", "-std=c++17", f"-I{work_dir}", str(SOURCE),
              str(work_dir / "recship/v1/batch_plane.pb.cc"),

@@ -56,6 +56,7 @@ from recship.bundle.store import BundleStore
 from recship.protos.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    batch_plane_pb2,
     batch_plane_pb2_grpc,
     recommender_pb2,
     recommender_pb2_grpc,
@@ -99,7 +100,7 @@ logger = logging.getLogger(__name__)
 RECOMMENDER_SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["BundleAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-BATCH_PLANE_RUN = "recship.v1.BatchPlane/Run"
+BATCH_PLANE_RUN = f"{batch_plane_pb2.DESCRIPTOR.services_by_name['BatchPlane'].full_name}/Run"
 # Responses can carry many items; requests are bounded by ServiceLimits.max_request_bytes.
 MAX_SEND_BYTES = 64 * 1024 * 1024
 # Admin requests are small; a larger one is refused by the transport.
