@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,23 @@ class ServeProcess:
         """Sends SIGTERM and returns the exit code."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+    def scrape(self) -> dict[str, float]:
+        """Samples of its metrics endpoint, "name{labels}" -> value."""
+        url = f"http://127.0.0.1:{self.metrics_port}/"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        return {
+            name: float(value)
+            for name, value in (line.rsplit(" ", 1) for line in lines if line and line[0] != "#")
+        }
+
+    def children(self, command: bytes = b"") -> list[int]:
+        """Its child processes (workers, the native front end) whose command line holds
+        `command`, in pid order."""
+        pid = self.process.pid
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sorted(int(c) for c in found if command in Path(f"/proc/{c}/cmdline").read_bytes())
 
 
 def start_serve(repo: Path, *flags: str) -> ServeProcess:

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,9 @@ def test_native_answers_every_call_as_grpcio_does(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
     single = serve_process(bundle_repo, "--poll-interval-s", "0")
-    native = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
+    native = _serve_native(serve_process, bundle_repo)
     with RecshipClient(single.target, timeout=30) as client:
         client.wait_until_serving(180)
-    with AdminClient(native.admin, timeout=30) as admin:
-        admin.wait_until_serving(180)
     bodies = _bodies(make_user)
     with (
         grpc.insecure_channel(single.target) as plain,
@@ -143,28 +140,24 @@ def test_native_answers_every_call_as_grpcio_does(
     assert native.terminate() == 0
 
 
-def _scrape(metrics_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return {
-        name: float(value)
-        for name, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
-    }
+def _front_end_pid(serve) -> int:  # type: ignore[no-untyped-def]
+    (pid,) = serve.children(b"recship-frontend")
+    return pid
 
 
-def _front_end_pid(supervisor: int) -> int:
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    (pid,) = (p for p in children if b"recship-frontend" in Path(f"/proc/{p}/cmdline").read_bytes())
-    return int(pid)
+def _serve_native(serve_process, repo: Path, *flags: str):  # type: ignore[no-untyped-def]
+    """`recship serve --front-end native` over `repo`, waited for until SERVING."""
+    serve = serve_process(repo, "--poll-interval-s", "0", "--front-end", "native", *flags)
+    with AdminClient(serve.admin, timeout=30) as admin:
+        admin.wait_until_serving(180)
+    return serve
 
 
 @needs_build
 def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
-    serve = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
-    with AdminClient(serve.admin, timeout=30) as admin:
-        admin.wait_until_serving(180)
+    serve = _serve_native(serve_process, bundle_repo)
     outcomes: list[tuple[float, str]] = []
     stop = threading.Event()
 
@@ -187,11 +180,11 @@ def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
         thread.start()
     try:
         time.sleep(1.0)
-        old = _front_end_pid(serve.process.pid)
+        old = _front_end_pid(serve)
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if _scrape(serve.metrics_port).get("recship_front_end_restarts_total") == 1:
+            if serve.scrape().get("recship_front_end_restarts_total") == 1:
                 with AdminClient(serve.admin, timeout=30) as admin:
                     if admin.health() == "SERVING":
                         break
@@ -203,7 +196,7 @@ def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
         for thread in callers:
             thread.join(30)
     assert back < deadline, "the front end was not restarted"
-    assert _front_end_pid(serve.process.pid) != old
+    assert _front_end_pid(serve) != old
     assert {code for _, code in outcomes} <= {"OK", "UNAVAILABLE"}
     assert any(code == "OK" for at, code in outcomes if at > back)
     assert serve.terminate() == 0
@@ -237,11 +230,7 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
 ) -> None:
     # A batch waits up to 1 s for more calls (--max-delay-ms, the front end's fill wait): the
     # second call joins the first's batch, and is cancelled before the batch is sent.
-    serve = serve_process(
-        bundle_repo, "--poll-interval-s", "0", "--front-end", "native", "--max-delay-ms", "1000"
-    )
-    with AdminClient(serve.admin, timeout=30) as admin:
-        admin.wait_until_serving(180)
+    serve = _serve_native(serve_process, bundle_repo, "--max-delay-ms", "1000")
     (_, body), *_ = _bodies(make_user)
     method = "recship.v1.Recommender/Recommend"
     with grpc.insecure_channel(serve.target) as channel:
@@ -253,7 +242,7 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
         assert queued.cancel()
         assert first.result(timeout=30)
         time.sleep(3.0)  # a call sent later would have been answered by now
-        samples = _scrape(serve.metrics_port)
+        samples = serve.scrape()
         served = {k: v for k, v in samples.items() if method in k}
         assert served.get(f'recship_requests_total{{code="OK",method="{method}"}}') == 1
         assert not any("CANCELLED" in k for k in served), served  # never reached a worker
@@ -271,14 +260,9 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
 def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
     bundle_repo: Path, serve_process
 ) -> None:
-    serve = serve_process(bundle_repo, "--poll-interval-s", "0", "--front-end", "native")
-    with AdminClient(serve.admin, timeout=30) as admin:
-        admin.wait_until_serving(180)
-    supervisor = serve.process.pid
-    children = [
-        int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    ]
-    assert _front_end_pid(supervisor) in children and len(children) == 2  # it and one worker
+    serve = _serve_native(serve_process, bundle_repo)
+    children = serve.children()
+    assert _front_end_pid(serve) in children and len(children) == 2  # it and one worker
     serve.process.kill()  # no SIGTERM, no drain: only the pipes it held close
     serve.process.wait()
     deadline = time.monotonic() + 30
@@ -294,11 +278,7 @@ def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
 def test_max_delay_makes_the_front_end_wait_for_a_fuller_batch(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
-    serve = serve_process(
-        bundle_repo, "--poll-interval-s", "0", "--front-end", "native", "--max-delay-ms", "400"
-    )
-    with AdminClient(serve.admin, timeout=30) as admin:
-        admin.wait_until_serving(180)
+    serve = _serve_native(serve_process, bundle_repo, "--max-delay-ms", "400")
     (_, body), *_ = _bodies(make_user)
     with grpc.insecure_channel(serve.target) as channel:
         call = channel.unary_unary(SERVICE + "Recommend")
@@ -310,7 +290,7 @@ def test_max_delay_makes_the_front_end_wait_for_a_fuller_batch(
     assert lone and all(answers) and len(set(answers)) == 1
     assert waited >= 0.4  # a lone call waits out the fill wait
     time.sleep(1.5)  # the stats line is written once a second
-    samples = _scrape(serve.metrics_port)
+    samples = serve.scrape()
     # The lone call's batch, then one batch of all 8 (they came within the 400 ms).
     assert samples["recship_front_end_batches_total"] == 2
     assert samples["recship_front_end_batched_calls_total"] == 9

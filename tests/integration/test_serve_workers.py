@@ -17,7 +17,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,41 +53,13 @@ def repo(bundle_repo: Path, tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
-def scrape(metrics_port: int) -> dict[str, float]:
-    """Samples of the supervisor's endpoint, "name{labels}" -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def total(samples: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(prefix))
 
 
-def worker_pids(supervisor: int) -> list[int]:
-    """The supervisor's worker processes (not its native front end)."""
-    text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-    return sorted(
-        int(pid)
-        for pid in text.split()
-        if b"recship.runtime.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
-
-
-def front_end_pid(supervisor: int) -> int:
-    """The supervisor's `recship-frontend` process."""
-    text = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
-    (pid,) = (
-        int(pid)
-        for pid in text.split()
-        if b"recship-frontend" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
-    return pid
+def worker_pids(serve) -> list[int]:  # type: ignore[no-untyped-def]
+    """The server's worker processes (not its native front end)."""
+    return serve.children(b"recship.runtime.worker")
 
 
 def cpu_ticks(pids: list[int]) -> dict[int, int]:
@@ -107,7 +78,7 @@ class Answering:
     def __init__(self, serve, front_end: str) -> None:  # type: ignore[no-untyped-def]
         self.serve = serve
         self.front_end = front_end
-        self.pids = worker_pids(serve.process.pid)
+        self.pids = worker_pids(serve)
         self.before = cpu_ticks(self.pids) if front_end == "native" else {}
 
     def both(self) -> dict[int, int]:
@@ -153,7 +124,7 @@ def spread_client(serve, make_user, front_end: str = "grpcio") -> RecshipClient:
         client = RecshipClient(serve.target, timeout=30, channels=CHANNELS)
         for u in range(CHANNELS):  # one call per channel, in turn: every connection opens
             client.recommend("movies", [Query(make_user(u, 0.0))], 10, 3)
-        held = connections_by_worker(worker_pids(serve.process.pid), serve.port)
+        held = connections_by_worker(worker_pids(serve), serve.port)
         if len(held) == 2 and all(held.values()):
             return client
         client.close()
@@ -194,7 +165,7 @@ def test_two_workers_answer_as_one_and_their_metrics_are_summed(
             warm = 8 * 24
         assert recommend_all(client, make_user) == expected
         sent = warm + 24
-        samples = scrape(fleet.metrics_port)
+        samples = fleet.scrape()
         held = answering.both()
     assert all(held.values()), held
     ok = samples['recship_requests_total{code="OK",method="recship.v1.Recommender/Recommend"}']
@@ -287,7 +258,7 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
     repo, serve_process, make_user, front_end
 ) -> None:
     serve = start_workers(serve_process, repo, front_end, "--poll-interval-s", "0")
-    pids = worker_pids(serve.process.pid)
+    pids = worker_pids(serve)
     with (
         spread_client(serve, make_user, front_end) as client,
         Traffic(client, make_user) as traffic,
@@ -297,7 +268,7 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
         killed = time.monotonic()
         deadline = killed + 120
         while time.monotonic() < deadline:
-            samples = scrape(serve.metrics_port)
+            samples = serve.scrape()
             if samples.get("recship_worker_restarts_total") == 1 and (
                 samples.get("recship_workers_serving") == 2
             ):
@@ -306,7 +277,7 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
         restarted = time.monotonic()
         time.sleep(1.0)
     assert restarted < deadline, "the worker was not restarted"
-    new = worker_pids(serve.process.pid)
+    new = worker_pids(serve)
     assert len(new) == 2 and pids[0] not in new and pids[1] in new
     codes = {code for _, code, _ in traffic.outcomes}
     assert codes <= {"OK", "UNAVAILABLE"}, codes
@@ -325,10 +296,10 @@ def test_sigterm_lets_requests_in_flight_on_both_workers_finish(
         serve_process, repo, front_end, "--max-delay-ms", "1000", "--grace-s", "20"
     )
     with spread_client(serve, make_user, front_end) as client:
-        pids = worker_pids(serve.process.pid)
+        pids = worker_pids(serve)
         answering = Answering(serve, front_end)
         if front_end == "native":
-            pids.append(front_end_pid(serve.process.pid))
+            pids += serve.children(b"recship-frontend")
         with concurrent.futures.ThreadPoolExecutor(2 * CHANNELS) as pool:
             calls = [
                 pool.submit(client.recommend, "movies", [Query(make_user(u, 0.0))], 10, 3)
@@ -338,7 +309,7 @@ def test_sigterm_lets_requests_in_flight_on_both_workers_finish(
             while time.monotonic() < deadline:
                 # (Behind the native front end the 1 s fill wait is its own: they queue there.)
                 queued = "recship_queue_rows{" if front_end == "grpcio" else "recship_front_end_q"
-                if total(scrape(serve.metrics_port), queued) >= 2 * CHANNELS:
+                if total(serve.scrape(), queued) >= 2 * CHANNELS:
                     break
                 time.sleep(0.01)
             # (Behind the native front end the calls wait in its queue or in the workers':
