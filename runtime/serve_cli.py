@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
 
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _limit_option(field: str, help: str) -> Callable[[Any], Any]:
+    """`--max-...` for the `ServiceLimits` field `field`: a positive integer, its default."""
+    return click.option(
+        f"--{field.replace('_', '-')}",
+        type=click.IntRange(min=1),
+        default=getattr(ServiceLimits, field),
+        show_default=True,
+        help=help,
+    )
 
 
 @click.command("serve")
@@ -69,34 +81,10 @@ def _split(value: str | None) -> tuple[str, ...]:
                    "concurrency, where it is the front end's wait).")  # fmt: skip
 @click.option("--max-queue-rows", type=int, default=DEFAULT_MAX_QUEUE_ROWS, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
-@click.option(
-    "--max-queries",
-    type=click.IntRange(min=1),
-    default=ServiceLimits.max_queries,
-    show_default=True,
-    help="Most queries in one request.",
-)
-@click.option(
-    "--max-candidates",
-    type=click.IntRange(min=1),
-    default=ServiceLimits.max_candidates,
-    show_default=True,
-    help="Most candidate item ids of one Rank query.",
-)
-@click.option(
-    "--max-exclusions",
-    type=click.IntRange(min=1),
-    default=ServiceLimits.max_exclusions,
-    show_default=True,
-    help="Most item ids one Retrieve or Recommend query may exclude.",
-)
-@click.option(
-    "--max-request-bytes",
-    type=click.IntRange(min=1),
-    default=ServiceLimits.max_request_bytes,
-    show_default=True,
-    help="Largest serialized request; larger ones are INVALID_ARGUMENT.",
-)
+@_limit_option("max_queries", "Most queries in one request.")
+@_limit_option("max_candidates", "Most candidate item ids of one Rank query.")
+@_limit_option("max_exclusions", "Most item ids one Retrieve or Recommend query may exclude.")
+@_limit_option("max_request_bytes", "Largest serialized request; larger ones are INVALID_ARGUMENT.")
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparisons).")
 @click.option("--replicas", type=int, default=None, help="CPU replicas (default 1).")
 @click.option("--threads", type=int, default=1, show_default=True,
