@@ -47,6 +47,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "recship/v1/batch_plane.grpc.pb.h"
@@ -252,7 +253,10 @@ struct HealthFan {
 
 class FrontEnd : public grpc::CallbackGenericService {
  public:
-  explicit FrontEnd(const Options& options) : options_(options) {
+  explicit FrontEnd(const Options& options)
+      : options_(options),
+        fill_wait_(std::chrono::duration_cast<Steady::duration>(
+            std::chrono::duration<double>(options.max_delay_s))) {
     grpc::ChannelArguments arguments;
     arguments.SetMaxReceiveMessageSize(options.max_send_bytes);
     arguments.SetMaxSendMessageSize(-1);
@@ -386,21 +390,17 @@ class FrontEnd : public grpc::CallbackGenericService {
   // Sends batches while there are queued calls and backends with room.
   void Pump() {
     std::vector<Flight*> ready;
-    std::vector<CallReactor*> expired;
+    std::vector<std::pair<CallReactor*, grpc::Status>> refused;  // answered outside the lock
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (queued_ > 0) {
         Backend* backend = PickBackend();
         if (backend == nullptr) break;
         int method = OldestQueue();
+        std::deque<CallReactor*>& queue = queues_[method];
         // A batch not yet full waits for more calls until its oldest call's fill wait ends.
-        std::deque<CallReactor*>& waiting = queues_[method];
-        Steady::time_point fill_until =
-            waiting.front()->arrived +
-            std::chrono::duration_cast<Steady::duration>(
-                std::chrono::duration<double>(options_.max_delay_s));
-        if (!draining_ && waiting.size() < options_.max_batch_calls &&
-            Steady::now() < fill_until) {
+        Steady::time_point fill_until = queue.front()->arrived + fill_wait_;
+        if (!draining_ && queue.size() < options_.max_batch_calls && Steady::now() < fill_until) {
           if (fill_until < flush_at_) {
             flush_at_ = fill_until;
             flush_cv_.notify_one();
@@ -413,7 +413,6 @@ class FrontEnd : public grpc::CallbackGenericService {
         Clock::time_point now = Clock::now();
         Clock::time_point latest = now;
         bool unbounded = false;
-        std::deque<CallReactor*>& queue = queues_[method];
         size_t bytes = 0;
         while (!queue.empty() && flight->calls.size() < options_.max_batch_calls) {
           CallReactor* call = queue.front();
@@ -423,9 +422,17 @@ class FrontEnd : public grpc::CallbackGenericService {
           queue.pop_front();
           --queued_;
           Clock::time_point deadline = call->context()->deadline();
-          if (deadline <= now || call->cancelled) {
-            ++(deadline <= now ? stats_.expired : stats_.cancelled);
-            expired.push_back(call);
+          if (deadline <= now) {
+            ++stats_.expired;
+            refused.emplace_back(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                                    "the deadline passed while the call was "
+                                                    "queued"));
+            continue;
+          }
+          if (call->cancelled) {
+            ++stats_.cancelled;
+            refused.emplace_back(
+                call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
             continue;
           }
           recship::v1::Call* sent = flight->request.add_calls();
@@ -450,12 +457,7 @@ class FrontEnd : public grpc::CallbackGenericService {
         ready.push_back(flight);
       }
     }
-    for (CallReactor* call : expired) {
-      call->Answer(call->cancelled && call->context()->deadline() > Clock::now()
-                       ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued")
-                       : grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                      "the deadline passed while the call was queued"));
-    }
+    for (auto& [call, status] : refused) call->Answer(status);
     for (Flight* flight : ready) {
       flight->backend->stub->async()->Run(
           &flight->context, &flight->request, &flight->response,
@@ -555,6 +557,7 @@ class FrontEnd : public grpc::CallbackGenericService {
   }
 
   Options options_;
+  Steady::duration fill_wait_;  // --max-delay-ms
   std::vector<std::unique_ptr<Backend>> backends_;
   std::mutex mutex_;
   std::deque<CallReactor*> queues_[kMethodCount];
