@@ -138,19 +138,22 @@ def test_full_queue_and_deadlines(bundle_repo, server_factory, make_user) -> Non
 
 class ProcessSampler:
     """Samples, every 10 ms on a thread: wall time, this process's CPU time, its resident
-    memory and the rank model's busy seconds (the server runs in this process)."""
+    memory and the rank model's busy seconds and rows computed (the server runs in this
+    process)."""
 
     def __init__(self, registry: Any) -> None:
         self._get = registry.get_sample_value
-        self.samples: list[tuple[float, float, float, float]] = []
+        self.samples: list[tuple[float, float, float, float, float]] = []
         self.baseline_mb = resident_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        busy = self._get("recship_batch_seconds_sum", {"model": "movies/rank"}) or 0.0
-        self.samples.append((time.time(), time.process_time(), resident_mb(), busy))
+        rank = {"model": "movies/rank"}
+        busy = self._get("recship_batch_seconds_sum", rank) or 0.0
+        rows = self._get("recship_batch_rows_sum", rank) or 0.0
+        self.samples.append((time.time(), time.process_time(), resident_mb(), busy, rows))
 
     def _run(self) -> None:
         self._sample()
@@ -162,12 +165,12 @@ class ProcessSampler:
         self._thread.join()
         self._sample()
 
-    def between(self, start: float, end: float) -> tuple[float, float]:
-        """(CPU seconds, model busy seconds) of this process between two wall times."""
+    def between(self, start: float, end: float) -> tuple[float, float, float]:
+        """(CPU seconds, model busy seconds, rows computed) of this process between two wall
+        times."""
         array = np.array(self.samples)
-        cpu = np.interp([start, end], array[:, 0], array[:, 1])
-        busy = np.interp([start, end], array[:, 0], array[:, 3])
-        return float(cpu[1] - cpu[0]), float(busy[1] - busy[0])
+        cpu, busy, rows = (np.interp([start, end], array[:, 0], array[:, k]) for k in (1, 3, 4))
+        return float(cpu[1] - cpu[0]), float(busy[1] - busy[0]), float(rows[1] - rows[0])
 
     @property
     def growth_mb(self) -> float:
@@ -193,9 +196,16 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
 
     The server under measurement owns its process, as `recship serve` does (not the suite's,
     with earlier tests' threads and heap): the suite runs this test in a fresh interpreter, on
-    the session's bundle. The ratio still swings with the machine (0.82-0.98 in ten runs of
-    the same commit here, one run at 0.71 on CI when each overload was compared with the mean
-    of all capacity phases), which is why each overload phase is bracketed by its own.
+    the session's bundle. Each overload phase is bracketed by its own capacity phases.
+
+    Admission is judged apart from the machine: of the rows the model computed during an
+    overload (its queue's drain included), at least 90 % belong to OK answers, so the replica's
+    time goes to work that is delivered. The goodput ratio itself also includes a cost that is
+    not admission's: the refusals are parsed and answered by the same process, whose GIL the
+    model's own Python needs, and the model computes fewer rows per busy second during the
+    overload (measured here: 12 % fewer, goodput 0.87-0.93 of capacity with 3-4 s phases;
+    0.77 once on CI with 2-2.5 s phases). With the deadline check at admission removed, both
+    bounds fail (measured: 62 % of the rows delivered, goodput 0.51 of capacity).
     """
     if not own_process.inside:
         print(own_process.run())
@@ -205,19 +215,33 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
         max_queue_cost=1 << 27,
     )  # fmt: skip
     server.wait_ready()
-    body = rank_request(make_user, 4096, queries=8).SerializeToString()
+    request = rank_request(make_user, 4096, queries=8)
+    rows_per_call = sum(len(query.candidate_item_ids) for query in request.queries)
+    body = request.SerializeToString()
     closed = {"mode": "closed", "concurrency": 8, "timeout_s": 30.0}
     # Each phase ends once its calls are answered (or expired): the next starts on an idle
     # server. Capacity and overload take turns, so both see the same machine: every overload
     # phase sits between two capacity phases, the last of which is also the recovery check.
     phases: list[dict[str, Any]] = [{**closed, "duration_s": 2.5, "warmup": True}]
     for _ in range(2):
-        phases += [{**closed, "duration_s": 2.0}, {"mode": "open", "factor": 10, "duration_s": 2.5}]
-    phases.append({**closed, "duration_s": 2.0})
+        phases += [{**closed, "duration_s": 3.0}, {"mode": "open", "factor": 10, "duration_s": 4.0}]
+    phases.append({**closed, "duration_s": 3.0})
     registry = server.server.metrics.registry
     sampler = ProcessSampler(registry)
     result = run_load(server.target, body, 1.0, phases)
     sampler.stop()
+
+    def delivered(selected: list[int]) -> tuple[float, float]:
+        """(Share of the rows computed that went to OK answers, rows computed per busy second),
+        over each phase from its start until its last OK answer (its queue drained)."""
+        phase = [result[i] for i in selected]
+        work = [
+            sampler.between(p["wall"][0], p["wall"][0] + max(p["seconds"], p["ok_until_s"]))
+            for p in phase
+        ]
+        rows = sum(w[2] for w in work)
+        ok_rows = sum(p["codes"].get("OK", 0) for p in phase) * rows_per_call
+        return ok_rows / rows, rows / sum(w[1] for w in work)
 
     def rates(selected: list[int]) -> tuple[float, float, float]:
         """(OK answers per second, busy fraction of the replica, calls per second).
@@ -247,6 +271,8 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
     capacity = float(np.mean([(rates([i - 1])[0] + rates([i + 1])[0]) / 2 for i in overloads]))
     _, busy_calibrating, _ = rates(measuring)
     accepted, busy, offered = rates(overloads)
+    delivered_share, overload_rows_per_s = delivered(overloads)
+    _, calibrating_rows_per_s = delivered(measuring)
     opened = [result[i] for i in overloads]
     refused = np.array([x for p in opened for x in p["latencies"].get("RESOURCE_EXHAUSTED", [])])
     refusal = {"method": RANK.lstrip("/")}
@@ -262,6 +288,10 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
         "accepted_per_s": round(accepted, 1),
         "accepted_over_capacity": round(accepted / capacity, 2),
         "replica_busy": round(busy, 2),
+        "rows_delivered_share": round(delivered_share, 3),
+        "model_speed_overloaded_over_calibrating": round(
+            overload_rows_per_s / calibrating_rows_per_s, 2
+        ),
         "replica_busy_calibrating": round(busy_calibrating, 2),
         "cores_calibrating": round(cpu_share(measuring), 2),
         "cores_overloaded": round(cpu_share(overloads), 2),
@@ -294,7 +324,8 @@ def test_goodput_stays_near_capacity_at_ten_times_the_sustainable_rate(
     # Each overload phase offered 10x the capacity measured before it (the load generator
     # sets its rate so); over both, many times the capacity measured over the whole test.
     assert offered > 5 * capacity, report
-    assert accepted >= 0.8 * capacity, report
+    assert delivered_share >= 0.9, report
+    assert accepted >= 0.7 * capacity, report
     # The overload left the replica no idler than the sustainable load did.
     assert busy > min(0.85, busy_calibrating - 0.05), report
     assert refusals >= refused.size and fast >= 0.99 * refusals, report  # p99 < 10 ms
