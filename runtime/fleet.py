@@ -717,7 +717,7 @@ class Supervisor:
             "--max-batch-calls", str(FRONT_END_BATCH_CALLS),
             "--max-queue-calls", str(FRONT_END_QUEUE_CALLS),
             "--max-inflight", str(FRONT_END_INFLIGHT),
-            "--max-delay-ms", str(config.max_delay_ms),
+            "--max-delay-ms", str(config.delay_ms),
             "--grace-s", str(config.grace_s),
         ]  # fmt: skip
         for worker in self.fleet.workers:

@@ -21,7 +21,7 @@ from recship.runtime.cli_options import (
     client_tls,
     tls_client_options,
 )
-from recship.runtime.front_end import FRONT_ENDS
+from recship.runtime.front_end import DEFAULT_FILL_WAIT_MS, FRONT_ENDS
 from recship.runtime.limits import ServiceLimits
 
 if TYPE_CHECKING:
@@ -74,11 +74,13 @@ def _limit_option(field: str, help: str) -> Callable[[Any], Any]:
               help="Load only versions whose MANIFEST.sig verifies with --public-key.")  # fmt: skip
 @click.option("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_ROWS, show_default=True,
               help="Most model rows per batch (a candidate is a row).")  # fmt: skip
-@click.option("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_S * 1000.0, show_default=True,
-              help="Longest wait for a batch to fill. 0 runs a batch as soon as the replica is "
+@click.option("--max-delay-ms", type=float, default=None,
+              help="Longest wait for a batch to fill. Default "
+                   f"{DEFAULT_MAX_DELAY_S * 1000.0:g}: a batch runs as soon as the replica is "
                    "free, and batches still form from what queues while it is busy; raise it "
-                   "where larger batches pay (GPUs; the native front end under high "
-                   "concurrency, where it is the front end's wait).")  # fmt: skip
+                   "where larger batches pay (GPUs). With --front-end native it is the front "
+                   f"end's wait (default {DEFAULT_FILL_WAIT_MS:g}), held only while more calls "
+                   "are due, so a lone client never waits.")  # fmt: skip
 @click.option("--max-queue-rows", type=int, default=DEFAULT_MAX_QUEUE_ROWS, show_default=True,
               help="Queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.")  # fmt: skip
 @_limit_option("max_queries", "Most queries in one request.")
@@ -134,7 +136,7 @@ def serve_command(
     public_key: Path | None,
     require_signature: bool,
     max_batch_size: int,
-    max_delay_ms: float,
+    max_delay_ms: float | None,
     max_queue_rows: int,
     max_queries: int,
     max_candidates: int,

@@ -70,7 +70,7 @@ from recship.runtime.batcher import (
     DEFAULT_MAX_QUEUE_COST,
     DEFAULT_MAX_QUEUE_ROWS,
 )
-from recship.runtime.front_end import FRONT_ENDS
+from recship.runtime.front_end import DEFAULT_FILL_WAIT_MS, FRONT_ENDS
 from recship.runtime.grpc_errors import ErrorMappingInterceptor
 from recship.runtime.limits import ServiceLimits
 from recship.runtime.manager import VersionManager
@@ -131,9 +131,11 @@ class ServerConfig:
         require_signature: load only versions whose MANIFEST.sig verifies with `public_key`;
             the others are FAILED with the reason.
         max_batch_size: most model rows per batch (a Rank query with 500 candidates is 500).
-        max_delay_ms: longest wait of a queued request for its batch to fill; 0 (the default,
-            `DEFAULT_MAX_DELAY_S`) flushes as soon as the replica is free. Behind the native
-            front end the wait is the front end's (its batches of calls), not the workers'.
+        max_delay_ms: longest wait of a queued request for its batch to fill; None: the
+            default of whoever waits (`delay_ms`). The replicas' batchers default to 0
+            (`DEFAULT_MAX_DELAY_S`: flush as soon as the replica is free). Behind the native
+            front end the wait is the front end's (its batches of calls, `DEFAULT_FILL_WAIT_MS`,
+            and only while more calls are due), not the workers'.
         max_queue_rows: queue bound per replica and model; beyond it RESOURCE_EXHAUSTED.
         max_batch_cost: most cost per batch (the ids its rows look up), which is also the
             longest slice one request may hold a replica for; costlier requests are cut.
@@ -173,7 +175,7 @@ class ServerConfig:
     port: int = 8500
     metrics_port: int | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_ROWS
-    max_delay_ms: float = DEFAULT_MAX_DELAY_S * 1000.0
+    max_delay_ms: float | None = None
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS
     max_batch_cost: int = DEFAULT_MAX_BATCH_COST
     max_queue_cost: int = DEFAULT_MAX_QUEUE_COST
@@ -225,6 +227,13 @@ class ServerConfig:
             raise InvalidInput("--require-signature needs --public-key to check signatures with")
 
     @property
+    def delay_ms(self) -> float:
+        """The fill wait in force: `max_delay_ms`, or the default of whoever waits."""
+        if self.max_delay_ms is not None:
+            return self.max_delay_ms
+        return DEFAULT_FILL_WAIT_MS if self.front_end == "native" else DEFAULT_MAX_DELAY_S * 1000.0
+
+    @property
     def supervised(self) -> bool:
         """Whether a supervisor runs worker processes (`recship.runtime.fleet`)."""
         return self.workers > 1 or self.front_end == "native"
@@ -242,7 +251,7 @@ class ServerConfig:
             format=self.format,
             batching=BatchingConfig(
                 max_batch_rows=self.max_batch_size,
-                max_delay_s=self.max_delay_ms / 1000.0,
+                max_delay_s=self.delay_ms / 1000.0,
                 max_queue_rows=self.max_queue_rows,
                 max_batch_cost=self.max_batch_cost,
                 max_queue_cost=self.max_queue_cost,

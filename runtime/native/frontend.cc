@@ -8,7 +8,10 @@
 // arrive while the backends are busy); a lone call is sent at once. The front end never
 // parses a request: validation, version choice and errors stay the serving processes' own.
 // With --max-delay-ms a batch that is not full waits for more calls until its oldest call has
-// waited that long (as TorchServe's max_batch_delay); 0 sends it as soon as a worker is free.
+// waited that long (as TorchServe's max_batch_delay), but only while more calls are due: while
+// the front end holds (queued or at the backends) fewer calls than the most it held within the
+// last second or two, the clients of the others are about to send again. A lone client, whose
+// one call is all there is, never waits; 0 sends a batch as soon as a worker is free.
 //
 // - Health (`grpc.health.v1.Health/Check`) asks every backend and answers SERVING only when
 //   all do (NOT_SERVING while one is down or draining); other methods are UNIMPLEMENTED here.
@@ -231,6 +234,31 @@ struct Backend {
   int inflight = 0;
 };
 
+// The most calls held at once lately: the peak of the current one-second window and of the one
+// before it, so that the estimate follows a falling load within two seconds.
+class ConcurrencyPeak {
+ public:
+  void Observe(size_t held, Steady::time_point now) {
+    Roll(now);
+    current_ = std::max(current_, held);
+  }
+  size_t Recent(Steady::time_point now) {
+    Roll(now);
+    return std::max(current_, previous_);
+  }
+
+ private:
+  static constexpr std::chrono::seconds kWindow{1};
+  void Roll(Steady::time_point now) {
+    if (now - started_ < kWindow) return;
+    previous_ = now - started_ < 2 * kWindow ? current_ : 0;
+    current_ = 0;
+    started_ = now;
+  }
+  Steady::time_point started_{};
+  size_t current_ = 0, previous_ = 0;
+};
+
 // One batch on its way to a backend.
 struct Flight {
   Backend* backend = nullptr;
@@ -341,6 +369,7 @@ class FrontEnd : public grpc::CallbackGenericService {
         call->arrived = std::chrono::steady_clock::now();
         queues_[method].push_back(call);
         ++queued_;
+        peak_.Observe(queued_ + sent_calls_, call->arrived);
         call = nullptr;
       }
     }
@@ -398,9 +427,12 @@ class FrontEnd : public grpc::CallbackGenericService {
         if (backend == nullptr) break;
         int method = OldestQueue();
         std::deque<CallReactor*>& queue = queues_[method];
-        // A batch not yet full waits for more calls until its oldest call's fill wait ends.
+        // A batch not yet full waits for more calls until its oldest call's fill wait ends,
+        // while more are due (fewer held than lately).
+        Steady::time_point now_steady = Steady::now();
         Steady::time_point fill_until = queue.front()->arrived + fill_wait_;
-        if (!draining_ && queue.size() < options_.max_batch_calls && Steady::now() < fill_until) {
+        if (!draining_ && queue.size() < options_.max_batch_calls && now_steady < fill_until &&
+            queued_ + sent_calls_ < peak_.Recent(now_steady)) {
           if (fill_until < flush_at_) {
             flush_at_ = fill_until;
             flush_cv_.notify_one();
@@ -452,6 +484,7 @@ class FrontEnd : public grpc::CallbackGenericService {
         }
         if (!unbounded) flight->context.set_deadline(latest + std::chrono::seconds(1));
         ++backend->inflight;
+        sent_calls_ += flight->calls.size();
         ++stats_.batches;
         stats_.batched_calls += flight->calls.size();
         ready.push_back(flight);
@@ -471,6 +504,7 @@ class FrontEnd : public grpc::CallbackGenericService {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       --flight->backend->inflight;
+      sent_calls_ -= flight->calls.size();
       if (!answered) ++stats_.failed_batches;
     }
     if (answered) {
@@ -563,6 +597,8 @@ class FrontEnd : public grpc::CallbackGenericService {
   std::deque<CallReactor*> queues_[kMethodCount];
   uint64_t arrivals_ = 0;
   size_t queued_ = 0;
+  size_t sent_calls_ = 0;  // calls in batches at the backends, not yet answered
+  ConcurrencyPeak peak_;
   bool draining_ = false;
   Stats stats_;
   std::condition_variable flush_cv_;

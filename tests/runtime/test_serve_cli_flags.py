@@ -1,4 +1,4 @@
-"""`recship serve` flag parsing: --policy, --label and --memory-budget-bytes.
+"""`recship serve` flag parsing: --policy, --label, --memory-budget-bytes and --max-delay-ms.
 
 Good values parse into the `ServerConfig` fields; bad ones stop `recship serve` before it binds
 a port or reads the repository, with one readable `error:` line and exit code 2 (InvalidInput).
@@ -14,8 +14,11 @@ import pytest
 
 from recship.base.errors import InvalidInput
 from recship.cli.main import main
+from recship.runtime.batcher import DEFAULT_MAX_DELAY_S
+from recship.runtime.front_end import DEFAULT_FILL_WAIT_MS
 from recship.runtime.policy import Latest, LatestN, Pinned
 from recship.runtime.serve_cli import parse_label, parse_policies
+from recship.runtime.server import ServerConfig
 
 
 @pytest.fixture
@@ -103,3 +106,14 @@ def test_serve_rejects_bad_flags_with_one_line_and_exit_2(
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: ") and message in lines[0]
     assert "listening" not in captured.out
+
+
+def test_the_fill_wait_defaults_to_whoever_waits(tmp_path: Path) -> None:
+    """0 for the replicas' batchers, the front end's own default behind the native front end;
+    an explicit --max-delay-ms holds for both."""
+    assert ServerConfig(tmp_path).delay_ms == DEFAULT_MAX_DELAY_S * 1000.0
+    native = ServerConfig(tmp_path, front_end="native")
+    assert native.delay_ms == DEFAULT_FILL_WAIT_MS > 0
+    for front_end in ("grpcio", "native"):
+        assert ServerConfig(tmp_path, front_end=front_end, max_delay_ms=0.0).delay_ms == 0.0
+        assert ServerConfig(tmp_path, front_end=front_end, max_delay_ms=7.0).delay_ms == 7.0
