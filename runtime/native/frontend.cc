@@ -9,9 +9,10 @@
 // parses a request: validation, version choice and errors stay the serving processes' own.
 // With --max-delay-ms a batch that is not full waits for more calls until its oldest call has
 // waited that long (as TorchServe's max_batch_delay), but only while more calls are due: while
-// the front end holds (queued or at the backends) fewer calls than the most it held within the
-// last second or two, the clients of the others are about to send again. A lone client, whose
-// one call is all there is, never waits; 0 sends a batch as soon as a worker is free.
+// the front end holds (queued or at the backends) fewer calls of that method than the most it
+// held within the last second or two, the clients of the others are about to send again. A
+// lone client, whose one call is all there is, never waits; 0 sends a batch as soon as a
+// worker is free.
 //
 // - Health (`grpc.health.v1.Health/Check`) asks every backend and answers SERVING only when
 //   all do (NOT_SERVING while one is down or draining); other methods are UNIMPLEMENTED here.
@@ -262,6 +263,7 @@ class ConcurrencyPeak {
 // One batch on its way to a backend.
 struct Flight {
   Backend* backend = nullptr;
+  int method = 0;  // index in kBatchedMethods
   std::vector<CallReactor*> calls;
   grpc::ClientContext context;
   recship::v1::CallBatch request;
@@ -369,7 +371,7 @@ class FrontEnd : public grpc::CallbackGenericService {
         call->arrived = std::chrono::steady_clock::now();
         queues_[method].push_back(call);
         ++queued_;
-        peak_.Observe(queued_ + sent_calls_, call->arrived);
+        peaks_[method].Observe(queues_[method].size() + sent_calls_[method], call->arrived);
         call = nullptr;
       }
     }
@@ -428,11 +430,11 @@ class FrontEnd : public grpc::CallbackGenericService {
         int method = OldestQueue();
         std::deque<CallReactor*>& queue = queues_[method];
         // A batch not yet full waits for more calls until its oldest call's fill wait ends,
-        // while more are due (fewer held than lately).
+        // while more are due (fewer of its method held than lately).
         Steady::time_point now_steady = Steady::now();
         Steady::time_point fill_until = queue.front()->arrived + fill_wait_;
         if (!draining_ && queue.size() < options_.max_batch_calls && now_steady < fill_until &&
-            queued_ + sent_calls_ < peak_.Recent(now_steady)) {
+            queue.size() + sent_calls_[method] < peaks_[method].Recent(now_steady)) {
           if (fill_until < flush_at_) {
             flush_at_ = fill_until;
             flush_cv_.notify_one();
@@ -484,7 +486,8 @@ class FrontEnd : public grpc::CallbackGenericService {
         }
         if (!unbounded) flight->context.set_deadline(latest + std::chrono::seconds(1));
         ++backend->inflight;
-        sent_calls_ += flight->calls.size();
+        flight->method = method;
+        sent_calls_[method] += flight->calls.size();
         ++stats_.batches;
         stats_.batched_calls += flight->calls.size();
         ready.push_back(flight);
@@ -504,7 +507,7 @@ class FrontEnd : public grpc::CallbackGenericService {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       --flight->backend->inflight;
-      sent_calls_ -= flight->calls.size();
+      sent_calls_[flight->method] -= flight->calls.size();
       if (!answered) ++stats_.failed_batches;
     }
     if (answered) {
@@ -597,8 +600,9 @@ class FrontEnd : public grpc::CallbackGenericService {
   std::deque<CallReactor*> queues_[kMethodCount];
   uint64_t arrivals_ = 0;
   size_t queued_ = 0;
-  size_t sent_calls_ = 0;  // calls in batches at the backends, not yet answered
-  ConcurrencyPeak peak_;
+  // Per method: its calls in batches at the backends, not yet answered, and the most it held.
+  size_t sent_calls_[kMethodCount] = {};
+  ConcurrencyPeak peaks_[kMethodCount];
   bool draining_ = false;
   Stats stats_;
   std::condition_variable flush_cv_;

@@ -279,13 +279,13 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
     serve = _serve_native(serve_process, bundle_repo, "--max-delay-ms", "400")
-    (_, body), *_ = _bodies(make_user)
+    bodies = dict(reversed(_bodies(make_user)))  # the first body of each method
     with grpc.insecure_channel(serve.target) as channel:
-        call = channel.unary_unary(SERVICE + "Recommend")
 
-        def timed(count: int) -> tuple[float, list[bytes]]:
+        def timed(count: int, method: str = "Recommend") -> tuple[float, list[bytes]]:
+            call = channel.unary_unary(SERVICE + method)
             started = time.monotonic()
-            calls = [call.future(body, timeout=30) for _ in range(count)]
+            calls = [call.future(bodies[method], timeout=30) for _ in range(count)]
             answers = [c.result(timeout=30) for c in calls]
             return time.monotonic() - started, answers
 
@@ -298,6 +298,8 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
         again_s, again = timed(8)
         # One of the eight: the others are due (eight were held lately), so it waits them out.
         one_s, one = timed(1)
+        # A lone call of another method: no other call of its own is due, so it goes at once.
+        retrieve_s, retrieved = timed(1, "Retrieve")
     # (The scores' last bits differ between batch sizes; the items do not.)
     items = {
         tuple(
@@ -310,7 +312,8 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
     assert lone_s < 0.4, lone_s
     assert again_s < 0.4, again_s
     assert one_s >= 0.4, one_s
+    assert retrieve_s < 0.4 and retrieved[0], retrieve_s
     time.sleep(1.5)  # the stats line is written once a second
     samples = serve.scrape()
-    assert samples["recship_front_end_batched_calls_total"] == 18
+    assert samples["recship_front_end_batched_calls_total"] == 19
     assert serve.terminate() == 0
