@@ -579,9 +579,13 @@ def report(results, levels, labels, args) -> None:
             print(f"| {level} | {label} | {median['qps']:,.0f} | {median['p50']:.1f} | "
                   f"{median['p99']:.1f} | {median['cpu_ms']:.2f} | {median['load_cpu_ms']:.2f} | "
                   f"{errors} |")  # fmt: skip
-    print("\nratios recship / best TorchServe (by QPS at that concurrency):")
-    print("| concurrency | recship | QPS ratio | p99 ratio | CPU ms/req ratio |")
-    print("|---|---|---|---|---|")
+    print("\nratios recship / best TorchServe (by QPS at that concurrency); per round: against")
+    print("the best TorchServe of the same round (the machine's drift between rounds cancels):")
+    print(
+        "| concurrency | recship | QPS ratio | p99 ratio | CPU ms/req ratio "
+        "| QPS ratio per round (median) |"
+    )
+    print("|---|---|---|---|---|---|")
     for level in levels:
         med = {
             label: {m: float(np.median([r[m] for r in results[(label, level)]]))
@@ -593,10 +597,15 @@ def report(results, levels, labels, args) -> None:
         for label in labels:
             if label.startswith("recship"):
                 mine, theirs = med[label], med[best]
+                paired = [
+                    run["qps"] / max(results[(ts, level)][i]["qps"] for ts in ts_labels)
+                    for i, run in enumerate(results[(label, level)])
+                ]
                 print(
                     f"| {level} | {label} vs {best} | x{mine['qps'] / theirs['qps']:.2f} | "
                     f"x{mine['p99'] / theirs['p99']:.2f} | "
-                    f"x{mine['cpu_ms'] / theirs['cpu_ms']:.2f} |"
+                    f"x{mine['cpu_ms'] / theirs['cpu_ms']:.2f} | "
+                    f"{' '.join(f'x{r:.2f}' for r in paired)} (x{np.median(paired):.2f}) |"
                 )
 
 
