@@ -1,9 +1,10 @@
 """The layers of DESIGN.md import in one direction only; a server host loads no training code.
 
 Every module of every layer is parsed (imports inside functions and `if TYPE_CHECKING` blocks
-count: they run sooner or later) and each `recship.<layer>` it imports is checked against the
-layer's allowed dependencies. The subprocess test checks the consequence that matters most:
-importing the server loads neither the trainer nor the packager.
+count: they run sooner or later). Each `recship.<layer>` it imports is checked against the
+layer's allowed dependencies, and each third-party package against the layer's forbidden ones.
+The subprocess test checks the consequence that matters most: importing the server loads
+neither the trainer nor the packager.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-def imported_layers(source: str, filename: str) -> list[tuple[int, str, str]]:
-    """(line, imported module, its layer) of every `recship.<layer>` import in `source`."""
+# Layer -> third-party packages its modules must not import. DESIGN.md: base holds "errors
+# without grpc" (their gRPC status mapping is the runtime's).
+FORBIDDEN_PACKAGES: dict[str, frozenset[str]] = {"base": frozenset({"grpc", "grpc_health"})}
+
+
+def imported_modules(source: str, filename: str) -> list[tuple[int, str]]:
+    """(line, imported module) of every absolute import in `source`."""
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
@@ -41,19 +47,30 @@ def imported_layers(source: str, filename: str) -> list[tuple[int, str, str]]:
                 names = [f"recship.{alias.name}" for alias in node.names]
         else:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "recship" and len(parts) > 1:
-                found.append((node.lineno, name, parts[1]))
+        found += [(node.lineno, name) for name in names]
     return found
+
+
+def imported_layers(source: str, filename: str) -> list[tuple[int, str, str]]:
+    """(line, imported module, its layer) of every `recship.<layer>` import in `source`."""
+    return [
+        (line, name, name.split(".")[1])
+        for line, name in imported_modules(source, filename)
+        if name.startswith("recship.")
+    ]
 
 
 def violations(layer: str, source: str, filename: str) -> list[str]:
     """One line per import in `source` (a module of `layer`) that breaks the layering."""
+    forbidden = FORBIDDEN_PACKAGES.get(layer, frozenset())
     return [
         f"{filename}:{line}: {layer} imports {module}"
         for line, module, target in imported_layers(source, filename)
         if target not in ALLOWED[layer]
+    ] + [
+        f"{filename}:{line}: {layer} imports {module}"
+        for line, module in imported_modules(source, filename)
+        if module.split(".")[0] in forbidden
     ]
 
 
@@ -86,6 +103,8 @@ def test_layer_imports_only_what_it_may(layer: str) -> None:
         ("runtime", "def load():\n    import recship.packager.golden\n"),
         ("bundle", "from recship.runtime.errors import InvalidInput"),
         ("base", "from recship import bundle"),
+        ("base", "import grpc"),
+        ("base", "def status():\n    from grpc import StatusCode\n"),
         ("trainer", "from recship.cli.main import main"),
     ],
 )
