@@ -234,6 +234,12 @@ class ServerConfig:
         return DEFAULT_FILL_WAIT_MS if self.front_end == "native" else DEFAULT_MAX_DELAY_S * 1000.0
 
     @property
+    def batcher_delay_s(self) -> float:
+        """The replicas' batchers' fill wait: none behind the native front end, whose batches
+        arrive whole (the wait is the front end's), else `delay_ms`."""
+        return 0.0 if self.front_end == "native" else self.delay_ms / 1000.0
+
+    @property
     def supervised(self) -> bool:
         """Whether a supervisor runs worker processes (`recship.runtime.fleet`)."""
         return self.workers > 1 or self.front_end == "native"
@@ -251,7 +257,7 @@ class ServerConfig:
             format=self.format,
             batching=BatchingConfig(
                 max_batch_rows=self.max_batch_size,
-                max_delay_s=self.delay_ms / 1000.0,
+                max_delay_s=self.batcher_delay_s,
                 max_queue_rows=self.max_queue_rows,
                 max_batch_cost=self.max_batch_cost,
                 max_queue_cost=self.max_queue_cost,

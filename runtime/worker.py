@@ -85,12 +85,6 @@ class Worker:
         self.metrics = ServerMetrics()
         self.health = health_aio.HealthServicer()
         loader_config = replace(config.loader_config(), mmap_index=True)
-        if config.backend_dir is not None:
-            # Behind the native front end batches arrive whole: the fill wait
-            # (`max_delay_ms`) is the front end's, not this worker's batchers'.
-            loader_config = replace(
-                loader_config, batching=replace(loader_config.batching, max_delay_s=0.0)
-            )
         self.manager = VersionManager(
             BundleStore(
                 config.repo,

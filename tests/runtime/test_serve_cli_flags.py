@@ -114,6 +114,9 @@ def test_the_fill_wait_defaults_to_whoever_waits(tmp_path: Path) -> None:
     assert ServerConfig(tmp_path).delay_ms == DEFAULT_MAX_DELAY_S * 1000.0
     native = ServerConfig(tmp_path, front_end="native")
     assert native.delay_ms == DEFAULT_FILL_WAIT_MS > 0
+    # Behind the native front end the workers' batchers never wait: batches arrive whole.
+    assert native.loader_config().batching.max_delay_s == 0.0
+    assert ServerConfig(tmp_path, max_delay_ms=7.0).loader_config().batching.max_delay_s == 0.007
     for front_end in ("grpcio", "native"):
         assert ServerConfig(tmp_path, front_end=front_end, max_delay_ms=0.0).delay_ms == 0.0
         assert ServerConfig(tmp_path, front_end=front_end, max_delay_ms=7.0).delay_ms == 7.0
