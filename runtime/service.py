@@ -74,7 +74,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _caller(context: grpc.aio.ServicerContext) -> tuple[str, object]:
+def _caller(context: CallContext) -> tuple[str, Callable[[], bool]]:
     """(fairness key, cancellation signal) of a call: its connection, `context.cancelled`."""
     return context.peer() or "", context.cancelled
 
@@ -474,7 +474,7 @@ def _latest(parts: Sequence[_PreparedQueries]) -> float | None:
 def _shared_caller(contexts: Sequence[CallContext]) -> tuple[str, Callable[[], bool]]:
     """(fairness key, cancellation signal) of calls served together: their connection when
     they share one, else the shared key ""; cancelled once every one of them is."""
-    peers = {context.peer() or "" for context in contexts}
+    peers = {_caller(context)[0] for context in contexts}
     client = peers.pop() if len(peers) == 1 else ""
     if len(contexts) == 1:
         return client, contexts[0].cancelled
