@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from recship.runtime.front_end import BUILD_PACKAGES, missing_build_tools
+
 RECSHIP = Path(sys.executable).parent / "recship"
+_MISSING_BUILD_TOOLS = missing_build_tools()
+#: For tests that build and run `recship-frontend`: skipped, naming what to install, on a host
+#: without its build tools (CI has no gRPC C++).
+needs_front_end_build = pytest.mark.skipif(
+    bool(_MISSING_BUILD_TOOLS),
+    reason=f"the native front end's build needs {', '.join(_MISSING_BUILD_TOOLS)} "
+    f"(Debian: apt-get install {BUILD_PACKAGES})",
+)
 
 
 @dataclass

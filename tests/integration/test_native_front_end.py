@@ -22,12 +22,8 @@ from recship.runtime import front_end
 from recship.runtime.client import AdminClient, Query, RecshipClient, model_spec, query_proto
 from recship.runtime.security import ClientTLS
 
-_MISSING = front_end.missing_build_tools()
-needs_build = pytest.mark.skipif(
-    bool(_MISSING),
-    reason=f"the native front end's build needs {', '.join(_MISSING)} "
-    f"(Debian: apt-get install {front_end.BUILD_PACKAGES})",
-)
+from .conftest import needs_front_end_build
+
 SERVICE = "/recship.v1.Recommender/"
 
 
@@ -108,7 +104,7 @@ def _bodies(make_user) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-de
     ]
 
 
-@needs_build
+@needs_front_end_build
 def test_native_answers_every_call_as_grpcio_does(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
@@ -153,7 +149,7 @@ def _serve_native(serve_process, repo: Path, *flags: str):  # type: ignore[no-un
     return serve
 
 
-@needs_build
+@needs_front_end_build
 def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
@@ -202,7 +198,7 @@ def test_a_killed_front_end_is_restarted_and_callers_see_only_ok_or_unavailable(
     assert serve.terminate() == 0
 
 
-@needs_build
+@needs_front_end_build
 def test_the_native_front_end_speaks_mutual_tls(
     bundle_repo: Path, serve_process, make_user, tls_files
 ) -> None:
@@ -224,7 +220,7 @@ def test_the_native_front_end_speaks_mutual_tls(
     assert serve.terminate() == 0
 
 
-@needs_build
+@needs_front_end_build
 def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
     bundle_repo: Path, serve_process, make_user
 ) -> None:
@@ -256,7 +252,7 @@ def test_a_call_cancelled_while_queued_in_the_front_end_is_never_served(
     assert serve.terminate() == 0
 
 
-@needs_build
+@needs_front_end_build
 def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
     bundle_repo: Path, serve_process
 ) -> None:
@@ -274,7 +270,7 @@ def test_a_killed_supervisor_leaves_no_front_end_or_worker_behind(
     assert not alive, f"still running after their supervisor died: {alive}"
 
 
-@needs_build
+@needs_front_end_build
 def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
     bundle_repo: Path, serve_process, make_user
 ) -> None:

@@ -24,25 +24,14 @@ import pytest
 from recship.base.errors import RecshipError, Unavailable
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import AdminClient, Query, RecshipClient
-from recship.runtime.front_end import BUILD_PACKAGES, missing_build_tools
+
+from .conftest import needs_front_end_build
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHANNELS = 8
-_MISSING = missing_build_tools()
 FRONT_ENDS = pytest.mark.parametrize(
-    "front_end",
-    [
-        "grpcio",
-        pytest.param(
-            "native",
-            marks=pytest.mark.skipif(
-                bool(_MISSING),
-                reason=f"the native front end's build needs {', '.join(_MISSING)} "
-                f"(Debian: apt-get install {BUILD_PACKAGES})",
-            ),
-        ),
-    ],
+    "front_end", ["grpcio", pytest.param("native", marks=needs_front_end_build)]
 )
 
 
