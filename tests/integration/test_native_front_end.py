@@ -285,7 +285,9 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
             answers = [c.result(timeout=30) for c in calls]
             return time.monotonic() - started, answers
 
-        # A lone client: its call is all there is, so it goes at once.
+        # A lone client: its call is all there is, so it goes at once (timed after a first
+        # one, which pays the models' cold start: 0.53-0.62 s here).
+        _, cold = timed(1)
         lone_s, lone = timed(1)
         # Eight clients at once: the front end has now held eight calls.
         _, first = timed(8)
@@ -302,7 +304,7 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
             item.item_id
             for item in recommender_pb2.RecommendResponse.FromString(answer).results[0].items
         )
-        for answer in lone + first + again + one
+        for answer in cold + lone + first + again + one
     }
     assert len(items) == 1 and len(next(iter(items))) > 0, items
     assert lone_s < 0.4, lone_s
@@ -311,5 +313,5 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
     assert retrieve_s < 0.4 and retrieved[0], retrieve_s
     time.sleep(1.5)  # the stats line is written once a second
     samples = serve.scrape()
-    assert samples["recship_front_end_batched_calls_total"] == 19
+    assert samples["recship_front_end_batched_calls_total"] == 20
     assert serve.terminate() == 0
