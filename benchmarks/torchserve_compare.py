@@ -404,6 +404,26 @@ def users(repo: Path, bundle: str, count: int, seed: int) -> tuple[str, list]:
     return transforms.user_key, [keys.values[int(i)].as_py() for i in drawn]
 
 
+def recommend_payloads(
+    repo: Path, bundle: str, count: int, seed: int, retrieve_k: int, top_n: int
+) -> tuple[str, list[bytes], list[bytes]]:
+    """(user key, Recommend request bytes, TorchServe JSON bodies) of `count` drawn users."""
+    from recship.protos.v1 import recommender_pb2
+    from recship.runtime.client import Query, model_spec, query_proto
+
+    key, drawn = users(repo, bundle, count, seed)
+    grpc_payloads = [
+        recommender_pb2.RecommendRequest(
+            model=model_spec(bundle),
+            queries=[recommender_pb2.RecommendQuery(query=query_proto(Query({key: user})))],
+            retrieve_k=retrieve_k,
+            top_n=top_n,
+        ).SerializeToString()
+        for user in drawn
+    ]
+    return key, grpc_payloads, [json.dumps({"user_id": user}).encode() for user in drawn]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, required=True)
@@ -435,20 +455,9 @@ def main() -> None:
     repo = args.repo.resolve()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    from recship.protos.v1 import recommender_pb2
-    from recship.runtime.client import Query, model_spec, query_proto
-
-    key, drawn = users(repo, args.bundle, 256, args.seed)
-    grpc_payloads = [
-        recommender_pb2.RecommendRequest(
-            model=model_spec(args.bundle),
-            queries=[recommender_pb2.RecommendQuery(query=query_proto(Query({key: user})))],
-            retrieve_k=args.retrieve_k,
-            top_n=args.top_n,
-        ).SerializeToString()
-        for user in drawn
-    ]
-    http_payloads = [json.dumps({"user_id": user}).encode() for user in drawn]
+    key, grpc_payloads, http_payloads = recommend_payloads(
+        repo, args.bundle, 256, args.seed, args.retrieve_k, args.top_n
+    )
 
     cpus = sorted(os.sched_getaffinity(0))
     half = len(cpus) // 2

@@ -1,0 +1,151 @@
+"""What recship's serving path costs beyond the model work, in one process, without transport.
+
+The serving path is a worker's: `BatchPlaneService.Run` on a `CallBatch` of Recommend calls (as
+the native front end sends them), through a real `VersionManager` lease, `RecommenderService`
+validation and admission, the version's batchers and executor thread, to the serialized
+`OutcomeBatch`. The baseline is the TorchServe peer's handler of `torchserve_compare.py` (JSON
+bodies in, recship's compute called directly on the batch, answers out), i.e. the model work
+with next to no serving around it. Both run the same users in the same batch sizes, in
+alternating rounds, one CPU thread for torch and FAISS; the CPU time of the whole process
+(every thread) per request is compared.
+
+The difference is what a faster front end or transport cannot win back: on a host where the
+load is CPU-bound, a server is at most (serving path) / (baseline) slower than a bare handler.
+
+Example::
+
+    python benchmarks/service_overhead.py --repo /tmp/demo-out/repo --bundle movies
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torchserve_compare import HANDLER, recommend_payloads
+
+
+def handler_path(repo: Path, bundle: str, threads: int, user_key: str, retrieve_k: int,
+                 top_n: int, workdir: Path):  # fmt: skip
+    """The TorchServe peer's `handle(data, context)` on this bundle (loaded on first call)."""
+    config = dict(repo=str(repo), bundle=bundle, threads=threads, user_key=user_key,
+                  retrieve_k=retrieve_k, top_n=top_n)  # fmt: skip
+    (workdir / "recship.json").write_text(json.dumps(config))
+    context = SimpleNamespace(system_properties={"model_dir": str(workdir)})
+    namespace: dict = {}
+    exec(compile(HANDLER, "recship_handler.py", "exec"), namespace)
+    handle = namespace["handle"]
+
+    def run(bodies: list[bytes]) -> list[bytes]:
+        answers = handle([{"body": body} for body in bodies], context)
+        return [json.dumps(answer).encode() for answer in answers]
+
+    return run
+
+
+async def serving_path(repo: Path, bundle: str, threads: int):
+    """A worker's `BatchPlaneService.Run` over a started `VersionManager` of `repo`."""
+    from recship.bundle.store import BundleStore
+    from recship.protos.v1 import batch_plane_pb2
+    from recship.runtime.batch_plane import BatchPlaneService
+    from recship.runtime.limits import ServiceLimits
+    from recship.runtime.manager import VersionManager
+    from recship.runtime.metrics import ServerMetrics
+    from recship.runtime.servable import LoaderConfig, ServableLoader, configure_threads
+    from recship.runtime.service import RecommenderService
+
+    configure_threads(threads)
+    manager = VersionManager(
+        BundleStore(repo), ServableLoader(LoaderConfig()), ServerMetrics(), bundles=[bundle]
+    )
+    await manager.start()
+    limits = ServiceLimits()
+    plane = BatchPlaneService(RecommenderService(manager, limits), limits)
+
+    async def run(bodies: list[bytes]) -> bytes:
+        batch = batch_plane_pb2.CallBatch(method="/recship.v1.Recommender/Recommend")
+        for body in bodies:
+            batch.calls.add(request=body, timeout_s=5.0, peer="ipv4:127.0.0.1:1")
+        request = batch_plane_pb2.CallBatch.FromString(batch.SerializeToString())
+        reply = await plane.Run(request, None)
+        assert all(outcome.code == 0 for outcome in reply.outcomes), reply.outcomes[0].message
+        return reply.SerializeToString()
+
+    return manager, run
+
+
+async def measure(args: argparse.Namespace) -> list[tuple[int, str, float]]:
+    repo = args.repo.resolve()
+    key, grpc_payloads, http_payloads = recommend_payloads(
+        repo, args.bundle, args.users, args.seed, args.retrieve_k, args.top_n
+    )
+    manager, serve = await serving_path(repo, args.bundle, args.threads)
+    with tempfile.TemporaryDirectory(prefix="service-overhead-") as workdir:
+        handle = handler_path(repo, args.bundle, args.threads, key, args.retrieve_k,
+                              args.top_n, Path(workdir))  # fmt: skip
+
+        async def handler(bodies: list[bytes]) -> list[bytes]:
+            return handle(bodies)
+
+        paths = {"serving path": serve, "TorchServe handler": handler}
+        payloads = {"serving path": grpc_payloads, "TorchServe handler": http_payloads}
+        sizes = [int(size) for size in args.batch_sizes.split(",")]
+        for name, run in paths.items():  # warm-up: loads, caches, the JIT's shapes
+            for size in sizes:
+                for start in range(0, 8 * size, size):
+                    await run(payloads[name][start : start + size])
+        samples = []
+        for round_ in range(args.rounds):
+            for size in sizes:
+                for name, run in paths.items():
+                    began, done = time.process_time(), 0
+                    while done < args.requests:
+                        start = (done + round_ * 7) % (len(payloads[name]) - size)
+                        await run(payloads[name][start : start + size])
+                        done += size
+                    samples.append((size, name, (time.process_time() - began) / done))
+                    print(f"round {round_ + 1} batch {size} {name}: "
+                          f"{1000 * samples[-1][2]:.3f} ms CPU/request", flush=True)  # fmt: skip
+    await manager.close()
+    return samples
+
+
+def report(samples: list[tuple[int, str, float]]) -> None:
+    print("\n| calls per batch | serving path ms CPU/request | TorchServe handler | ratio |")
+    print("|---|---|---|---|")
+    for size in sorted({size for size, _, _ in samples}):
+        median = {
+            name: float(np.median([s for z, n, s in samples if z == size and n == name]))
+            for name in ("serving path", "TorchServe handler")
+        }
+        ratio = median["serving path"] / median["TorchServe handler"]
+        print(f"| {size} | {1000 * median['serving path']:.3f} | "
+              f"{1000 * median['TorchServe handler']:.3f} | x{ratio:.2f} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--batch-sizes", default="1,17,32", help="calls per batch")
+    parser.add_argument("--requests", type=int, default=1024, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--users", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads")
+    parser.add_argument("--retrieve-k", type=int, default=100)
+    parser.add_argument("--top-n", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    report(asyncio.run(measure(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/service_overhead.py runs both paths on a real bundle and reports their ratio."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import BUNDLE
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "service_overhead.py"
+
+
+def test_the_serving_path_and_the_handler_are_measured_per_batch_size(bundle_repo: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--repo", str(bundle_repo), "--bundle", BUNDLE,
+         "--batch-sizes", "1,4", "--requests", "16", "--rounds", "1", "--users", "32"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| x([\d.]+) \|$", run.stdout, re.M)
+    assert [row[0] for row in rows] == ["1", "4"]
+    for _, serving, handler, ratio in rows:
+        assert float(serving) > 0 and float(handler) > 0
+        assert float(ratio) == pytest.approx(float(serving) / float(handler), rel=0.02)
