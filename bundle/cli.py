@@ -263,36 +263,23 @@ def verify_command(target: str, public_key: Path | None) -> None:
 
 
 def _check_contents(console: Console, ref: BundleRef, manifest: manifest_pb2.BundleManifest):
-    """What a server checks while loading the files, then the golden self-test and the raw
-    golden queries.
+    """What a server checks while loading the files (`read_contents`), then the golden
+    self-test and the raw golden queries.
 
     Returns the self-test failures; raises InvalidInput for a file that disagrees with the
     manifest.
     """
+    from recship.bundle.contents import read_contents
     from recship.bundle.entrypoints import check_embedding_tables, first_line, load_entry_point
-    from recship.bundle.golden import (
-        check_golden,
-        check_golden_shapes,
-        check_raw_output,
-        describe_failures,
-        read_golden,
-    )
-    from recship.bundle.index import read_index
-    from recship.bundle.item_features import read_item_features, read_user_features
+    from recship.bundle.golden import check_golden, check_raw_output, describe_failures
     from recship.bundle.layout import QUERY_TOWER
     from recship.bundle.raw_queries import raw_golden_problems
-    from recship.bundle.transforms import check_transforms, read_transforms
 
-    read_index(ref.path / manifest.index.file, manifest.index, num_items=manifest.schema.num_items)
-    read_item_features(ref.path / manifest.item_features.file, manifest)
-    if manifest.HasField("user_features"):
-        read_user_features(ref.path / manifest.user_features.file, manifest)
-    transforms = read_transforms(ref.path)
-    check_transforms(transforms, manifest)
-    golden_set = read_golden(ref.path / manifest.golden.file)
-    check_golden_shapes(golden_set, manifest)
+    contents = read_contents(manifest, ref.path)
+    transforms, golden_set = contents.transforms, contents.golden
     console.print(
         "contents: index, item and user tables, transforms and golden record match the manifest"
+        " and each other"
     )
     results_table = Table(title=f"golden self-test of {ref}")
     for column in ("entry point", "file", "max abs diff", "ok"):

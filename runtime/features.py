@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import pyarrow as pa
 
 from recship.base.errors import InvalidInput, shown, untrusted
 from recship.base.jagged import NO_IDS, EntityTable, gather_bags
-from recship.bundle.item_features import read_item_features, read_user_features
+from recship.bundle.contents import VersionContents
 from recship.bundle.query_values import (
     CACHED_VALUES,
     SentIdCache,
@@ -41,8 +40,6 @@ from recship.bundle.query_values import (
 from recship.bundle.transforms import (
     FeatureTransform,
     Transforms,
-    check_transforms,
-    read_transforms,
 )
 from recship.protos.v1 import manifest_pb2, recommender_pb2
 
@@ -171,66 +168,26 @@ class FeatureCodec:
 
     Args:
         manifest: the version's manifest.
-        version_dir: the version's folder (transforms, user and item tables).
+        contents: its tables and transforms, checked (`recship.bundle.contents.read_contents`).
     """
 
-    def __init__(self, manifest: manifest_pb2.BundleManifest, version_dir: Path) -> None:
-        schema = manifest.schema
-        version_dir = Path(version_dir)
-        self.query_side = {
-            f.name for f in schema.sparse_features if f.side == manifest_pb2.FEATURE_SIDE_QUERY
-        }
-        entry_points = {entry.name: entry for entry in manifest.entry_points}
-        self.query_tower_features = tuple(entry_points["query_tower"].sparse_feature_order)
-        ranker_order = tuple(entry_points["ranker"].sparse_feature_order)
-        self.ranker_query_features = tuple(f for f in ranker_order if f in self.query_side)
-        self.ranker_item_features = tuple(f for f in ranker_order if f not in self.query_side)
-        if ranker_order != self.ranker_query_features + self.ranker_item_features:
-            raise InvalidInput("bundle ranker must take query-side features before item-side ones")
-        self.sparse_needed = tuple(
-            dict.fromkeys(self.query_tower_features + self.ranker_query_features)
-        )
-        self.dense_needed = tuple(schema.dense_features[: schema.query_dense_count])
-        self.num_items = int(schema.num_items)
-        self.transforms: Transforms = read_transforms(version_dir)
-        missing = [
-            n
-            for n in (*self.sparse_needed, *self.dense_needed)
-            if n not in self.transforms.features
-        ]
-        if missing:
-            raise InvalidInput(f"bundle transforms lack {', '.join(missing)}")
+    def __init__(self, manifest: manifest_pb2.BundleManifest, contents: VersionContents) -> None:
+        self.query_tower_features = contents.query_tower_features
+        self.ranker_query_features = contents.ranker_query_features
+        self.ranker_item_features = contents.ranker_item_features
+        self.sparse_needed = contents.sparse_needed
+        self.dense_needed = contents.dense_needed
+        self.num_items = int(manifest.schema.num_items)
+        self.transforms: Transforms = contents.transforms
         self.user_key = self.transforms.user_key
         self.accepted = frozenset({*self.sparse_needed, *self.dense_needed} | (
             {self.user_key} if self.user_key else set()))  # fmt: skip
-        # Checked against the manifest as they load: one row per entity, offsets that index
-        # their values, ids inside each feature's cardinality, bounded bags.
-        # Mapped, not copied: the pages are shared with every other version and process that
-        # maps the file (two versions side by side during a switch hold one copy's worth).
-        items, sparse_names, _ = read_item_features(
-            version_dir / manifest.item_features.file, manifest, mmap=True
-        )
-        self.items = items
-        absent = [name for name in self.ranker_item_features if name not in sparse_names]
-        if absent:
-            raise InvalidInput(f"bundle item features lack {', '.join(absent)}")
-        self.users: EntityTable | None = None
-        self.user_sparse: tuple[str, ...] = ()
-        self.user_dense: tuple[str, ...] = ()
-        if manifest.HasField("user_features"):
-            users, user_sparse, user_dense = read_user_features(
-                version_dir / manifest.user_features.file, manifest, mmap=True
-            )
-            self.users = users
-            self.user_sparse, self.user_dense = tuple(user_sparse), tuple(user_dense)
-        check_transforms(self.transforms, manifest)
+        self.items = contents.items
+        self.users: EntityTable | None = contents.users
+        self.user_sparse: tuple[str, ...] = contents.user_sparse
+        self.user_dense: tuple[str, ...] = contents.user_dense
         item_key = self.transforms.item_key
-        vocabulary = self.transforms.features[item_key].vocabulary if item_key else None
-        if vocabulary is None or len(vocabulary) != self.num_items:
-            raise InvalidInput(
-                f"bundle item key vocabulary does not hold the {self.num_items} items"
-            )
-        self.item_vocabulary = vocabulary
+        self.item_vocabulary = self.transforms.features[item_key or ""].vocabulary
         # Encodings remembered across requests (request values repeat heavily); bounded, and
         # never a different answer than encoding afresh (`SentIdCache`).
         self._key_cache: dict[tuple[type, str], int] = {}

@@ -50,12 +50,12 @@ import torch
 from recship.base.errors import EnvironmentBroken, InvalidInput
 from recship.base.jagged import NO_IDS
 from recship.bundle import golden
+from recship.bundle.contents import read_contents
 from recship.bundle.entrypoints import (
     FORMATS_BY_MANIFEST,
     check_embedding_tables,
     load_entry_point,
 )
-from recship.bundle.index import read_index
 from recship.bundle.index import search as faiss_search
 from recship.bundle.layout import QUERY_TOWER, RANKER
 from recship.bundle.store import ValidatedVersion
@@ -300,7 +300,8 @@ class Replica:
 
 @dataclass(frozen=True)
 class VersionAssets:
-    """What one version's replicas share: manifest, feature codec (item table) and index."""
+    """What one version's replicas share: manifest, feature codec (item table), index and the
+    golden record each replica's self-test reproduces."""
 
     name: str
     version: int
@@ -308,6 +309,7 @@ class VersionAssets:
     manifest: manifest_pb2.BundleManifest
     codec: FeatureCodec
     index: Any
+    golden: golden.GoldenSet
 
 
 def _entry_point(
@@ -340,15 +342,13 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
         InvalidInput: an entry point's output differs from the recording beyond the bundle's
             tolerances (the message names the entry point, the device and the difference).
     """
-    record = golden.read_golden(version.ref.path / version.manifest.golden.file)
-    golden.check_golden_shapes(record, version.manifest)
 
     def on_device(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         return lambda *inputs: function(*(replica._tensor(x.numpy()) for x in inputs))
 
     failed = golden.self_test(
         {QUERY_TOWER: on_device(replica._query_tower), RANKER: on_device(replica._ranker)},
-        record,
+        replica._assets.golden,
     )
     if failed:
         raise InvalidInput(
@@ -391,17 +391,17 @@ def load_servable(
     wanted = tuple(range(len(where.replicas))) if slots is None else tuple(slots)
     if not wanted or any(not 0 <= slot < len(where.replicas) for slot in wanted):
         raise ValueError(f"slots {wanted} outside the {len(where.replicas)} replica(s) placed")
-    codec = FeatureCodec(manifest, version.ref.path)
-    # Mapped from the file (every family; see bundle.index.read_index): the vectors stay in
-    # the page cache, shared between versions and processes, instead of a private copy each.
-    index = read_index(
-        version.ref.path / manifest.index.file,
-        manifest.index,
-        mmap=config.mmap_index,
-        num_items=manifest.schema.num_items,
-    )
+    # The index mapped from the file (every family; see bundle.index.read_index): its vectors
+    # stay in the page cache, shared between versions and processes, not a private copy each.
+    contents = read_contents(manifest, version.ref.path, mmap_index=config.mmap_index)
     assets = VersionAssets(
-        manifest.name, int(manifest.version), manifest.release_id, manifest, codec, index
+        manifest.name,
+        int(manifest.version),
+        manifest.release_id,
+        manifest,
+        FeatureCodec(manifest, contents),
+        contents.index,
+        contents.golden,
     )
     entries = (
         _entry_point(version, QUERY_TOWER, config.format),

@@ -337,6 +337,7 @@ def test_check_golden_shapes_checks_the_raw_record() -> None:
 def test_the_server_encodes_the_packaged_raw_queries_to_the_recorded_inputs(
     bundle_repo: Path,
 ) -> None:
+    from recship.bundle.contents import read_contents
     from recship.bundle.manifest import read_manifest
     from recship.runtime.client import query_proto
     from recship.runtime.features import FeatureCodec
@@ -347,7 +348,7 @@ def test_the_server_encodes_the_packaged_raw_queries_to_the_recorded_inputs(
     raw = golden.raw
     assert raw is not None and len(raw.queries) == RAW_QUERY_COUNT
     check_golden_shapes(golden, manifest)
-    codec = FeatureCodec(manifest, version)
+    codec = FeatureCodec(manifest, read_contents(manifest, version))
     paths = [f"queries[{i}]" for i in range(len(raw.queries))]
     tower, _, dense, cold = codec.encode_queries([query_proto(q) for q in raw.queries], paths)
     values, lengths = tower.feature_major()

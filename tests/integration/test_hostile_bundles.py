@@ -230,6 +230,18 @@ def zip_bomb_ranker(folder: Path) -> None:
     rehash(folder, "ranker.pt")
 
 
+def dropped_dense_transform(folder: Path) -> None:
+    """The query-side dense feature's transform removed from transforms.json and the manifest
+    alike (checksums redone): each file agrees with the manifest, the set cannot encode a query."""
+    transforms = json.loads((folder / "transforms.json").read_text())
+    transforms["features"] = [f for f in transforms["features"] if f["name"] != "user_log_activity"]
+    (folder / "transforms.json").write_text(json.dumps(transforms))
+    manifest = manifest_of(folder)
+    manifest["transforms"]["features"].remove("user_log_activity")
+    write_manifest(folder, manifest)
+    rehash(folder, "transforms.json")
+
+
 def lowered_resources(manifest: dict) -> None:
     manifest["resources"]["host_bytes"] = "1"
 
@@ -270,6 +282,8 @@ CORPUS: list[Attack] = [
         "gives 300 ids, its table holds 100000",
     ),
     Attack("resources understated", edit(lowered_resources), "resources.host_bytes 1 is below"),
+    # Each file agrees with the manifest, not with each other: read_contents' cross-checks.
+    Attack("dense transform dropped", dropped_dense_transform, "transforms lack user_log_activity"),
     Attack("symlinked file", symlink_file("ranker.pt"), "ranker.pt: not a regular file"),
     Attack("absolute path", path_out("/etc/passwd"), "is not a relative path"),
     Attack("'..' path", path_out("../1/ranker.pt"), "is not a relative path"),

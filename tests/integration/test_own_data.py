@@ -215,6 +215,7 @@ def _check_raw_golden_queries(version: Path, manifest) -> None:
     """The raw golden queries the packager recorded (hashed interests as lists and as
     comma-separated text, quantile age buckets, an OOV country, cold starts on defaults) encode,
     by the server's own codec, to the inputs golden.pt records for them."""
+    from recship.bundle.contents import read_contents
     from recship.bundle.golden import read_golden
     from recship.runtime.client import query_proto
     from recship.runtime.features import FeatureCodec
@@ -223,7 +224,7 @@ def _check_raw_golden_queries(version: Path, manifest) -> None:
     assert raw is not None
     assert any(isinstance(query.get("interests"), str) for query in raw.queries)
     paths = [f"queries[{i}]" for i in range(len(raw.queries))]
-    codec = FeatureCodec(manifest, version)
+    codec = FeatureCodec(manifest, read_contents(manifest, version))
     tower, _, dense, cold = codec.encode_queries([query_proto(q) for q in raw.queries], paths)
     values, lengths = tower.feature_major()
     assert np.array_equal(values, raw.values.numpy())

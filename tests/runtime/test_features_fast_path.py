@@ -21,6 +21,7 @@ import pytest
 
 from recship.base.errors import InvalidInput, shown
 from recship.base.jagged import NO_IDS, gather_bags
+from recship.bundle.contents import read_contents
 from recship.bundle.manifest import read_manifest
 from recship.bundle.query_values import default_dense, sent_dense, sent_ids
 from recship.protos.v1 import recommender_pb2
@@ -194,7 +195,8 @@ def _outcome(encode: Any, *args: Any) -> tuple[Any, ...]:
 @pytest.fixture(scope="module")
 def codec(bundle_repo: Path) -> FeatureCodec:
     path = bundle_repo / BUNDLE / "1"
-    return FeatureCodec(read_manifest(path / "MANIFEST.json"), path)
+    manifest = read_manifest(path / "MANIFEST.json")
+    return FeatureCodec(manifest, read_contents(manifest, path))
 
 
 @pytest.mark.parametrize("seed", range(4))
