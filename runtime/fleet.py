@@ -27,7 +27,9 @@ cores need more processes. The design follows the grpc project's multiprocessing
   `--grace-s`), then the supervisor.
 - The Prometheus endpoint is the supervisor's: each scrape asks every worker for its text and
   exposes the sums (counters, histograms and gauges per label set), beside the supervisor's
-  own metrics; the version metrics come from the supervisor only.
+  own metrics; the version metrics come from the supervisor only. Per worker:
+  `recship_worker_scraped{worker}` (0 when it was left out of a scrape's sums: down or slower
+  than `SCRAPE_TIMEOUT_S`) and `recship_worker_requests_total{worker}`.
 - Workers map the index from the bundle file (`read_index(mmap=True)`) and the Arrow tables
   are memory-mapped already, so those pages are shared by the workers through the page cache.
 - `--front-end native`: the workers listen on Unix sockets in a private folder instead, and
@@ -52,7 +54,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -445,15 +448,22 @@ class Fleet:
             if worker.alive:
                 _log_failure(worker.send("view", bundles=view), f"worker {worker.index}: view")
 
-    async def scrape(self) -> list[str]:
-        """Every running worker's Prometheus text (a worker too slow is left out)."""
-        futures = [w.send("metrics") for w in self.workers if w.alive]
+    async def scrape(self) -> dict[int, str | None]:
+        """Each worker's Prometheus text by worker index; None for one that is not running,
+        or did not answer within `SCRAPE_TIMEOUT_S`."""
+        texts: dict[int, str | None] = {w.index: None for w in self.workers}
+        futures = {
+            w.index: asyncio.ensure_future(w.send("metrics")) for w in self.workers if w.alive
+        }
         if not futures:
-            return []
-        done, pending = await asyncio.wait(futures, timeout=SCRAPE_TIMEOUT_S)
+            return texts
+        _, pending = await asyncio.wait(futures.values(), timeout=SCRAPE_TIMEOUT_S)
         for future in pending:
             future.cancel()
-        return [f.result()["text"] for f in done if f.exception() is None]
+        for index, future in futures.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                texts[index] = future.result()["text"]
+        return texts
 
     async def stop(self, grace_s: float) -> None:
         """Stops every worker gracefully, all at once; kills those still running after
@@ -562,7 +572,12 @@ class FleetLoader:
 
 
 class FleetCollector:
-    """The supervisor's Prometheus collector: its own metrics plus the workers' sums.
+    """The supervisor's Prometheus collector: its own metrics plus the workers' sums, and per
+    worker whether its metrics are in this scrape's sums and the requests it answered.
+
+    A worker that is down or too slow to answer a scrape is left out of the sums: its
+    `recship_worker_scraped` is 0 then, so a dip in a summed counter can be told from a drop
+    in traffic, and `recship_worker_requests_total` shows how the load spreads.
 
     `collect` runs on the metrics endpoint's render thread and waits for the workers' texts
     on the event loop.
@@ -580,9 +595,43 @@ class FleetCollector:
         try:
             texts = future.result(SCRAPE_TIMEOUT_S + 1.0)
         except (TimeoutError, RecshipError):
-            texts = []
-        workers = [list(text_string_to_metric_families(text)) for text in texts]
-        return merge_families(list(self._own.collect()), workers)
+            texts = dict.fromkeys(range(len(self._fleet.workers)))
+        workers = {
+            index: list(text_string_to_metric_families(text))
+            for index, text in texts.items()
+            if text is not None
+        }
+        return [*merge_families(list(self._own.collect()), list(workers.values())),
+                *per_worker_families(texts, workers)]  # fmt: skip
+
+
+def per_worker_families(
+    texts: Mapping[int, str | None], workers: Mapping[int, list[Metric]]
+) -> list[Metric]:
+    """`recship_worker_scraped` (1: the worker's metrics are in this scrape's sums) for every
+    worker, and `recship_worker_requests_total` (its answered requests) for those scraped."""
+    scraped = GaugeMetricFamily(
+        "recship_worker_scraped",
+        "1 when the worker's metrics are in this scrape's sums, 0 when it was down or slow.",
+        labels=["worker"],
+    )
+    requests = CounterMetricFamily(
+        "recship_worker_requests",
+        "Requests the worker answered, any code (since it started).",
+        labels=["worker"],
+    )
+    for index in sorted(texts):
+        scraped.add_metric([str(index)], 0.0 if texts[index] is None else 1.0)
+        if index in workers:
+            answered = sum(
+                sample.value
+                for family in workers[index]
+                if family.name == "recship_requests"
+                for sample in family.samples
+                if sample.name == "recship_requests_total"
+            )
+            requests.add_metric([str(index)], answered)
+    return [scraped, requests]
 
 
 def merge_families(own: list[Metric], workers: list[list[Metric]]) -> list[Metric]:

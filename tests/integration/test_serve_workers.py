@@ -160,6 +160,11 @@ def test_two_workers_answer_as_one_and_their_metrics_are_summed(
     ok = samples['recship_requests_total{code="OK",method="recship.v1.Recommender/Recommend"}']
     assert ok == sent  # both workers hold connections that took calls: the sum is both
     assert samples["recship_workers_serving"] == 2
+    # Per worker: both in this scrape's sums, and both answered calls.
+    assert samples['recship_worker_scraped{worker="0"}'] == 1
+    assert samples['recship_worker_scraped{worker="1"}'] == 1
+    per_worker = [samples[f'recship_worker_requests_total{{worker="{i}"}}'] for i in (0, 1)]
+    assert min(per_worker) > 0 and sum(per_worker) >= sent, per_worker
     assert samples['recship_default_version{bundle="movies"}'] == 1  # decided once, not summed
     # One histogram, summed per bucket: its count is every request.
     assert (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from recship.runtime.fleet import merge_families
+from recship.runtime.fleet import merge_families, per_worker_families
 
 
 def worker_text(requests: int, queued: int, latencies: list[float], version: int) -> str:
@@ -56,3 +56,18 @@ def test_workers_are_summed_and_the_supervisors_decisions_are_its_own() -> None:
     assert samples[("recship_default_version", (("bundle", "movies"),))] == 2  # not 2 + 2 + 1
     # The workers' creation timestamps are not amounts: dropped, not added up.
     assert ("recship_requests_created", (("code", "OK"), ("method", "Recommend"))) not in samples
+
+
+def test_each_worker_says_whether_it_is_in_the_sums_and_what_it_answered() -> None:
+    text = worker_text(3, 0, [], version=1)
+    texts = {0: text, 1: None, 2: worker_text(5, 0, [], version=1)}
+    workers = {i: list(text_string_to_metric_families(t)) for i, t in texts.items() if t}
+    families = {family.name: family for family in per_worker_families(texts, workers)}
+    scraped = {s.labels["worker"]: s.value for s in families["recship_worker_scraped"].samples}
+    assert scraped == {"0": 1.0, "1": 0.0, "2": 1.0}
+    answered = {
+        s.labels["worker"]: s.value
+        for s in families["recship_worker_requests"].samples
+        if s.name == "recship_worker_requests_total"
+    }
+    assert answered == {"0": 3.0, "2": 5.0}  # a worker left out has no count, not a 0
