@@ -27,9 +27,10 @@ cores need more processes. The design follows the grpc project's multiprocessing
   `--grace-s`), then the supervisor.
 - The Prometheus endpoint is the supervisor's: each scrape asks every worker for its text and
   exposes the sums (counters, histograms and gauges per label set), beside the supervisor's
-  own metrics; the version metrics come from the supervisor only. Per worker:
-  `recship_worker_scraped{worker}` (0 when it was left out of a scrape's sums: down or slower
-  than `SCRAPE_TIMEOUT_S`) and `recship_worker_requests_total{worker}`.
+  own metrics; the version metrics come from the supervisor only. Summed counters and
+  histograms never go down across worker restarts or missed scrapes (`CumulativeCarry`). Per
+  worker: `recship_worker_scraped{worker}` (0 when it was down or slower than
+  `SCRAPE_TIMEOUT_S`) and `recship_worker_requests_total{worker}`.
 - Workers map the index from the bundle file (`read_index(mmap=True)`) and the Arrow tables
   are memory-mapped already, so those pages are shared by the workers through the page cache.
 - `--front-end native`: the workers listen on Unix sockets in a private folder instead, and
@@ -448,13 +449,15 @@ class Fleet:
             if worker.alive:
                 _log_failure(worker.send("view", bundles=view), f"worker {worker.index}: view")
 
-    async def scrape(self) -> dict[int, str | None]:
-        """Each worker's Prometheus text by worker index; None for one that is not running,
-        or did not answer within `SCRAPE_TIMEOUT_S`."""
-        texts: dict[int, str | None] = {w.index: None for w in self.workers}
+    async def scrape(self) -> dict[int, tuple[float, str] | None]:
+        """Each worker's (start time, Prometheus text) by worker index; None for one that is
+        not running, or did not answer within `SCRAPE_TIMEOUT_S`. The start time tells a
+        restarted worker from its predecessor."""
+        texts: dict[int, tuple[float, str] | None] = {w.index: None for w in self.workers}
         futures = {
             w.index: asyncio.ensure_future(w.send("metrics")) for w in self.workers if w.alive
         }
+        started = {w.index: w.started_at for w in self.workers}
         if not futures:
             return texts
         _, pending = await asyncio.wait(futures.values(), timeout=SCRAPE_TIMEOUT_S)
@@ -462,7 +465,7 @@ class Fleet:
             future.cancel()
         for index, future in futures.items():
             if future.done() and not future.cancelled() and future.exception() is None:
-                texts[index] = future.result()["text"]
+                texts[index] = (started[index], future.result()["text"])
         return texts
 
     async def stop(self, grace_s: float) -> None:
@@ -589,6 +592,7 @@ class FleetCollector:
         self._own = own
         self._fleet = fleet
         self._loop = loop
+        self._carry = CumulativeCarry()
 
     def collect(self) -> list[Metric]:
         future = asyncio.run_coroutine_threadsafe(self._fleet.scrape(), self._loop)
@@ -597,19 +601,64 @@ class FleetCollector:
         except (TimeoutError, RecshipError):
             texts = dict.fromkeys(range(len(self._fleet.workers)))
         workers = {
-            index: list(text_string_to_metric_families(text))
-            for index, text in texts.items()
-            if text is not None
+            index: None if entry is None else (entry[0], _parsed(entry[1]))
+            for index, entry in texts.items()
         }
-        return [*merge_families(list(self._own.collect()), list(workers.values())),
-                *per_worker_families(texts, workers)]  # fmt: skip
+        summed = merge_families(list(self._own.collect()), self._carry.families(workers))
+        scraped = {index: None if e is None else e[1] for index, e in workers.items()}
+        return [*summed, *per_worker_families(scraped)]
 
 
-def per_worker_families(
-    texts: Mapping[int, str | None], workers: Mapping[int, list[Metric]]
-) -> list[Metric]:
-    """`recship_worker_scraped` (1: the worker's metrics are in this scrape's sums) for every
-    worker, and `recship_worker_requests_total` (its answered requests) for those scraped."""
+def _parsed(text: str) -> list[Metric]:
+    return list(text_string_to_metric_families(text))
+
+
+#: Family types whose samples only grow while a worker runs.
+_CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+
+
+class CumulativeCarry:
+    """Keeps the summed counters and histograms from going down when workers restart or miss
+    a scrape.
+
+    A restarted worker's counters start again from 0, and a worker left out of a scrape adds
+    nothing: either would lower a summed counter, which Prometheus's `rate()` reads as a reset
+    of the whole sum (a spurious spike). So each worker's last cumulative samples are kept: a
+    worker missing from a scrape still counts with them, and when a worker has restarted, its
+    predecessor's last samples stay in the sums for good. (What a worker counted after its
+    last scrape before it died is lost.) Gauges are not kept: a dead worker queues nothing.
+
+    Thread-safety: one scrape at a time (the metrics endpoint renders on one thread).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, list[Metric]]] = {}  # worker -> (start, families)
+        self._retired: list[Metric] = []  # the summed families of workers that restarted
+
+    def families(
+        self, workers: Mapping[int, tuple[float, list[Metric]] | None]
+    ) -> list[list[Metric]]:
+        """What to add to the sums: each scraped worker's families (start time, families),
+        the last cumulative ones of a worker that is None (left out), and the retired."""
+        summed = []
+        for index, entry in workers.items():
+            previous = self._last.get(index)
+            if entry is None:
+                if previous is not None:
+                    summed.append(previous[1])
+                continue
+            started, families = entry
+            if previous is not None and previous[0] != started:
+                self._retired = merge_families(self._retired, [previous[1]])
+            self._last[index] = (started, [f for f in families if f.type in _CUMULATIVE])
+            summed.append(families)
+        return [*summed, self._retired]
+
+
+def per_worker_families(workers: Mapping[int, list[Metric] | None]) -> list[Metric]:
+    """`recship_worker_scraped` (1: the worker's metrics came with this scrape; 0: it was down
+    or slow, and the sums hold its last counts) for every worker, and
+    `recship_worker_requests_total` (its answered requests) for those scraped."""
     scraped = GaugeMetricFamily(
         "recship_worker_scraped",
         "1 when the worker's metrics are in this scrape's sums, 0 when it was down or slow.",
@@ -620,12 +669,13 @@ def per_worker_families(
         "Requests the worker answered, any code (since it started).",
         labels=["worker"],
     )
-    for index in sorted(texts):
-        scraped.add_metric([str(index)], 0.0 if texts[index] is None else 1.0)
-        if index in workers:
+    for index in sorted(workers):
+        families = workers[index]
+        scraped.add_metric([str(index)], 0.0 if families is None else 1.0)
+        if families is not None:
             answered = sum(
                 sample.value
-                for family in workers[index]
+                for family in families
                 if family.name == "recship_requests"
                 for sample in family.samples
                 if sample.name == "recship_requests_total"

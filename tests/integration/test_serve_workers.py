@@ -247,6 +247,9 @@ def test_a_version_published_while_two_workers_serve_switches_both(
     assert serve.terminate() == 0
 
 
+RECOMMEND_OK = 'recship_requests_total{code="OK",method="recship.v1.Recommender/Recommend"}'
+
+
 @FRONT_ENDS
 def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
     repo, serve_process, make_user, front_end
@@ -258,11 +261,13 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
         Traffic(client, make_user) as traffic,
     ):
         time.sleep(1.0)
+        answered = [serve.scrape().get(RECOMMEND_OK, 0.0)]
         os.kill(pids[0], signal.SIGKILL)
         killed = time.monotonic()
         deadline = killed + 120
         while time.monotonic() < deadline:
             samples = serve.scrape()
+            answered.append(samples.get(RECOMMEND_OK, 0.0))
             if samples.get("recship_worker_restarts_total") == 1 and (
                 samples.get("recship_workers_serving") == 2
             ):
@@ -276,6 +281,8 @@ def test_a_killed_worker_is_restarted_and_callers_see_only_ok_or_unavailable(
     codes = {code for _, code, _ in traffic.outcomes}
     assert codes <= {"OK", "UNAVAILABLE"}, codes
     assert any(code == "OK" for at, code, _ in traffic.outcomes if at > restarted)
+    # The dead worker's counts stay in the sums: the summed counter never goes down.
+    assert answered == sorted(answered) and answered[0] > 0, answered
     with AdminClient(serve.admin, timeout=30) as admin:
         assert admin.health() == "SERVING"
     assert serve.terminate() == 0
