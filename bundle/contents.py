@@ -19,7 +19,7 @@ from recship.bundle.golden import GoldenSet, check_golden_shapes, read_golden
 from recship.bundle.index import read_index
 from recship.bundle.item_features import read_item_features, read_user_features
 from recship.bundle.layout import QUERY_TOWER, RANKER
-from recship.bundle.transforms import Transforms, check_transforms, read_transforms
+from recship.bundle.transforms import Transforms, Vocabulary, check_transforms, read_transforms
 from recship.protos.v1 import manifest_pb2
 
 
@@ -36,7 +36,9 @@ class VersionContents:
         query_tower_features: the query tower's sparse features, in its input order.
         ranker_query_features: the ranker's query-side sparse features (they come first).
         ranker_item_features: the ranker's item-side sparse features (the item table's).
+        sparse_needed: the sparse features a query must give either entry point, each once.
         dense_needed: the query-side dense features, in the entry points' order.
+        item_vocabulary: the item key's vocabulary, one entry per item.
     """
 
     index: Any
@@ -50,12 +52,9 @@ class VersionContents:
     query_tower_features: tuple[str, ...]
     ranker_query_features: tuple[str, ...]
     ranker_item_features: tuple[str, ...]
+    sparse_needed: tuple[str, ...]
     dense_needed: tuple[str, ...]
-
-    @property
-    def sparse_needed(self) -> tuple[str, ...]:
-        """The sparse features a query must give either entry point, each once."""
-        return tuple(dict.fromkeys(self.query_tower_features + self.ranker_query_features))
+    item_vocabulary: Vocabulary
 
 
 def read_contents(
@@ -82,6 +81,7 @@ def read_contents(
     ranker_item = tuple(f for f in ranker_order if f not in query_side)
     if ranker_order != ranker_query + ranker_item:
         raise InvalidInput("bundle ranker must take query-side features before item-side ones")
+    sparse_needed = tuple(dict.fromkeys(query_tower_features + ranker_query))
     dense_needed = tuple(schema.dense_features[: schema.query_dense_count])
 
     index = read_index(
@@ -105,8 +105,7 @@ def read_contents(
         )
 
     transforms = read_transforms(version_dir)
-    needed = (*dict.fromkeys(query_tower_features + ranker_query), *dense_needed)
-    missing = [name for name in needed if name not in transforms.features]
+    missing = [n for n in (*sparse_needed, *dense_needed) if n not in transforms.features]
     if missing:
         raise InvalidInput(f"bundle transforms lack {', '.join(missing)}")
     check_transforms(transforms, manifest)
@@ -129,5 +128,7 @@ def read_contents(
         query_tower_features=query_tower_features,
         ranker_query_features=ranker_query,
         ranker_item_features=ranker_item,
+        sparse_needed=sparse_needed,
         dense_needed=dense_needed,
+        item_vocabulary=vocabulary,
     )

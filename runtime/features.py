@@ -186,8 +186,7 @@ class FeatureCodec:
         self.users: EntityTable | None = contents.users
         self.user_sparse: tuple[str, ...] = contents.user_sparse
         self.user_dense: tuple[str, ...] = contents.user_dense
-        item_key = self.transforms.item_key
-        self.item_vocabulary = self.transforms.features[item_key or ""].vocabulary
+        self.item_vocabulary = contents.item_vocabulary
         # Encodings remembered across requests (request values repeat heavily); bounded, and
         # never a different answer than encoding afresh (`SentIdCache`).
         self._key_cache: dict[tuple[type, str], int] = {}
