@@ -576,11 +576,11 @@ class FleetLoader:
 
 class FleetCollector:
     """The supervisor's Prometheus collector: its own metrics plus the workers' sums, and per
-    worker whether its metrics are in this scrape's sums and the requests it answered.
+    worker whether it answered this scrape and the requests it answered.
 
-    A worker that is down or too slow to answer a scrape is left out of the sums: its
-    `recship_worker_scraped` is 0 then, so a dip in a summed counter can be told from a drop
-    in traffic, and `recship_worker_requests_total` shows how the load spreads.
+    A worker that is down or too slow to answer a scrape has `recship_worker_scraped` 0, and
+    the sums hold its last counts (`CumulativeCarry`); `recship_worker_requests_total` shows
+    how the load spreads.
 
     `collect` runs on the metrics endpoint's render thread and waits for the workers' texts
     on the event loop.
@@ -661,7 +661,8 @@ def per_worker_families(workers: Mapping[int, list[Metric] | None]) -> list[Metr
     `recship_worker_requests_total` (its answered requests) for those scraped."""
     scraped = GaugeMetricFamily(
         "recship_worker_scraped",
-        "1 when the worker's metrics are in this scrape's sums, 0 when it was down or slow.",
+        "1 when the worker answered this scrape, 0 when it was down or slow (the sums hold "
+        "its last counts).",
         labels=["worker"],
     )
     requests = CounterMetricFamily(
