@@ -216,7 +216,11 @@ class Replica:
     """One copy of a version's entry points on its devices, with its executor thread.
 
     Thread-safety: the entry points are called only from this replica's executor thread (its
-    batchers share that one-thread executor), one batch at a time.
+    batchers share that one-thread executor), one batch at a time. They run under
+    `torch.inference_mode`, not `no_grad`: under `no_grad` fbgemm's lookup op still goes through
+    its Python autograd wrapper, so the forward takes the GIL mid-way and waits for the event
+    loop's thread to yield it (ranker, 1,600 rows, beside a Python-busy thread: 43 ms under
+    `no_grad`, 21 ms under `inference_mode`, 3.5-3.8 ms alone).
     """
 
     def __init__(
@@ -243,13 +247,13 @@ class Replica:
 
     def embed(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Query tower: float32 [B, D] embeddings of B queries (executor thread only)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             output = self._query_tower(self._tensor(values), self._tensor(lengths))
         return output.detach().float().cpu().numpy()
 
     def score(self, dense: np.ndarray, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Ranker: float32 [B] logits of B rows (executor thread only)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             output = self._ranker(
                 self._tensor(dense.astype(np.float32, copy=False)),
                 self._tensor(values),
