@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -36,9 +37,13 @@ from torchserve_compare import HANDLER, recommend_payloads
 
 def handler_path(repo: Path, bundle: str, threads: int, user_key: str, retrieve_k: int,
                  top_n: int, workdir: Path):  # fmt: skip
-    """The TorchServe peer's `handle(data, context)` on this bundle (loaded on first call)."""
+    """The TorchServe peer's `handle(data, context)` on this bundle (loaded on first call).
+
+    It shares the process, so the C heap setting of the serving path's `VersionManager`
+    (`heap.keep_batch_memory`) holds for both.
+    """
     config = dict(repo=str(repo), bundle=bundle, threads=threads, user_key=user_key,
-                  retrieve_k=retrieve_k, top_n=top_n)  # fmt: skip
+                  retrieve_k=retrieve_k, top_n=top_n, keep_batch_memory=True)  # fmt: skip
     (workdir / "recship.json").write_text(json.dumps(config))
     context = SimpleNamespace(system_properties={"model_dir": str(workdir)})
     namespace: dict = {}
@@ -86,7 +91,15 @@ async def serving_path(repo: Path, bundle: str, threads: int):
     return manager, encode, run
 
 
-async def measure(args: argparse.Namespace) -> list[tuple[int, str, float]]:
+Sample = tuple[int, str, float, float]  # calls per batch, path, CPU s and minor faults per request
+
+
+def minor_faults() -> int:
+    """Page faults the process has taken without I/O: each a fresh page the kernel zeroed."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+async def measure(args: argparse.Namespace) -> list[Sample]:
     repo = args.repo.resolve()
     key, grpc_payloads, http_payloads = recommend_payloads(
         repo, args.bundle, args.users, args.seed, args.retrieve_k, args.top_n
@@ -114,29 +127,32 @@ async def measure(args: argparse.Namespace) -> list[tuple[int, str, float]]:
                     last = len(payloads[name]) - size
                     starts = [(done + round_ * 7) % last for done in range(0, args.requests, size)]
                     batches = [prepare(payloads[name][start : start + size]) for start in starts]
-                    began = time.process_time()
+                    began, faults = time.process_time(), minor_faults()
                     for batch in batches:
                         await run(batch)
-                    samples.append(
-                        (size, name, (time.process_time() - began) / (len(batches) * size))
-                    )
+                    requests = len(batches) * size
+                    samples.append((size, name, (time.process_time() - began) / requests,
+                                    (minor_faults() - faults) / requests))  # fmt: skip
                     print(f"round {round_ + 1} batch {size} {name}: "
-                          f"{1000 * samples[-1][2]:.3f} ms CPU/request", flush=True)  # fmt: skip
+                          f"{1000 * samples[-1][2]:.3f} ms CPU, "
+                          f"{samples[-1][3]:.1f} page faults per request", flush=True)  # fmt: skip
     await manager.close()
     return samples
 
 
-def report(samples: list[tuple[int, str, float]]) -> None:
-    print("\n| calls per batch | serving path ms CPU/request | TorchServe handler | ratio |")
-    print("|---|---|---|---|")
-    for size in sorted({size for size, _, _ in samples}):
-        median = {
-            name: float(np.median([s for z, n, s in samples if z == size and n == name]))
+def report(samples: list[Sample]) -> None:
+    print("\n| calls per batch | serving path ms CPU/request | TorchServe handler | ratio "
+          "| page faults/request, serving path | TorchServe handler |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for size in sorted({sample[0] for sample in samples}):
+        serving, handler = (
+            [float(np.median([s[column] for s in samples if s[:2] == (size, name)]))
+             for column in (2, 3)]
             for name in ("serving path", "TorchServe handler")
-        }
-        ratio = median["serving path"] / median["TorchServe handler"]
-        print(f"| {size} | {1000 * median['serving path']:.3f} | "
-              f"{1000 * median['TorchServe handler']:.3f} | x{ratio:.2f} |")  # fmt: skip
+        )  # fmt: skip
+        ratio = serving[0] / handler[0]
+        print(f"| {size} | {1000 * serving[0]:.3f} | {1000 * handler[0]:.3f} | x{ratio:.2f} "
+              f"| {serving[1]:.1f} | {handler[1]:.1f} |")  # fmt: skip
 
 
 def main() -> None:

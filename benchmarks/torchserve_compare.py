@@ -72,11 +72,14 @@ def _setup(context):
     from pathlib import Path
 
     from recship.bundle.store import BundleStore
+    from recship.runtime import heap
     from recship.runtime.servable import LoaderConfig, configure_threads, load_servable
 
     with open(os.path.join(context.system_properties["model_dir"], "recship.json")) as f:
         config = json.load(f)
     configure_threads(config["threads"])
+    if config["keep_batch_memory"]:  # the heap setting recship's servers run with
+        heap.keep_batch_memory()
     store = BundleStore(Path(config["repo"]))
     version = store.validate_latest(config["bundle"], checksums=False)
     servable = load_servable(version, LoaderConfig())
@@ -439,6 +442,9 @@ def main() -> None:
     parser.add_argument("--ts-batch-size", type=int, default=32)
     parser.add_argument("--ts-max-delay-ms", type=int, default=5)
     parser.add_argument("--ts-pythonpath", default=None)
+    parser.add_argument("--ts-heap", default="glibc",
+                        help="TorchServe workers' C heap: `glibc` (its defaults, as shipped) "
+                             "and/or `kept` (recship's `heap.keep_batch_memory`)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads per worker")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -492,13 +498,16 @@ def main() -> None:
             "top_n": args.top_n,
             "threads": args.threads,
         }
-        for workers in [int(w) for w in args.ts_workers.split(",")]:
-            name = f"{args.bundle}_w{workers}"
-            ts.archive(name, config)
-            ts.register(name, workers, args.ts_batch_size, args.ts_max_delay_ms)
-            servers[f"TorchServe, {workers} worker(s)"] = (
-                "http", f"127.0.0.1:{ts.inference}/predictions/{name}", ts.pid,
-            )  # fmt: skip
+        for ts_heap in args.ts_heap.split(","):
+            if ts_heap not in ("glibc", "kept"):
+                sys.exit(f"--ts-heap: unknown value {ts_heap!r} (glibc, kept)")
+            for workers in [int(w) for w in args.ts_workers.split(",")]:
+                name = f"{args.bundle}_w{workers}_{ts_heap}"
+                ts.archive(name, {**config, "keep_batch_memory": ts_heap == "kept"})
+                ts.register(name, workers, args.ts_batch_size, args.ts_max_delay_ms)
+                servers[f"TorchServe, {workers} worker(s), heap {ts_heap}"] = (
+                    "http", f"127.0.0.1:{ts.inference}/predictions/{name}", ts.pid,
+                )  # fmt: skip
         check_answers(servers, grpc_payloads[:8], http_payloads[:8])
         if pinned:  # the load processes start from here
             os.sched_setaffinity(0, cpus[:half])

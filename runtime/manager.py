@@ -127,6 +127,7 @@ class VersionManager:
         self._listeners: list[Callable[[], None]] = [] if on_change is None else [on_change]
         self._bundles: dict[str, BundleEntry] = {}
         self._closed = False
+        heap.keep_batch_memory()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:

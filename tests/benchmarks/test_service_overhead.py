@@ -23,8 +23,14 @@ def test_the_serving_path_and_the_handler_are_measured_per_batch_size(bundle_rep
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| x([\d.]+) \|$", run.stdout, re.M)
+    number = r"([\d.]+)"
+    rows = re.findall(
+        rf"^\| (\d+) \| {number} \| {number} \| x{number} \| {number} \| {number} \|$",
+        run.stdout,
+        re.M,
+    )
     assert [row[0] for row in rows] == ["1", "4"]
-    for _, serving, handler, ratio in rows:
+    for _, serving, handler, ratio, serving_faults, handler_faults in rows:
         assert float(serving) > 0 and float(handler) > 0
         assert float(ratio) == pytest.approx(float(serving) / float(handler), rel=0.02)
+        assert float(serving_faults) >= 0 and float(handler_faults) >= 0
