@@ -71,6 +71,7 @@ from recship.runtime.batcher import (
     ReplicaPool,
 )
 from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
+from recship.runtime.held_inputs import QueryTowerCall, RankerCall, held
 from recship.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -216,11 +217,14 @@ class Replica:
     """One copy of a version's entry points on its devices, with its executor thread.
 
     Thread-safety: the entry points are called only from this replica's executor thread (its
-    batchers share that one-thread executor), one batch at a time. They run under
-    `torch.inference_mode`, not `no_grad`: under `no_grad` fbgemm's lookup op still goes through
-    its Python autograd wrapper, so the forward takes the GIL mid-way and waits for the event
-    loop's thread to yield it (ranker, 1,600 rows, beside a Python-busy thread: 43 ms under
-    `no_grad`, 21 ms under `inference_mode`, 3.5-3.8 ms alone).
+    batchers share that one-thread executor), one batch at a time. They run so that the forward
+    does not take the GIL mid-way and wait for the event loop's thread to yield it (ranker,
+    1,600 rows, beside a Python-busy thread, 3.5-3.8 ms alone):
+
+    - under `torch.inference_mode`, not `no_grad`: under `no_grad` fbgemm's lookup op goes
+      through its Python autograd wrapper (43 ms; 21 ms under `inference_mode`);
+    - TorchScript ones through `recship.runtime.held_inputs`, which returns the inputs with the
+      output (8-9 ms).
     """
 
     def __init__(
@@ -234,8 +238,11 @@ class Replica:
         self.index = index
         self.devices = devices
         self.device = torch.device(devices[0])
-        self._query_tower = query_tower
-        self._ranker = ranker
+        # Each entry point by name, with its held wrapper (None: called as it is).
+        self._entry_points = {
+            QUERY_TOWER: (query_tower, held(query_tower, QueryTowerCall)),
+            RANKER: (ranker, held(ranker, RankerCall)),
+        }
         self._assets = assets
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{assets.name}-r{index}"
@@ -245,21 +252,25 @@ class Replica:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
+    def forward(self, name: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Entry point `name` (`QUERY_TOWER`, `RANKER`) on tensors on the replica's device, as
+        traffic and the golden self-test run it (executor thread only)."""
+        entry_point, held_entry_point = self._entry_points[name]
+        with torch.inference_mode():
+            if held_entry_point is None:
+                return entry_point(*inputs)
+            return held_entry_point(*inputs)[0]
+
     def embed(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Query tower: float32 [B, D] embeddings of B queries (executor thread only)."""
-        with torch.inference_mode():
-            output = self._query_tower(self._tensor(values), self._tensor(lengths))
-        return output.detach().float().cpu().numpy()
+        output = self.forward(QUERY_TOWER, [self._tensor(values), self._tensor(lengths)])
+        return output.float().cpu().numpy()
 
     def score(self, dense: np.ndarray, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Ranker: float32 [B] logits of B rows (executor thread only)."""
-        with torch.inference_mode():
-            output = self._ranker(
-                self._tensor(dense.astype(np.float32, copy=False)),
-                self._tensor(values),
-                self._tensor(lengths),
-            )
-        return output.detach().float().cpu().numpy().reshape(-1)
+        inputs = [dense.astype(np.float32, copy=False), values, lengths]
+        output = self.forward(RANKER, [self._tensor(array) for array in inputs])
+        return output.float().cpu().numpy().reshape(-1)
 
     def run_retrieve(self, parts: list[RetrievePart]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One retrieval batch: embed every part's queries together, search once.
@@ -347,12 +358,11 @@ def _self_test(version: ValidatedVersion, replica: Replica) -> None:
             tolerances (the message names the entry point, the device and the difference).
     """
 
-    def on_device(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        return lambda *inputs: function(*(replica._tensor(x.numpy()) for x in inputs))
+    def on_device(name: str) -> Callable[..., torch.Tensor]:
+        return lambda *inputs: replica.forward(name, [replica._tensor(x.numpy()) for x in inputs])
 
     failed = golden.self_test(
-        {QUERY_TOWER: on_device(replica._query_tower), RANKER: on_device(replica._ranker)},
-        replica._assets.golden,
+        {name: on_device(name) for name in (QUERY_TOWER, RANKER)}, replica._assets.golden
     )
     if failed:
         raise InvalidInput(
