@@ -72,7 +72,14 @@ from recship.base import errors
 from recship.base.errors import InvalidInput, RecshipError, Unavailable
 from recship.bundle.store import BundleStore, ValidatedVersion
 from recship.protos.v1 import manifest_pb2
-from recship.runtime.front_end import FrontEndMetrics, FrontEndProcess, front_end_binary
+from recship.runtime.front_end import (
+    DEFAULT_BATCH_CALLS,
+    DEFAULT_INFLIGHT,
+    QUEUE_CALLS,
+    FrontEndMetrics,
+    FrontEndProcess,
+    front_end_binary,
+)
 from recship.runtime.manager import VersionManager
 from recship.runtime.metrics import MetricsHTTPServer, ServerMetrics, start_metrics_http
 from recship.runtime.servable import ServableLoader
@@ -91,13 +98,6 @@ from recship.runtime.worker import backend_socket, encode_config
 
 logger = logging.getLogger(__name__)
 
-# The native front end's batches: most calls per batch (a batch of 64 Recommend calls of 100
-# candidates is 6,400 ranking rows), batches running per worker at once (1 measured better
-# than 2 at concurrency 64 on 2 cores: the calls that arrive meanwhile make the next batch
-# larger instead of a second small one), and most calls waiting before RESOURCE_EXHAUSTED.
-FRONT_END_BATCH_CALLS = 64
-FRONT_END_INFLIGHT = 1
-FRONT_END_QUEUE_CALLS = 4096
 # A worker has this long to start (import torch, ...) and say hello.
 START_TIMEOUT_S = 120.0
 # Restart delays of a process (a worker, the native front end) that keeps dying: doubled per
@@ -814,9 +814,9 @@ class Supervisor:
             "--max-receive-bytes", str(receive_limit(config.limits)),
             "--max-batch-bytes", str(receive_limit(config.limits)),
             "--max-send-bytes", str(MAX_SEND_BYTES),
-            "--max-batch-calls", str(FRONT_END_BATCH_CALLS),
-            "--max-queue-calls", str(FRONT_END_QUEUE_CALLS),
-            "--max-inflight", str(FRONT_END_INFLIGHT),
+            "--max-batch-calls", str(config.max_batch_calls or DEFAULT_BATCH_CALLS),
+            "--max-queue-calls", str(QUEUE_CALLS),
+            "--max-inflight", str(config.max_inflight or DEFAULT_INFLIGHT),
             "--max-delay-ms", str(config.delay_ms),
             "--grace-s", str(config.grace_s),
         ]  # fmt: skip

@@ -21,7 +21,12 @@ from recship.runtime.cli_options import (
     client_tls,
     tls_client_options,
 )
-from recship.runtime.front_end import DEFAULT_FILL_WAIT_MS, FRONT_ENDS
+from recship.runtime.front_end import (
+    DEFAULT_BATCH_CALLS,
+    DEFAULT_FILL_WAIT_MS,
+    DEFAULT_INFLIGHT,
+    FRONT_ENDS,
+)
 from recship.runtime.limits import ServiceLimits
 
 if TYPE_CHECKING:
@@ -117,6 +122,12 @@ def _limit_option(field: str, help: str) -> Callable[[Any], Any]:
                    "recship-frontend (C++ gRPC, built on first use; needs g++ and gRPC C++), "
                    "which sends the workers whole batches of calls. Reflection is not served "
                    "on its port.")  # fmt: skip
+@click.option("--max-batch-calls", type=int, default=None,
+              help="With --front-end native: most calls in one batch to a worker "
+                   f"[default: {DEFAULT_BATCH_CALLS}].")  # fmt: skip
+@click.option("--max-inflight", type=int, default=None,
+              help="With --front-end native: batches one worker runs at once [default: "
+                   f"{DEFAULT_INFLIGHT}; 2 can pay where the model runs on a GPU].")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True)
 def serve_command(
     repo: Path,
@@ -154,6 +165,8 @@ def serve_command(
     memory_budget_bytes: int | None,
     workers: int,
     front_end: str,
+    max_batch_calls: int | None,
+    max_inflight: int | None,
     log_level: str,
 ) -> None:
     """Serve the newest valid version of each bundle in REPO over gRPC.
@@ -208,6 +221,8 @@ def serve_command(
         memory_budget_bytes=memory_budget_bytes,
         workers=workers,
         front_end=front_end,
+        max_batch_calls=max_batch_calls,
+        max_inflight=max_inflight,
     )
     asyncio.run(serve(config))
 

@@ -165,6 +165,10 @@ class ServerConfig:
             grpc.aio server) or "native" (`recship-frontend`, C++, in front of the workers,
             which it sends whole batches of calls; `recship.runtime.front_end`). "native"
             runs the supervisor and its workers even with one worker.
+        max_batch_calls: with the native front end, most calls per batch it sends a worker;
+            None: `DEFAULT_BATCH_CALLS`.
+        max_inflight: with the native front end, batches one worker runs at once; None:
+            `DEFAULT_INFLIGHT`.
         backend_dir: where the workers' Unix sockets are with the native front end (set by
             the supervisor, not a flag).
     """
@@ -201,6 +205,8 @@ class ServerConfig:
     require_signature: bool = False
     workers: int = 1
     front_end: str = "grpcio"
+    max_batch_calls: int | None = None
+    max_inflight: int | None = None
     backend_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -210,6 +216,12 @@ class ServerConfig:
             raise InvalidInput(
                 f"--front-end must be one of {', '.join(FRONT_ENDS)}, got {self.front_end!r}"
             )
+        for flag, value in (("--max-batch-calls", self.max_batch_calls),
+                            ("--max-inflight", self.max_inflight)):  # fmt: skip
+            if value is not None and self.front_end != "native":
+                raise InvalidInput(f"{flag} is the native front end's: it needs --front-end native")
+            if value is not None and value < 1:
+                raise InvalidInput(f"{flag} must be >= 1, got {value}")
         if self.supervised and self.memory_budget_bytes is not None:
             raise InvalidInput(
                 "--memory-budget-bytes cannot be combined with --workers > 1 or --front-end "

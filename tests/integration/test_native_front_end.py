@@ -315,3 +315,22 @@ def test_the_fill_wait_holds_a_batch_only_while_more_calls_are_due(
     samples = serve.scrape()
     assert samples["recship_front_end_batched_calls_total"] == 20
     assert serve.terminate() == 0
+
+
+@needs_front_end_build
+def test_max_batch_calls_bounds_the_batches_a_worker_gets(
+    bundle_repo: Path, serve_process, make_user
+) -> None:
+    serve = _serve_native(serve_process, bundle_repo, "--max-batch-calls", "3",
+                          "--max-inflight", "2")  # fmt: skip
+    (_, body), *_ = _bodies(make_user)
+    with grpc.insecure_channel(serve.target) as channel:
+        call = channel.unary_unary(SERVICE + "Recommend")
+        for _ in range(3):
+            answers = [call.future(body, timeout=30) for _ in range(12)]
+            assert all(answer.result(timeout=30) for answer in answers)
+    time.sleep(1.5)  # the stats line is written once a second
+    samples = serve.scrape()
+    assert samples["recship_front_end_batched_calls_total"] == 36
+    assert samples["recship_front_end_batches_total"] >= 12  # at most 3 calls each
+    assert serve.terminate() == 0

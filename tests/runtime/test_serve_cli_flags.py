@@ -1,4 +1,5 @@
-"""`recship serve` flag parsing: --policy, --label, --memory-budget-bytes and --max-delay-ms.
+"""`recship serve` flag parsing: --policy, --label, --memory-budget-bytes, --max-delay-ms and
+the native front end's --max-batch-calls and --max-inflight.
 
 Good values parse into the `ServerConfig` fields; bad ones stop `recship serve` before it binds
 a port or reads the repository, with one readable `error:` line and exit code 2 (InvalidInput).
@@ -89,6 +90,8 @@ def test_parse_label_rejects(text: str, message: str) -> None:
         (["--label", "movies:stable"], "--label 'movies:stable': expected NAME:LABEL=VERSION"),
         (["--label", "movies:no/slash=2"], "bad label 'no/slash'"),
         (["--memory-budget-bytes", "0"], "--memory-budget-bytes must be > 0"),
+        (["--max-inflight", "2"], "--max-inflight is the native front end's"),
+        (["--front-end", "native", "--max-batch-calls", "0"], "--max-batch-calls must be >= 1"),
     ],
 )
 def test_serve_rejects_bad_flags_with_one_line_and_exit_2(
