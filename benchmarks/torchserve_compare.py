@@ -457,6 +457,9 @@ def main() -> None:
                         help="never pin (by default, on 4+ cores the servers get half of them "
                              "and the load generator the other half)")  # fmt: skip
     args = parser.parse_args()
+    ts_heaps = args.ts_heap.split(",")
+    if unknown := [value for value in ts_heaps if value not in ("glibc", "kept")]:
+        sys.exit(f"--ts-heap: unknown value(s) {unknown} (glibc, kept)")
     env = check_torchserve(args.ts_pythonpath)
     repo = args.repo.resolve()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -498,9 +501,7 @@ def main() -> None:
             "top_n": args.top_n,
             "threads": args.threads,
         }
-        for ts_heap in args.ts_heap.split(","):
-            if ts_heap not in ("glibc", "kept"):
-                sys.exit(f"--ts-heap: unknown value {ts_heap!r} (glibc, kept)")
+        for ts_heap in ts_heaps:
             for workers in [int(w) for w in args.ts_workers.split(",")]:
                 name = f"{args.bundle}_w{workers}_{ts_heap}"
                 ts.archive(name, {**config, "keep_batch_memory": ts_heap == "kept"})

@@ -71,7 +71,7 @@ from recship.runtime.batcher import (
     ReplicaPool,
 )
 from recship.runtime.features import FeatureCodec, JaggedBlock, join_blocks
-from recship.runtime.held_inputs import QueryTowerCall, RankerCall, held
+from recship.runtime.held_inputs import QueryTowerCall, RankerCall, output_of
 from recship.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -238,10 +238,9 @@ class Replica:
         self.index = index
         self.devices = devices
         self.device = torch.device(devices[0])
-        # Each entry point by name, with its held wrapper (None: called as it is).
         self._entry_points = {
-            QUERY_TOWER: (query_tower, held(query_tower, QueryTowerCall)),
-            RANKER: (ranker, held(ranker, RankerCall)),
+            QUERY_TOWER: output_of(query_tower, QueryTowerCall),
+            RANKER: output_of(ranker, RankerCall),
         }
         self._assets = assets
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -255,11 +254,8 @@ class Replica:
     def forward(self, name: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Entry point `name` (`QUERY_TOWER`, `RANKER`) on tensors on the replica's device, as
         traffic and the golden self-test run it (executor thread only)."""
-        entry_point, held_entry_point = self._entry_points[name]
         with torch.inference_mode():
-            if held_entry_point is None:
-                return entry_point(*inputs)
-            return held_entry_point(*inputs)[0]
+            return self._entry_points[name](*inputs)
 
     def embed(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Query tower: float32 [B, D] embeddings of B queries (executor thread only)."""
