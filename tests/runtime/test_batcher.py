@@ -1177,6 +1177,12 @@ def test_every_caller_gets_exactly_its_own_result(
         assert all(who == i for who, _ in parts)
         return sum(total for _, total in parts)
 
+    # Queues large enough that no client is refused its fair share (the queue bound over the
+    # clients queuing): this property is about whose results come back, not about admission.
+    clients = len({client for *_, client in callers})
+    rows = sum(len(costs) for costs, _, _ in callers)
+    cost = sum(sum(costs) for costs, _, _ in callers)
+
     async def main() -> list[int]:
         pool = ReplicaPool(
             [
@@ -1185,8 +1191,8 @@ def test_every_caller_gets_exactly_its_own_result(
                     max_batch_rows=max_batch_rows,
                     max_batch_cost=max_batch_cost,
                     max_delay_s=max_delay_s,
-                    max_queue_rows=100 * max_batch_rows,
-                    max_queue_cost=100 * max_batch_cost,
+                    max_queue_rows=max(100 * max_batch_rows, clients * rows),
+                    max_queue_cost=max(100 * max_batch_cost, clients * cost),
                     max_batch_items=max_batch_items,
                 )
                 for _ in range(replicas)
