@@ -39,7 +39,13 @@ cores need more processes. The design follows the grpc project's multiprocessing
   clients need no more than one channel. It is restarted if it dies (its callers see
   UNAVAILABLE); SIGTERM drains it first, while the workers still answer its calls, then them.
 
-The memory budget (`--memory-budget-bytes`) is not supported with workers yet.
+The memory budget (`--memory-budget-bytes`) is the supervisor's, for the host: its manager
+plans every switch (`plan_switch`) with the estimates of the versions in all workers together
+(`estimated_bytes` with every worker's replicas: the files once, since the workers map them
+through the page cache, and the quantized tables of each worker's replicas). The workers load
+what it decides without a budget of their own. A version that does not fit beside the default
+one unloads it first, in every worker (a logged, measured unavailable window): the workers
+serve one set of versions, so there is no replica-by-replica swap across them.
 """
 
 from __future__ import annotations
@@ -290,8 +296,14 @@ class FleetVersion:
 
     @property
     def free_slots(self) -> tuple[int, ...]:
-        """None: versions switch beside each other in a fleet (no memory budget)."""
+        """None: a fleet loads and unloads a version in every worker at once."""
         return ()
+
+    @property
+    def swappable_replicas(self) -> int:
+        """None to swap alone: every worker serves the same versions, so a switch that does
+        not fit beside the default unloads it first (`plan_switch`: an unavailable window)."""
+        return 0
 
     @property
     def queued_rows(self) -> int:
@@ -756,6 +768,7 @@ class Supervisor:
             self.metrics,
             bundles=config.bundles,
             policies=config.policies,
+            memory_budget_bytes=config.memory_budget_bytes,
             on_change=self._changed,
         )
         self.admin_server, self.admin_address = bind_admin(

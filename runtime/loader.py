@@ -46,6 +46,12 @@ class LoadedVersion(Protocol):
         ...
 
     @property
+    def swappable_replicas(self) -> int:
+        """Replicas a switch within the memory budget can swap one at a time while this
+        version serves; below 2 the switch unloads it first (`plan_switch`)."""
+        ...
+
+    @property
     def queued_rows(self) -> int:
         """Rows waiting in this version's batch queues."""
         ...

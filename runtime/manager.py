@@ -567,7 +567,7 @@ class VersionManager:
             budget_bytes=self.memory_budget_bytes,
             replaced=replaced,
             default=bundle.default,
-            default_replicas=default.servable.replica_count
+            default_replicas=default.servable.swappable_replicas
             if default is not None and default.servable is not None
             else 0,
         )

@@ -581,6 +581,11 @@ class Servable:
         used = {r.index for r in self.replicas}
         return tuple(i for i in range(len(self.placement.replicas)) if i not in used)
 
+    @property
+    def swappable_replicas(self) -> int:
+        """Every replica: one process swaps them one at a time (`retire_replica`)."""
+        return self.replica_count
+
     def load_replica(self, slot: int) -> Replica:
         """Loads and self-tests one more replica at placement slot `slot` (blocking: run it on
         a worker thread); it takes no traffic until `add_replica`.

@@ -157,7 +157,8 @@ class ServerConfig:
             estimates (host bytes once + device bytes per replica, see
             `recship.runtime.policy.estimated_bytes`); None (the default) is unlimited. When a
             new version does not fit beside the old one, the switch goes replica by replica
-            (>= 2 replicas) or through a brief, reported unavailable window (1 replica).
+            (>= 2 replicas) or through a brief, reported unavailable window (1 replica). A
+            supervisor holds the budget for all its workers (`recship.runtime.fleet`).
         workers: serving processes sharing the inference port (`SO_REUSEPORT`); above 1 a
             supervisor decides the versions and the workers serve them
             (`recship.runtime.fleet`).
@@ -222,11 +223,6 @@ class ServerConfig:
                 raise InvalidInput(f"{flag} is the native front end's: it needs --front-end native")
             if value is not None and value < 1:
                 raise InvalidInput(f"{flag} must be >= 1, got {value}")
-        if self.supervised and self.memory_budget_bytes is not None:
-            raise InvalidInput(
-                "--memory-budget-bytes cannot be combined with --workers > 1 or --front-end "
-                "native yet: each worker would need its own share of the budget"
-            )
         if self.poll_interval_s < 0:
             raise InvalidInput(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:

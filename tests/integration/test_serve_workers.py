@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from recship.base.errors import RecshipError, Unavailable
+from recship.base.errors import FailedPrecondition, RecshipError, Unavailable
+from recship.bundle.manifest import read_manifest
 from recship.protos.v1 import admin_pb2
 from recship.runtime.client import AdminClient, Query, RecshipClient
+from recship.runtime.policy import estimated_bytes
 
 from .conftest import needs_front_end_build
 
@@ -244,6 +246,42 @@ def test_a_version_published_while_two_workers_serve_switches_both(
     assert after and set(after) == {2}
     assert {version for _, _, version in traffic.outcomes} == {1, 2}
     assert all(held.values()), held  # both workers were answering to the end
+    assert serve.terminate() == 0
+
+
+def test_a_memory_budget_is_held_for_both_workers_and_a_switch_unloads_first_in_each(
+    repo, serve_process, make_user, publish_copy
+) -> None:
+    """The supervisor plans with both workers' replicas: a budget that holds one version in
+    both makes the next version unload the default first, in both workers (a window its
+    metrics report), and refuses an operator's load beside it."""
+    manifest = read_manifest(repo / "movies" / "1" / "MANIFEST.json")
+    budget = estimated_bytes(manifest, 2) + 1  # the files once, the tables once per worker
+    serve = start_workers(
+        serve_process, repo, "grpcio", "--poll-interval-s", "0", "--memory-budget-bytes",
+        str(budget),
+    )  # fmt: skip
+    with (
+        spread_client(serve, make_user) as client,
+        Traffic(client, make_user) as traffic,
+        AdminClient(serve.admin, timeout=120) as admin,
+    ):
+        time.sleep(0.5)
+        publish_copy(repo)
+        admin.refresh_repository()
+        switched = time.monotonic()
+        status = {v.version: v for v in admin.bundle_status("movies").versions}
+        with pytest.raises(FailedPrecondition, match=r"needs ~\d+ bytes \(2 replica\(s\)"):
+            admin.load_version("movies", 1)
+        time.sleep(1.0)
+    metrics = serve.scrape()
+    assert status[2].is_default and status[2].state == admin_pb2.VERSION_STATE_READY
+    assert status[1].state == admin_pb2.VERSION_STATE_UNLOADED
+    assert metrics['recship_switch_unavailable_seconds_count{bundle="movies"}'] == 1
+    codes = {code for _, code, _ in traffic.outcomes}
+    assert codes <= {"OK", "UNAVAILABLE"}, codes
+    after = [version for at, code, version in traffic.outcomes if at > switched and code == "OK"]
+    assert after and set(after) == {2}
     assert serve.terminate() == 0
 
 

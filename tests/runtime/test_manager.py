@@ -90,6 +90,10 @@ class FakeServable:
     def free_slots(self) -> tuple[int, ...]:
         return tuple(s for s in range(self.loader.replica_slots) if s not in self.slots)
 
+    @property
+    def swappable_replicas(self) -> int:
+        return self.replica_count
+
     def load_replica(self, slot: int) -> int:
         self.loader._loading(self.version, replica=True)
         if slot not in self.free_slots:
