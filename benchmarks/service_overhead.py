@@ -140,19 +140,36 @@ async def measure(args: argparse.Namespace) -> list[Sample]:
     return samples
 
 
+PATHS = ("serving path", "TorchServe handler")
+
+
 def report(samples: list[Sample]) -> None:
     print("\n| calls per batch | serving path ms CPU/request | TorchServe handler | ratio "
           "| page faults/request, serving path | TorchServe handler |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for size in sorted({sample[0] for sample in samples}):
+    sizes = sorted({sample[0] for sample in samples})
+    per_request: dict[str, list[float]] = {name: [] for name in PATHS}
+    for size in sizes:
         serving, handler = (
             [float(np.median([s[column] for s in samples if s[:2] == (size, name)]))
              for column in (2, 3)]
-            for name in ("serving path", "TorchServe handler")
+            for name in PATHS
         )  # fmt: skip
+        per_request[PATHS[0]].append(serving[0])
+        per_request[PATHS[1]].append(handler[0])
         ratio = serving[0] / handler[0]
         print(f"| {size} | {1000 * serving[0]:.3f} | {1000 * handler[0]:.3f} | x{ratio:.2f} "
               f"| {serving[1]:.1f} | {handler[1]:.1f} |")  # fmt: skip
+    if len(sizes) < 2:
+        return
+    # A batch's CPU as a line in its calls, fitted over the sizes measured: what a path
+    # costs once per batch (it weighs on small batches) and what each call adds.
+    print("\n| path | ms CPU per batch | ms CPU per call |")
+    print("|---|---|---|")
+    for name in PATHS:
+        batch_ms = [1000 * size * cpu for size, cpu in zip(sizes, per_request[name], strict=True)]
+        per_call, per_batch = np.polyfit(sizes, batch_ms, 1)
+        print(f"| {name} | {per_batch:.3f} | {per_call:.3f} |")
 
 
 def main() -> None:

@@ -34,3 +34,12 @@ def test_the_serving_path_and_the_handler_are_measured_per_batch_size(bundle_rep
         assert float(serving) > 0 and float(handler) > 0
         assert float(ratio) == pytest.approx(float(serving) / float(handler), rel=0.02)
         assert float(serving_faults) >= 0 and float(handler_faults) >= 0
+    # The per-batch and per-call costs: through two sizes the line gives back each batch's CPU.
+    fits = dict(re.findall(r"^\| (serving path|TorchServe handler) \| (-?[\d.]+ \| -?[\d.]+) \|$",
+                           run.stdout, re.M))  # fmt: skip
+    assert set(fits) == {"serving path", "TorchServe handler"}
+    for column, name in ((1, "serving path"), (2, "TorchServe handler")):
+        per_batch, per_call = (float(x) for x in fits[name].split(" | "))
+        for size, *measured in rows:
+            batch_ms = int(size) * float(measured[column - 1])
+            assert per_batch + int(size) * per_call == pytest.approx(batch_ms, abs=0.01)
