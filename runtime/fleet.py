@@ -296,13 +296,13 @@ class FleetVersion:
 
     @property
     def free_slots(self) -> tuple[int, ...]:
-        """None: a fleet loads and unloads a version in every worker at once."""
+        """Empty: a fleet loads and unloads a version in every worker at once."""
         return ()
 
     @property
     def swappable_replicas(self) -> int:
-        """None to swap alone: every worker serves the same versions, so a switch that does
-        not fit beside the default unloads it first (`plan_switch`: an unavailable window)."""
+        """0: every worker serves the same versions, so a switch that does not fit beside the
+        default unloads it first in all of them (`plan_switch`: an unavailable window)."""
         return 0
 
     @property

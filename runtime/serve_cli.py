@@ -111,7 +111,8 @@ def _limit_option(field: str, help: str) -> Callable[[Any], Any]:
               help="Most memory the loaded versions may take by their manifests' estimates "
                    "(default: unlimited). A new version that does not fit beside the old one "
                    "switches replica by replica, or with one replica through a brief, logged "
-                   "unavailable window.")  # fmt: skip
+                   "unavailable window. With --workers, the budget is the host's, and a switch "
+                   "that does not fit goes through that window.")  # fmt: skip
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Serving processes on the one port (SO_REUSEPORT); a supervisor decides "
                    "their versions and serves the admin API and the summed metrics. Clients "
