@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torchserve_compare import HANDLER, recommend_payloads
+from torchserve_compare import HANDLER, host_cpu, recommend_payloads
 
 
 def handler_path(repo: Path, bundle: str, threads: int, user_key: str, retrieve_k: int,
@@ -144,7 +144,8 @@ PATHS = ("serving path", "TorchServe handler")
 
 
 def report(samples: list[Sample]) -> None:
-    print("\n| calls per batch | serving path ms CPU/request | TorchServe handler | ratio "
+    print(f"\nhost {host_cpu()}")
+    print("| calls per batch | serving path ms CPU/request | TorchServe handler | ratio "
           "| page faults/request, serving path | TorchServe handler |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     sizes = sorted({sample[0] for sample in samples})

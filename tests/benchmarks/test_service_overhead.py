@@ -23,6 +23,7 @@ def test_the_serving_path_and_the_handler_are_measured_per_batch_size(bundle_rep
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"^host .+, \d+ cores$", run.stdout, re.M), run.stdout[-500:]
     number = r"([\d.]+)"
     rows = re.findall(
         rf"^\| (\d+) \| {number} \| {number} \| x{number} \| {number} \| {number} \|$",
