@@ -461,6 +461,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads per worker")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--server-warmup", type=float, default=20.0,
+                        help="seconds of unmeasured load per server at the highest concurrency "
+                             "before the first round: TorchServe's Java front end took ~20 s "
+                             "to settle (JIT) on a 2-vCPU host")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--retrieve-k", type=int, default=100)
@@ -529,6 +533,13 @@ def main() -> None:
         results: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
         with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=context) as pool:
             list(pool.map(abs, range(args.processes)))
+            if args.server_warmup > 0:
+                print(f"warming each server for {args.server_warmup:g} s at concurrency "
+                      f"{max(levels)} (not measured)", flush=True)  # fmt: skip
+                for kind, target, pid in servers.values():
+                    payloads = grpc_payloads if kind == "grpc" else http_payloads
+                    run_load(pool, args.processes, kind, target, payloads, max(levels), 0.0,
+                             args.server_warmup, pid)  # fmt: skip
             for round_ in range(args.rounds):
                 for level in levels:
                     for label, (kind, target, pid) in servers.items():
