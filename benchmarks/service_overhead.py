@@ -149,15 +149,14 @@ def report(samples: list[Sample]) -> None:
           "| page faults/request, serving path | TorchServe handler |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     sizes = sorted({sample[0] for sample in samples})
-    per_request: dict[str, list[float]] = {name: [] for name in PATHS}
+    # (calls per batch, path) -> median (CPU s, page faults) per request.
+    medians = {
+        (size, name): [float(np.median([s[column] for s in samples if s[:2] == (size, name)]))
+                       for column in (2, 3)]
+        for size in sizes for name in PATHS
+    }  # fmt: skip
     for size in sizes:
-        serving, handler = (
-            [float(np.median([s[column] for s in samples if s[:2] == (size, name)]))
-             for column in (2, 3)]
-            for name in PATHS
-        )  # fmt: skip
-        per_request[PATHS[0]].append(serving[0])
-        per_request[PATHS[1]].append(handler[0])
+        serving, handler = (medians[size, name] for name in PATHS)
         ratio = serving[0] / handler[0]
         print(f"| {size} | {1000 * serving[0]:.3f} | {1000 * handler[0]:.3f} | x{ratio:.2f} "
               f"| {serving[1]:.1f} | {handler[1]:.1f} |")  # fmt: skip
@@ -168,7 +167,7 @@ def report(samples: list[Sample]) -> None:
     print("\n| path | ms CPU per batch | ms CPU per call |")
     print("|---|---|---|")
     for name in PATHS:
-        batch_ms = [1000 * size * cpu for size, cpu in zip(sizes, per_request[name], strict=True)]
+        batch_ms = [1000 * size * medians[size, name][0] for size in sizes]
         per_call, per_batch = np.polyfit(sizes, batch_ms, 1)
         print(f"| {name} | {per_batch:.3f} | {per_call:.3f} |")
 

@@ -39,8 +39,8 @@ def test_the_serving_path_and_the_handler_are_measured_per_batch_size(bundle_rep
     fits = dict(re.findall(r"^\| (serving path|TorchServe handler) \| (-?[\d.]+ \| -?[\d.]+) \|$",
                            run.stdout, re.M))  # fmt: skip
     assert set(fits) == {"serving path", "TorchServe handler"}
-    for column, name in ((1, "serving path"), (2, "TorchServe handler")):
+    for column, name in enumerate(("serving path", "TorchServe handler")):
         per_batch, per_call = (float(x) for x in fits[name].split(" | "))
         for size, *measured in rows:
-            batch_ms = int(size) * float(measured[column - 1])
+            batch_ms = int(size) * float(measured[column])
             assert per_batch + int(size) * per_call == pytest.approx(batch_ms, abs=0.01)
