@@ -274,6 +274,17 @@ DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 64
 #: Largest request head (request line and headers) accepted.
 MAX_REQUEST_HEAD_BYTES = 8192
+#: Seconds `stop()` lets closed connections finish a scrape before it cancels them.
+STOP_GRACE_S = 1.0
+
+
+@dataclass
+class _Connection:
+    """An open connection of the metrics endpoint: how to close it, and since when it waits
+    for a request (None while it is answering one)."""
+
+    writer: asyncio.StreamWriter
+    idle_since: float | None
 
 
 class MetricsHTTPServer:
@@ -306,8 +317,7 @@ class MetricsHTTPServer:
         self._idle_timeout_s = idle_timeout_s
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        # Open connections -> since when they wait for a request (None while answering one).
-        self._connections: dict[asyncio.Task[None], float | None] = {}
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._render_thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="metrics-render"
         )
@@ -331,10 +341,15 @@ class MetricsHTTPServer:
         """Stops listening, closes every connection and the render thread. Idempotent."""
         if self._server is not None:
             self._server.close()
-            for task in list(self._connections):
-                task.cancel()
+            for connection in self._connections.values():
+                connection.writer.close()
             if self._connections:
-                await asyncio.gather(*self._connections, return_exceptions=True)
+                # Closed, a connection's task ends at its next read; one stuck elsewhere is
+                # cancelled after a grace period.
+                _, pending = await asyncio.wait(list(self._connections), timeout=STOP_GRACE_S)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         self._render_thread.shutdown(wait=False)
@@ -343,12 +358,17 @@ class MetricsHTTPServer:
         """Evicts the longest-idle connection if all slots are taken; False if none is idle."""
         if len(self._connections) < self._max_connections:
             return True
-        idle = [(since, task) for task, since in self._connections.items() if since is not None]
+        idle = [
+            (connection.idle_since, task)
+            for task, connection in self._connections.items()
+            if connection.idle_since is not None
+        ]
         if not idle:
             return False
         _, oldest = min(idle, key=lambda entry: entry[0])
-        oldest.cancel()
-        del self._connections[oldest]
+        # Closing ends the connection's task at its pending read. Cancelling it instead would
+        # make Python 3.11's asyncio.streams log a CancelledError traceback for each eviction.
+        self._connections.pop(oldest).writer.close()
         return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -356,7 +376,7 @@ class MetricsHTTPServer:
         if task is None or not self._make_room():
             writer.close()
             return
-        self._connections[task] = asyncio.get_running_loop().time()
+        self._connections[task] = _Connection(writer, asyncio.get_running_loop().time())
         try:
             await self._serve(task, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -379,9 +399,10 @@ class MetricsHTTPServer:
                 return
             except asyncio.IncompleteReadError:
                 return  # the client closed the connection (or sent half a head)
-            if task not in self._connections:
+            connection = self._connections.get(task)
+            if connection is None:
                 return  # evicted meanwhile
-            self._connections[task] = None
+            connection.idle_since = None
             lines = head.split(b"\r\n")
             parts = lines[0].split()
             headers = {}
@@ -394,10 +415,8 @@ class MetricsHTTPServer:
             if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
                 await self._respond(writer, b"400 Bad Request", b"", False)
                 return  # a body we will not read: the connection's framing is lost
-            connection = headers.get(b"connection", b"")
-            keep_alive = (
-                connection != b"close" if parts[2] == b"HTTP/1.1" else connection == b"keep-alive"
-            )
+            wanted = headers.get(b"connection", b"")
+            keep_alive = wanted != b"close" if parts[2] == b"HTTP/1.1" else wanted == b"keep-alive"
             if parts[0] not in (b"GET", b"HEAD"):
                 await self._respond(writer, b"405 Method Not Allowed", b"", keep_alive)
             else:
@@ -407,7 +426,7 @@ class MetricsHTTPServer:
                 )
             if not keep_alive:
                 return
-            self._connections[task] = loop.time()
+            connection.idle_since = loop.time()
 
     async def _respond(
         self,
